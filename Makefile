@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make verify   -- the main job (until figures exist): prove the closed forms, one table row per check
+#   make test     -- lint + the whole test suite
+# The first use creates .venv. TORCH_SPEC pins a CPU build of torch where one lies on disk;
+# on your own machine `make TORCH_SPEC=torch test` takes whatever build pip picks (CUDA if present).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup verify test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q "torch>=2.2"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+verify: $(STAMP)
+	$(BIN)/lora-theory verify
+
+lint: $(STAMP)
+	$(BIN)/ruff check analysis toymodels figures tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/lora-theory bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

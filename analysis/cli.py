@@ -1,0 +1,37 @@
+"""The ``lora-theory`` command: ``verify`` (prove the closed forms) and ``bench`` (benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis._inputs import default_seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-theory", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_verify = sub.add_parser("verify", help="run the derivation checks (enumeration, autograd, Monte Carlo)")
+    p_verify.add_argument("topics", nargs="*", help="subset of topics (default: all)")
+    p_verify.add_argument("--seed", type=int, default=None, help="Monte-Carlo seed (default: $LORA_THEORY_SEED or 0)")
+
+    p_bench = sub.add_parser("bench", help="run the benchmarks and print their numbers")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        from analysis import verify
+
+        seed = default_seed() if args.seed is None else args.seed
+        return verify.main(args.topics or None, seed)
+    if args.command == "bench":
+        from benchmarks import run_all  # type: ignore[import-not-found]
+
+        return run_all(quick=args.quick)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
