@@ -1,6 +1,6 @@
 """analysis.dropout proved three ways: exact enumeration of all masks, autograd / finite differences, Monte Carlo.
 
-The oracle is independent of the closed forms: it evaluates the loss of every joint dropout mask with a plain
+The oracle (analysis.verify.dropout.enumerate_oracle, shared with `lora-theory verify`) is independent of the closed forms: it evaluates the loss of every joint dropout mask with a plain
 torch forward pass (float64) and differentiates it with autograd, then averages with the exact mask
 probabilities. Monte-Carlo tolerances are 5 standard errors of the estimator, seeded from LORA_THEORY_SEED.
 """
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from analysis import dropout as dr
 from analysis._inputs import default_seed
 from analysis._masks import enumerate_masks, pivot_form_moments, quadratic_form_moments, residual_norm_moments
+from analysis.verify.dropout import enumerate_oracle, one_mask_loss
 
 PLACEMENTS = ("bottleneck", "input")
 
@@ -31,41 +32,6 @@ def make_problem(seed, N=2, d_in=3, d_out=2, r=2, b_scale=1.0):
     A = rng.normal(size=(r, d_in))
     B = rng.normal(size=(d_out, r)) * b_scale
     return X, Y, W, A, B
-
-
-def one_mask_loss(X, Y, W, A, B, mask, placement, scaling):
-    """L for one joint mask, written as the plain forward pass a user would write (torch)."""
-    if placement == "bottleneck":
-        adapter = ((X @ A.T) * mask) @ B.T
-    else:
-        adapter = ((X * mask) @ A.T) @ B.T
-    return ((Y - X @ W.T - scaling * adapter) ** 2).sum()
-
-
-def enumerate_oracle(X, Y, W, A, B, p, placement, scaling):
-    """Exact E[L], Var[L], E[grad], Var[grad] by enumerating every joint mask with autograd gradients."""
-    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in dict(X=X, Y=Y, W=W, A=A, B=B).items()}
-    N = X.shape[0]
-    K = A.shape[0] if placement == "bottleneck" else X.shape[1]
-    masks, probs = enumerate_masks(N * K, p)
-    losses, gAs, gBs = [], [], []
-    for m in masks:
-        A_ = t["A"].clone().requires_grad_(True)
-        B_ = t["B"].clone().requires_grad_(True)
-        L = one_mask_loss(t["X"], t["Y"], t["W"], A_, B_, torch.tensor(m.reshape(N, K)), placement, scaling)
-        gA, gB = torch.autograd.grad(L, (A_, B_))
-        losses.append(L.item())
-        gAs.append(gA.numpy())
-        gBs.append(gB.numpy())
-    w = probs
-    losses, gAs, gBs = np.array(losses), np.array(gAs), np.array(gBs)
-
-    def moments(vals):
-        mean = np.tensordot(w, vals, axes=1)
-        var = np.tensordot(w, (vals - mean) ** 2, axes=1)
-        return mean, var
-
-    return moments(losses), moments(gAs), moments(gBs)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

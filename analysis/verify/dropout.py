@@ -1,0 +1,163 @@
+"""Verify rows for :mod:`analysis.dropout` (ALLoRA sec. 3.1-3.2, app. A).
+
+The oracle (:func:`enumerate_oracle`) is independent of the closed forms: a plain torch forward pass for every
+joint dropout mask, autograd for its gradient, exact mask probabilities for the averages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from analysis import dropout as dr
+from analysis._masks import enumerate_masks
+from analysis.verify import check, row
+
+TOPIC = "dropout"
+
+
+def random_problem(seed: int, N=2, d_in=3, d_out=2, r=2):
+    """A random LoRA least-squares problem (X, Y, W, A, B) in the PEFT convention."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(N, d_in)), rng.normal(size=(N, d_out)), 0.5 * rng.normal(size=(d_out, d_in)),
+            rng.normal(size=(r, d_in)), rng.normal(size=(d_out, r)))
+
+
+def one_mask_loss(X, Y, W, A, B, mask, placement: str, scaling: float):
+    """L for one joint mask, as the plain forward pass a user would write (torch tensors)."""
+    if placement == "bottleneck":
+        adapter = ((X @ A.T) * mask) @ B.T
+    else:
+        adapter = ((X * mask) @ A.T) @ B.T
+    return ((Y - X @ W.T - scaling * adapter) ** 2).sum()
+
+
+def enumerate_oracle(X, Y, W, A, B, p: float, placement: str, scaling: float):
+    """Exact ((E L, Var L), (E gA, Var gA), (E gB, Var gB)) by enumerating all 2^(N K) joint masks."""
+    t = [torch.tensor(v, dtype=torch.float64) for v in (X, Y, W, A, B)]
+    N = X.shape[0]
+    K = A.shape[0] if placement == "bottleneck" else X.shape[1]
+    masks, probs = enumerate_masks(N * K, p)
+    masks_t = torch.tensor(masks.reshape(-1, N, K))
+
+    def loss(A_, B_, m):
+        return one_mask_loss(t[0], t[1], t[2], A_, B_, m, placement, scaling)
+
+    values = torch.func.vmap(loss, in_dims=(None, None, 0))(t[3], t[4], masks_t).numpy()
+    gA, gB = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(t[3], t[4], masks_t)
+
+    def moments(vals):
+        mean = np.tensordot(probs, vals, axes=1)
+        return mean, np.tensordot(probs, (vals - mean) ** 2, axes=1)
+
+    return moments(values), moments(gA.numpy()), moments(gB.numpy())
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@check(TOPIC)
+def enumeration(seed: int):
+    for placement in ("bottleneck", "input"):
+        errs = {"E[L]": 0.0, "Var[L]": 0.0, "grad E[L] (closed form)": 0.0, "Var[grad]": 0.0}
+        for k, p in enumerate((0.1, 0.5, 0.9)):
+            X, Y, W, A, B = random_problem(seed + k, N=2, d_in=3, d_out=2, r=3)
+            (mL, vL), (mA, vA), (mB, vB) = enumerate_oracle(X, Y, W, A, B, p, placement, 0.7)
+            kw = dict(placement=placement, scaling=0.7)
+            gA, gB = dr.expected_loss_grad(X, Y, W, A, B, p, **kw)
+            _, var_A, _, var_B = dr.grad_moments(X, Y, W, A, B, p, **kw)
+            errs["E[L]"] = max(errs["E[L]"], _rel(dr.expected_loss(X, Y, W, A, B, p, **kw), mL))
+            errs["Var[L]"] = max(errs["Var[L]"], _rel(dr.loss_variance(X, Y, W, A, B, p, **kw), vL))
+            errs["grad E[L] (closed form)"] = max(
+                errs["grad E[L] (closed form)"], _rel(gA, mA), _rel(gB, mB))
+            errs["Var[grad]"] = max(errs["Var[grad]"], _rel(var_A, vA), _rel(var_B, vB))
+        for what, err in errs.items():
+            yield row(TOPIC, f"{what} = enumeration of all masks ({placement})", err, "rel. error < 1e-10",
+                      err < 1e-10)
+
+
+@check(TOPIC)
+def finite_differences(seed: int):
+    X, Y, W, A, B = random_problem(seed, N=6, d_in=5, d_out=4, r=3)
+    h, p = 1e-6, 0.3
+    for placement in ("bottleneck", "input"):
+        gA, _ = dr.expected_loss_grad(X, Y, W, A, B, p, placement=placement, scaling=1.3)
+        fd = np.zeros_like(A)
+        for idx in np.ndindex(A.shape):
+            up, dn = A.copy(), A.copy()
+            up[idx] += h
+            dn[idx] -= h
+            fd[idx] = (dr.expected_loss(X, Y, W, up, B, p, placement=placement, scaling=1.3)
+                       - dr.expected_loss(X, Y, W, dn, B, p, placement=placement, scaling=1.3)) / (2 * h)
+        err = _rel(gA, fd)
+        yield row(TOPIC, f"grad_A E[L] = central finite differences ({placement})", err, "rel. error < 1e-7",
+                  err < 1e-7)
+
+
+@check(TOPIC)
+def monte_carlo(seed: int):
+    X, Y, W, A, B = random_problem(seed, N=64, d_in=32, d_out=8, r=4)
+    n, p = 100_000, 0.2
+    for placement in ("bottleneck", "input"):
+        L = dr.sample_loss(X, Y, W, A, B, p, n, placement=placement, seed=seed)
+        mu = dr.expected_loss(X, Y, W, A, B, p, placement=placement)
+        var = dr.loss_variance(X, Y, W, A, B, p, placement=placement)
+        z = (L.mean() - mu) / math.sqrt(var / n)
+        c = (L - mu) ** 2
+        z_var = (c.mean() - var) / (c.std() / math.sqrt(n))
+        yield row(TOPIC, f"MC mean of 1e5 sampled losses vs E[L] ({placement})", float(z), "|z| <= 5", abs(z) <= 5)
+        yield row(TOPIC, f"MC variance of sampled losses vs exact Var[L] ({placement})", float(z_var), "|z| <= 5",
+                  abs(z_var) <= 5)
+
+
+@check(TOPIC)
+def deviation_bound(seed: int):
+    X, Y, W, A, B = random_problem(seed + 1, N=16, d_in=8, d_out=4, r=3)
+    p, groups = 0.3, 4000
+    mu = dr.expected_loss(X, Y, W, A, B, p)
+    std = math.sqrt(dr.loss_variance(X, Y, W, A, B, p))
+    for n in (1, 256):
+        L = dr.sample_loss(X, Y, W, A, B, p, n * groups, seed=seed + n).reshape(groups, n)
+        dev = np.abs(L.mean(axis=1) - mu)
+        se = dev.std() / math.sqrt(groups)
+        ratio = dev.mean() / float(dr.deviation_bound(std, n))
+        yield row(TOPIC, f"E|mean_n - E L| / (Std/sqrt n) at n={n} (app. A bound)", float(ratio),
+                  "<= 1 (+5 SE)", dev.mean() <= float(dr.deviation_bound(std, n)) + 5 * se)
+        if n == 256:
+            z = (dev.mean() - float(dr.deviation_clt(std, n))) / se
+            yield row(TOPIC, "same ratio vs CLT limit sqrt(2/pi)=0.798 at n=256", float(z), "|z| <= 5", abs(z) <= 5)
+
+
+@check(TOPIC)
+def paper_discrepancies(seed: int):
+    X, Y, W, A, B = random_problem(seed + 2, N=6, d_in=4, d_out=3, r=2)
+    p = 0.2
+    _, gB = dr.expected_loss_grad(X, Y, W, A, B, p)
+    Ap, Bp, R = A.T, B.T, Y - X @ W.T  # the paper's A (D x R) and B (R x C)
+    XA = X @ Ap
+    lam = 1 - p
+    printed = -Ap.T @ X.T @ R + (Ap.T @ X.T @ X @ Ap
+                                 + (1 - lam) / lam * np.diag([XA[i] @ XA[i] for i in range(Bp.shape[0])])) @ Bp
+    ratio = float(np.linalg.norm(gB) / np.linalg.norm(printed))
+    yield row(TOPIC, "sec 3.2 printed grad_B E[L] (rows of XA, no factor 2): |true|/|printed|", ratio,
+              "!= 1: erratum shown", abs(ratio - 1) > 1e-3)
+    # linear dropout: equivalence with Tikhonov only for whitened inputs
+    rng = np.random.default_rng(seed + 3)
+    Xl, Yl = rng.normal(size=(50, 5)), rng.normal(size=(50, 2))
+    Q, _ = np.linalg.qr(Xl)
+    Xw = 2.0 * Q
+    gap_w = _rel(dr.ridge_minimizer(Xw, Yl, dr.ridge_lambda(4.0, 0.3)), dr.linear_minimizer(Xw, Yl, 0.3))
+    yield row(TOPIC, "linear dropout = Tikhonov(lam = c p/(1-p)) when X^T X = cI", gap_w, "rel. gap < 1e-12",
+              gap_w < 1e-12)
+    c_mean = float(np.trace(Xl.T @ Xl) / 5)
+    gap = _rel(dr.ridge_minimizer(Xl, Yl, dr.ridge_lambda(c_mean, 0.3)), dr.linear_minimizer(Xl, Yl, 0.3))
+    yield row(TOPIC, "... and differs for non-whitened X (c = mean eigenvalue)", gap, "rel. gap > 1e-3",
+              gap > 1e-3)
+    lam_r = 0.5
+    printed_rate = 1 / (1 + lam_r)
+    yield row(TOPIC, "printed 'rate p = 1/(1+lam)': ridge_lambda(1, p) for lam=0.5", dr.ridge_lambda(1.0, printed_rate),
+              "!= 0.5: p is keep prob.", abs(dr.ridge_lambda(1.0, printed_rate) - lam_r) > 1e-6)
