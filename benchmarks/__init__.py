@@ -1,0 +1,9 @@
+"""Benchmarks (speed and memory targets live here, never in unit tests). Run with ``lora-theory bench``."""
+
+from __future__ import annotations
+
+
+def run_all(quick: bool = False) -> int:
+    from benchmarks import bench_sample_loss
+
+    return bench_sample_loss.main(quick=quick)
