@@ -347,3 +347,31 @@ def test_itertools_oracle_agrees_with_enumerate_masks():
     direct = sorted(itertools.product((0.0, 1 / q), repeat=3))
     masks, _ = enumerate_masks(3, p)
     assert sorted(map(tuple, masks)) == direct
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_first_step_at_zero_B_is_unaffected_by_dropout_in_expectation(placement):
+    """At B = 0 the dropout penalty is a decay proportional to B, so grad E[L] does not depend on p."""
+    X, Y, W, A, B = make_problem(13, N=8, d_in=5, d_out=3, r=2)
+    B0 = np.zeros_like(B)
+    g0 = dr.expected_loss_grad(X, Y, W, A, B0, 0.0, placement=placement)
+    for p in (0.2, 0.7):
+        g = dr.expected_loss_grad(X, Y, W, A, B0, p, placement=placement)
+        np.testing.assert_allclose(g[0], g0[0], atol=1e-13)
+        np.testing.assert_allclose(g[1], g0[1], rtol=1e-13)
+    assert np.abs(g0[0]).max() == 0.0 and np.abs(g0[1]).max() > 0.1
+
+
+def test_placements_give_different_penalties():
+    """Bottleneck (ALLoRA eq. 1) and input (PEFT) dropout regularize differently (ERRATA: placement)."""
+    X, _, _, A, B = make_problem(14, N=64, d_in=32, d_out=8, r=4)
+    pb = dr.dropout_penalty(X, A, B, 0.1, placement="bottleneck")
+    pi = dr.dropout_penalty(X, A, B, 0.1, placement="input")
+    assert abs(pb - pi) > 0.01 * pb
+    # input placement depends on BA only: invariant under (nA, B/n); bottleneck too (per channel), but not
+    # under a mixing of channels (A -> T A, B -> B T^-1) which leaves BA unchanged
+    T = np.eye(4) + 0.3 * np.random.default_rng(0).normal(size=(4, 4))
+    A2, B2 = T @ A, B @ np.linalg.inv(T)
+    np.testing.assert_allclose(B2 @ A2, B @ A, atol=1e-10)
+    assert dr.dropout_penalty(X, A2, B2, 0.1, placement="input") == pytest.approx(pi, rel=1e-10)
+    assert abs(dr.dropout_penalty(X, A2, B2, 0.1, placement="bottleneck") - pb) > 1e-3 * pb
