@@ -1,0 +1,67 @@
+"""toymodels.cache: atomic, checksummed, keyed by the full configuration; corrupt entries are recomputed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toymodels import cache
+
+
+def test_round_trip_and_hit(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"loss": np.arange(5.0), "acc": np.array([0.5])}
+
+    cfg = {"r": 8, "p": 0.1, "seed": 0}
+    a = cache.cached("runs", cfg, compute, root=tmp_path)
+    b = cache.cached("runs", cfg, compute, root=tmp_path)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+    cache.cached("runs", {**cfg, "seed": 1}, compute, root=tmp_path)
+    assert len(calls) == 2
+
+
+def test_key_is_order_independent_and_sensitive():
+    assert cache.config_key({"a": 1, "b": 2}) == cache.config_key({"b": 2, "a": 1})
+    assert cache.config_key({"a": 1, "b": 2}) != cache.config_key({"a": 1, "b": 3})
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        cache.config_key({"f": object()})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_entry_is_detected_and_recomputed(tmp_path, damage):
+    cfg = {"x": 1}
+    cache.cached("runs", cfg, lambda: {"v": np.ones(1000)}, root=tmp_path)
+    path = tmp_path / "runs" / f"{cache.config_key(cfg)}.npz"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        # flip a byte inside the stored array data (npz is an uncompressed zip: payload bytes are verbatim)
+        pos = bytes(raw).find(np.ones(1000).tobytes()[:64]) + 100
+        raw[pos] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="recomputing"):
+        out = cache.cached("runs", cfg, lambda: {"v": np.full(1000, 2.0)}, root=tmp_path)
+    assert out["v"][0] == 2.0
+    assert cache.load(path)["v"][0] == 2.0
+
+
+def test_interrupted_write_leaves_no_entry(tmp_path):
+    class Boom(Exception):
+        pass
+
+    def compute():
+        raise Boom
+
+    with pytest.raises(Boom):
+        cache.cached("runs", {"k": 1}, compute, root=tmp_path)
+    assert not list((tmp_path).rglob("*.npz"))
+
+
+def test_env_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "c"))
+    assert cache.cache_root() == tmp_path / "c"
