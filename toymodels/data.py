@@ -708,6 +708,8 @@ def load(
     D = 784 (MNIST, Fashion-MNIST), 3072 (CIFAR-10, channel-major), ``dim`` (synthetic). ``seed`` and
     ``synthetic_options`` (n, dim, n_classes, separation) apply to the synthetic task only.
     Raises ``DatasetUnavailable`` (a ``ValueError``) with set-up instructions when no source has the data.
+    A valid cache entry wins over ``cifar10_dir``; re-convert with ``fetch(name, refresh=True)``
+    (``lora-theory data --fetch cifar10 --refresh --cifar10-dir DIR``).
     """
     name = _check_name(name)
     split = _check_split(split)
