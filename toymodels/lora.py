@@ -1,0 +1,447 @@
+"""LoRA for the toy models: one layer with every variant the papers discuss, plus LoWR and LoRA+.
+
+Convention (torch.nn.Linear / HF PEFT): x (..., d_in), W = base.weight (d_out, d_in), A = lora_A (r, d_in),
+B = lora_B (d_out, r). A LoRA layer computes
+
+    y = x W^T + b + s * drop(x) A^T B^T                      (PEFT, Hu et al. 2021; ALLoRA def. 1)
+
+with s the scaling factor and drop the dropout (p = probability of zeroing, kept entries scaled by
+1 / (1 - p); the ALLoRA paper's lambda is the keep probability 1 - p). What this module holds:
+
+- :class:`LoRALinear` wraps a frozen ``nn.Linear``. ``method`` picks the variant:
+    "lora"      the layer above; ``scaling`` = "lora" (alpha / r), "rslora" (alpha / sqrt(r), rsLoRA
+                eq. (4), thm. 3.2), a float, or a callable r -> s (rsLoRA app. B.6, eqs. (12)-(13):
+                r^-1/4 and r^-2).
+    "dora"      DoRA as PEFT implements it (peft/tuners/lora/dora.py): W' = m * (W + s BA) / ||W + s BA||_row
+                with the norm detached from the graph (DoRA sec. 4.3).
+    "allora"    ALLoRA (ALLoRA sec. 4.2, listing 1): no scaling factor and no dropout; the gradient of BA,
+                g = G^T x, has its row i scaled by s_i = 1 / sqrt(||(BA)_{i,:}|| + 1/eta^2) in the parameter
+                gradients only; the input gradient is the plain G B A.
+    "allora+d"  ALLoRA with dropout (ALLoRA sec. 4.4, table 2 right), at the configured placement.
+    "allora_od" ALLoRA-OD (sec. 4.3): the per-sample scale 1 / sqrt(|f(x)_{n,i}| + 1/eta^2), f = x A^T B^T.
+    "asf"       ASF-LoRA (sec. 4.3): output f / sqrt(|f| + 1/eta^2) elementwise, natural gradient; not mergeable.
+- ``dropout_placement``: "input" (PEFT and the original LoRA code: dropout on x before A) or "bottleneck"
+  (ALLoRA eq. 1: dropout on x A^T, one mask entry per sample and rank). The papers analyse the bottleneck;
+  PEFT implements the input placement. Their gradients differ; only the input placement matches PEFT.
+- :class:`LoWR` rescales (a_i, b_i) -> (gamma_i a_i, b_i / gamma_i) after optimizer steps (LoWR alg. 1, eq. 12).
+- :func:`lora_plus_param_groups` gives B a learning rate ``ratio`` times A's (LoRA+, used with LoWR in LoWR app. A.3).
+- :func:`inject_lora` swaps chosen ``nn.Linear`` layers of a model for :class:`LoRALinear`.
+
+Where the papers' printed formulas or code are wrong, see ERRATA.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis._inputs import dropout_rate, finite_scalar, positive_int
+
+METHODS = ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
+ADAPTIVE_METHODS = ("allora", "allora+d", "allora_od", "asf")  # ALLoRA sec. 4: no scaling factor
+SCALINGS = ("lora", "rslora")
+INITS = ("kaiming", "gaussian")
+PLACEMENTS = ("input", "bottleneck")
+LORA_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude")
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def scaling_factor(scaling: str | float | Callable[[int], float], alpha: float, r: int) -> float:
+    """The factor s multiplying BA: "lora" alpha / r, "rslora" alpha / sqrt(r) (rsLoRA eq. (4)), a float s,
+    or a callable r -> s (e.g. ``lambda r: r ** -0.25``, rsLoRA app. B.6 eq. (12)); alpha is used only by the
+    two named rules."""
+    r = positive_int("r", r)
+    if isinstance(scaling, str):
+        _choice("scaling", scaling, SCALINGS)
+        alpha = finite_scalar("alpha", alpha)
+        return alpha / r if scaling == "lora" else alpha / math.sqrt(r)
+    if callable(scaling):
+        return finite_scalar("scaling", scaling(r))
+    if isinstance(scaling, bool):
+        raise ValueError(f"scaling must be one of {SCALINGS}, a number or a callable of r, got {scaling!r}")
+    return finite_scalar("scaling", scaling)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ALLoRA and ALLoRA-OD: a custom backward that rescales the parameter gradients only
+
+
+class AdaptiveLoRAFunction(torch.autograd.Function):
+    """f = ((h A^T) * M) B^T with ALLoRA's (or ALLoRA-OD's) adapted parameter gradients.
+
+    h (..., d_in) is the adapter input (already input-dropped out if so configured), M (..., r) the bottleneck
+    mask or None. With G = dL/df (..., d_out), z = (h A^T) * M, and S the gradient scale,
+
+        ALLoRA    (sec. 4.2): S_{n,i} = s_i = 1 / sqrt(||(BA)_{i,:}||_2 + 1/eta^2)   (one scale per output row)
+        ALLoRA-OD (sec. 4.3): S_{n,i} = 1 / sqrt(|f_{n,i}| + 1/eta^2)               (one scale per sample entry)
+
+    the backward returns, summed over every leading (batch) dimension,
+
+        grad_B = (G * S)^T z                     (d_out, r)
+        grad_A = (((G * S) B) * M)^T h            (r, d_in)
+        grad_h = ((G B) * M) A                    (..., d_in)   -- not rescaled (sec. 4.2, last paragraph)
+
+    For ALLoRA without dropout this is grad_B = g A^T, grad_A = B^T g with g = diag(s) G^T h, the gradient of
+    BA with row i scaled by s_i: exactly the paper's tilde g. The norm in s_i is taken in forward and treated as
+    a constant, as in listing 1. Compared with listing 1 (App. F) this fixes the undefined ``LinearLayer2``
+    (the class constant), accepts 2-D input (the listing's ``transpose(1, 2)`` fails on it and mixes axes on
+    4-D input) and forms the summed parameter gradients directly instead of per-batch ones.
+    """
+
+    @staticmethod
+    def forward(ctx, h, A, B, mask, eta: float, per_sample: bool):
+        z = h @ A.T
+        if mask is not None:
+            z = z * mask
+        f = z @ B.T
+        floor = 1.0 / eta**2
+        if per_sample:
+            scale = torch.rsqrt(f.abs() + floor)
+        else:
+            scale = torch.rsqrt(torch.linalg.vector_norm(B @ A, dim=1) + floor)
+        ctx.save_for_backward(h, A, B, mask, z, scale)
+        return f
+
+    @staticmethod
+    def backward(ctx, grad_f):
+        h, A, B, mask, z, scale = ctx.saved_tensors
+        (d_out, r), d_in = B.shape, A.shape[1]
+        grad_h = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_f @ B
+            grad_h = (grad_z if mask is None else grad_z * mask) @ A
+        scaled = grad_f * scale
+        if ctx.needs_input_grad[1]:
+            grad_z = scaled @ B
+            if mask is not None:
+                grad_z = grad_z * mask
+            grad_A = grad_z.reshape(-1, r).T @ h.reshape(-1, d_in)
+        if ctx.needs_input_grad[2]:
+            grad_B = scaled.reshape(-1, d_out).T @ z.reshape(-1, r)
+        return grad_h, grad_A, grad_B, None, None, None
+
+
+def adaptive_scaling(f: torch.Tensor, eta: float) -> torch.Tensor:
+    """ASF-LoRA's output adaptor (ALLoRA sec. 4.3): f / sqrt(|f| + 1/eta^2), elementwise.
+
+    It equals eta * f at f = 0 (LoRA with scaling eta) and grows like sqrt(|f|) for large |f|. Its gradient is
+    the natural one through autograd (torch takes d|f|/df = 0 at f = 0).
+    """
+    return f * torch.rsqrt(f.abs() + 1.0 / eta**2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a rank-r adapter ``lora_B @ lora_A`` (see the module docstring for methods).
+
+    Args:
+        base: the pretrained ``nn.Linear``; its parameters are frozen (requires_grad=False) and kept as is.
+        r: the rank (>= 1).
+        alpha: used by the named scalings only: "lora" s = alpha / r, "rslora" s = alpha / sqrt(r).
+            Default 8, PEFT's ``lora_alpha`` default.
+        scaling: "lora", "rslora", a float or a callable r -> s. Default (None): "lora" for lora and dora;
+            the adaptive methods have no scaling factor (s = 1) and reject any other value.
+        dropout: p, the probability of zeroing, in [0, 1). "allora" requires 0 (use "allora+d").
+        dropout_placement: "input" (PEFT: on x before A) or "bottleneck" (ALLoRA eq. 1: on x A^T).
+        method: one of :data:`METHODS`.
+        eta: the ALLoRA family's eta > 0 (scale eta at BA = 0; listing 1 uses 1/eta^2 = 1/4). Ignored by
+            lora and dora.
+        init: A's initialisation, "kaiming" (PEFT's default: ``kaiming_uniform_(A, a=sqrt(5))``, i.e.
+            U(-1/sqrt(d_in), 1/sqrt(d_in)), variance 1/(3 d_in), independent of r) or "gaussian" (PEFT's
+            init_lora_weights="gaussian": N(0, (1/r)^2)).
+        rank_scaled_init: multiply A's initial values by 1/sqrt(r) (rsLoRA app. B.3), with any scaling.
+        b_init_std: B's initial entries are N(0, b_init_std^2); 0 (default) gives LoRA's B = 0.
+        generator: torch.Generator for the initialisation (default: the global RNG).
+
+    Parameters: ``lora_A`` (r, d_in), ``lora_B`` (d_out, r) and, for DoRA, ``lora_magnitude`` (d_out,),
+    initialised to ||W + s BA||_row as PEFT does. Dropout is the submodule ``lora_dropout`` (``nn.Dropout``,
+    or ``nn.Identity`` when p = 0, as PEFT).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float = 8.0,
+        *,
+        scaling: str | float | Callable[[int], float] | None = None,
+        dropout: float = 0.0,
+        dropout_placement: str = "input",
+        method: str = "lora",
+        eta: float = 1.0,
+        init: str = "kaiming",
+        rank_scaled_init: bool = False,
+        b_init_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+        self.r = positive_int("r", r)
+        self.method = _choice("method", method, METHODS)
+        self.dropout_placement = _choice("dropout_placement", dropout_placement, PLACEMENTS)
+        self.init = _choice("init", init, INITS)
+        self.p = dropout_rate(dropout, name="dropout")
+        self.eta = finite_scalar("eta", eta, positive=True)
+        self.alpha = finite_scalar("alpha", alpha)
+        b_init_std = finite_scalar("b_init_std", b_init_std, nonnegative=True)
+        if self.method == "allora" and self.p > 0:
+            raise ValueError(f"dropout must be 0 for method 'allora' (ALLoRA removes dropout), got {dropout!r}; "
+                             "use method='allora+d' for ALLoRA with dropout")
+        if self.method in ADAPTIVE_METHODS:
+            if scaling is not None:
+                raise ValueError(f"scaling must be None for method {self.method!r}: the ALLoRA family has no "
+                                 f"scaling factor (ALLoRA sec. 4.2), got {scaling!r}")
+            self.scaling = 1.0
+        else:
+            self.scaling = scaling_factor("lora" if scaling is None else scaling, self.alpha, self.r)
+
+        self.base = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(self.r, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.empty(d_out, self.r, **factory))
+        self.lora_dropout = nn.Dropout(self.p) if self.p > 0 else nn.Identity()
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+            else:
+                nn.init.normal_(self.lora_A, std=1.0 / self.r, generator=generator)
+            if rank_scaled_init:
+                self.lora_A.mul_(1.0 / math.sqrt(self.r))
+            if b_init_std > 0:
+                nn.init.normal_(self.lora_B, std=b_init_std, generator=generator)
+            else:
+                nn.init.zeros_(self.lora_B)
+        if self.method == "dora":
+            self.lora_magnitude = nn.Parameter(torch.empty(d_out, **factory))
+            self.reset_magnitude()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, method={self.method!r}, scaling={self.scaling:.6g}, dropout={self.p}, "
+                f"dropout_placement={self.dropout_placement!r}, eta={self.eta}")
+
+    # -- DoRA ----------------------------------------------------------------------------------------------
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s BA||_row (d_out,): DoRA's column norm in its (d_in, d_out) layout, detached (DoRA sec. 4.3)."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.base.weight + self.scaling * (self.lora_B @ self.lora_A), dim=1)
+
+    def reset_magnitude(self) -> None:
+        """Set DoRA's magnitude m to ||W + s BA||_row, so that the layer starts at W + s BA (PEFT's init)."""
+        if self.method != "dora":
+            raise ValueError(f"method must be 'dora' to have a magnitude, got {self.method!r}")
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.weight_norm())
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def _bottleneck_mask(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
+        """The scaled Bernoulli mask of the bottleneck x A^T, or None when no dropout acts."""
+        if self.dropout_placement != "bottleneck" or isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            return None
+        return self.lora_dropout(torch.ones(shape, dtype=like.dtype, device=like.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        A, B = self.lora_A, self.lora_B
+        h = self.lora_dropout(x) if self.dropout_placement == "input" else x
+        if self.method in ("allora", "allora+d", "allora_od"):
+            mask = self._bottleneck_mask(x.shape[:-1] + (self.r,), x)
+            return result + AdaptiveLoRAFunction.apply(h, A, B, mask, self.eta, self.method == "allora_od")
+
+        z = h @ A.T
+        if self.dropout_placement == "bottleneck":
+            z = self.lora_dropout(z)
+        f = z @ B.T
+        if self.method == "lora":
+            return result + self.scaling * f
+        if self.method == "asf":
+            return result + adaptive_scaling(f, self.eta)
+        # DoRA, as peft/tuners/lora/dora.py: result + (m/n - 1) * h W^T + (m/n) * s * f, with n detached.
+        # Without dropout (or in eval) this is b + x W'^T with W' = diag(m/n) (W + s BA); with input dropout PEFT
+        # feeds the dropped-out h to both the adapter and the W-part of the rescaling, and so does this layer.
+        mag_norm_scale = self.lora_magnitude / self.weight_norm()
+        return result + (mag_norm_scale - 1) * F.linear(h, self.base.weight) + mag_norm_scale * (self.scaling * f)
+
+    # -- merging -------------------------------------------------------------------------------------------
+
+    def merged_weight(self) -> torch.Tensor:
+        """The single matrix W' (d_out, d_in) with forward(x) = x W'^T + b in eval mode.
+
+        lora: W + s BA; dora: diag(m / ||W + s BA||_row) (W + s BA); allora, allora+d, allora_od: W + BA (their
+        output adaptor is the identity). asf cannot be merged (ALLoRA sec. 4.3: the output adaptor is nonlinear).
+        """
+        if self.method == "asf":
+            raise ValueError("method 'asf' cannot be merged: ASF-LoRA's output f / sqrt(|f| + 1/eta^2) is nonlinear "
+                             "in x (ALLoRA sec. 4.3)")
+        with torch.no_grad():
+            weight = self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+            if self.method == "dora":
+                weight = (self.lora_magnitude / self.weight_norm()).unsqueeze(1) * weight
+            return weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Applying LoRA to a model, LoRA+ parameter groups
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of target_modules: the qualified name equals the target or ends with '.target'."""
+    return name == target or name.endswith("." + target)
+
+
+def inject_lora(model: nn.Module, targets: str | Iterable[str], *, freeze_others: bool = True, **cfg) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` whose qualified name matches a target by ``LoRALinear(it, **cfg)``.
+
+    Targets match as PEFT's ``target_modules`` list does (name == target or name ends with "." + target). With
+    ``freeze_others`` every parameter that is not a LoRA parameter gets requires_grad=False, as PEFT does. The
+    model is changed in place and returned. A target that matches no ``nn.Linear``, or that matches another kind
+    of module, raises ValueError.
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
+    found = {t: 0 for t in targets}
+    chosen = []
+    for name, module in model.named_modules():
+        hits = [t for t in targets if _matches(name, t)]
+        if not hits:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"targets: module {name!r} matches {hits} but is a {type(module).__name__}, "
+                             "not an nn.Linear")
+        for t in hits:
+            found[t] += 1
+        chosen.append(name)
+    missing = [t for t, n in found.items() if n == 0]
+    if missing:
+        raise ValueError(f"targets {missing} match no nn.Linear of the model")
+    if freeze_others:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), **cfg))
+    return model
+
+
+def lora_modules(model: nn.Module | Iterable[LoRALinear]) -> list[LoRALinear]:
+    """The LoRALinear layers of a model (or of an iterable of layers), in module order."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else list(model)
+    found = [m for m in modules if isinstance(m, LoRALinear)]
+    if not found:
+        raise ValueError("modules contain no LoRALinear layer")
+    return found
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float, **group_options) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024; LoWR app. A.3): lora_B at lr * ratio.
+
+    Every trainable parameter whose qualified name has a ``lora_B`` component goes to the group
+    {"name": "lora_B", "lr": lr * ratio}; every other trainable parameter (lora_A, DoRA's magnitude, an
+    unfrozen head) to {"name": "default", "lr": lr}. ``group_options`` (e.g. weight_decay) go to both groups.
+    Pass the result to any torch optimizer: ``torch.optim.AdamW(lora_plus_param_groups(model, 1e-4, 16))``.
+    """
+    lr = finite_scalar("lr", lr, positive=True)
+    ratio = finite_scalar("ratio", ratio, positive=True)
+    default, lora_b = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (lora_b if "lora_B" in name.split(".") else default).append(param)
+    if not lora_b:
+        raise ValueError("model has no trainable lora_B parameter")
+    groups = [{"params": lora_b, "lr": lr * ratio, "name": "lora_B", **group_options}]
+    if default:
+        groups.insert(0, {"params": default, "lr": lr, "name": "default", **group_options})
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoWR: rescaling the channels between A and B after optimizer steps
+
+
+def lowr_gamma(A: torch.Tensor, B: torch.Tensor, *, tau: float, alpha: float) -> torch.Tensor:
+    """LoWR's per-channel ratio gamma (r,) (LoWR eq. 12, Algorithm 1 lines 4-6).
+
+    With a_i = ||A_{i,:}||, b_i = ||B_{:,i}|| and c_i = a_i b_i,
+
+        gamma_i = 1 + alpha * (max_j b_j - b_i) * Var_j(c_j)   if a_i / b_i < tau (and b_i > 0),  else 1,
+
+    Var the population variance (ddof = 0) over the r channels. Algorithm 1 loops over channels, updating each
+    in turn; the loop equals this simultaneous form because c_i is invariant under (a_i, b_i) -> (gamma a_i,
+    b_i / gamma) and the channel attaining max b has gamma = 1, so neither Var(c) nor max b changes in the loop.
+    Line 5 of Algorithm 1 reuses the letter r (the rank) for alpha (max b - b_i) Var(c).
+    """
+    a = torch.linalg.vector_norm(A, dim=1)
+    b = torch.linalg.vector_norm(B, dim=0)
+    spread = torch.var(a * b, correction=0)
+    gamma = 1.0 + alpha * (b.max() - b) * spread
+    positive = b > 0
+    ratio = torch.where(positive, a / torch.where(positive, b, torch.ones_like(b)), torch.full_like(a, math.inf))
+    return torch.where(positive & (ratio < tau), gamma, torch.ones_like(gamma))
+
+
+class LoWR:
+    """LoRA Weight Rescaling (LoWR Algorithm 1) as a plug-in: call :meth:`step` after ``optimizer.step()``.
+
+    Every ``every`` calls it rescales each LoRA layer in place, A_{i,:} <- gamma_i A_{i,:} and B_{:,i} <- B_{:,i}
+    / gamma_i (:func:`lowr_gamma`), which leaves BA, and so the function of every method (LoRA, DoRA, the ALLoRA
+    family, ASF), unchanged up to rounding. Like the paper, it touches only the parameters: an optimizer's state
+    (Adam's moments) stays in the old coordinates, so the next updates of the rescaled channels differ from
+    those of a freshly started optimizer. The paper rescales after every step and also reports every 5 steps
+    (app. A.2, table 5); it searches tau in {inf, 10, 100} and alpha in {1e-4 ... 1}.
+
+    Args: modules (a model or LoRALinear layers), tau > 0 (``math.inf`` allowed), alpha >= 0, every >= 1.
+    """
+
+    def __init__(self, modules: nn.Module | Iterable[LoRALinear], tau: float, alpha: float, every: int = 1):
+        try:
+            tau = float(tau)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tau must be a number > 0 (inf allowed), got {tau!r}") from exc
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0 (inf allowed), got {tau!r}")
+        self.tau = tau
+        self.alpha = finite_scalar("alpha", alpha, nonnegative=True)
+        self.every = positive_int("every", every)
+        self.modules = lora_modules(modules)
+        self.calls = 0
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Count one optimizer step; on every ``every``-th, rescale. Returns the number of channels rescaled."""
+        self.calls += 1
+        if self.calls % self.every:
+            return 0
+        rescaled = 0
+        for module in self.modules:
+            gamma = lowr_gamma(module.lora_A, module.lora_B, tau=self.tau, alpha=self.alpha)
+            module.lora_A.mul_(gamma.unsqueeze(1))
+            module.lora_B.div_(gamma.unsqueeze(0))
+            rescaled += int((gamma != 1).sum())
+        return rescaled
