@@ -1,0 +1,279 @@
+"""LoWR: proxy gradients (Prop. 3.1), one-step update split (eq. 9-11), equivalent modules (Prop. 4.1),
+eq. 12 and Algorithm 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis._inputs import default_seed
+from analysis.channels import (
+    channel_norms,
+    channel_significance,
+    equivalent_modules,
+    equivalent_update_difference,
+    lowr_gamma,
+    lowr_rescale,
+    lowr_rescale_sequential,
+    one_step_update,
+    proxy_gradients,
+)
+
+SEED = default_seed()
+T64 = torch.float64
+
+
+def problem(rng, N=6, d_in=5, r=3, d_out=4):
+    return (rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r)), rng.standard_normal((N, d_in)),
+            rng.standard_normal((N, d_out)), rng.standard_normal((d_out, d_in)))
+
+
+def loss_t(y, Y):
+    return 0.5 * ((y - Y) ** 2).sum() + torch.cos(y).sum()
+
+
+def torch_layer(A, B, X, Y, W, s):
+    """Returns (A_t, B_t, y, G) for y = X W^T + s X A^T B^T and the non-quadratic loss."""
+    At = torch.tensor(A, dtype=T64, requires_grad=True)
+    Bt = torch.tensor(B, dtype=T64, requires_grad=True)
+    y = torch.tensor(X) @ torch.tensor(W).T + s * torch.tensor(X) @ At.T @ Bt.T
+    G, = torch.autograd.grad(loss_t(y, torch.tensor(Y)), y, retain_graph=True)
+    return At, Bt, y, G.numpy()
+
+
+def test_proxy_gradients_match_autograd_and_the_per_channel_formulas():
+    rng = np.random.default_rng(SEED)
+    A, B, X, Y, W = problem(rng)
+    s = 0.75
+    At, Bt, y, G = torch_layer(A, B, X, Y, W, s)
+    gA_t, gB_t = torch.autograd.grad(loss_t(y, torch.tensor(Y)), (At, Bt))
+    gA, gB = proxy_gradients(A, B, X, G, scaling=s)
+    np.testing.assert_allclose(gA, gA_t.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gB, gB_t.numpy(), rtol=1e-12, atol=1e-12)
+    # eq. 5-6 channel by channel, sample by sample
+    for i in range(A.shape[0]):
+        a_i, b_i = A[i], B[:, i]
+        grad_a = s * sum((b_i @ G[n]) * X[n] for n in range(X.shape[0]))
+        grad_b = s * sum((a_i @ X[n]) * G[n] for n in range(X.shape[0]))
+        np.testing.assert_allclose(gA[i], grad_a, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gB[:, i], grad_b, rtol=1e-12, atol=1e-12)
+
+
+def test_one_step_update_terms_sum_to_the_exact_sgd_step():
+    rng = np.random.default_rng(SEED)
+    A, B, X, Y, W = problem(rng)
+    s, lr = 2.0, 0.05
+    At, Bt, y, G = torch_layer(A, B, X, Y, W, s)
+    opt = torch.optim.SGD([At, Bt], lr=lr)
+    loss_t(y, torch.tensor(Y)).backward()
+    opt.step()
+    exact = s * (Bt.detach().numpy() @ At.detach().numpy() - B @ A)
+    u = one_step_update(A, B, X, G, lr, scaling=s)
+    np.testing.assert_allclose(u["total"], exact, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(u["a_term"] + u["b_term"] + u["second_order"], exact, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(u["A_new"], At.detach().numpy(), rtol=1e-13)
+    np.testing.assert_allclose(u["B_new"], Bt.detach().numpy(), rtol=1e-13)
+    # LoWR eq. 10 in matrix form: a_term = -lr s^2 g A^T A, b_term = -lr s^2 B B^T g with g = G^T X
+    g = G.T @ X
+    np.testing.assert_allclose(u["a_term"], -lr * s**2 * g @ A.T @ A, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(u["b_term"], -lr * s**2 * B @ B.T @ g, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.integers(1, 5),
+       st.floats(0.1, 10.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_equivalent_modules_scale_the_terms_by_n2_and_inverse_n2(N, d_in, r, d_out, n, negative, seed):
+    rng = np.random.default_rng(seed)
+    A, B, X, G, _ = problem(rng, N, d_in, r, d_out)
+    n = -n if negative else n
+    An, Bn = equivalent_modules(A, B, n)
+    np.testing.assert_allclose(Bn @ An, B @ A, rtol=1e-12, atol=1e-12)
+    u, v = one_step_update(A, B, X, G, 0.1, 1.5), one_step_update(An, Bn, X, G, 0.1, 1.5)
+    np.testing.assert_allclose(v["a_term"], n**2 * u["a_term"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v["b_term"], u["b_term"] / n**2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v["second_order"], u["second_order"], rtol=1e-12, atol=1e-12)
+    diff = equivalent_update_difference(A, B, X, G, 0.1, n, 1.5)
+    np.testing.assert_allclose(diff, (n**2 - 1) * u["a_term"] + (n**-2 - 1) * u["b_term"], rtol=1e-10, atol=1e-10)
+
+
+def test_equivalent_update_difference_matches_two_real_sgd_runs():
+    rng = np.random.default_rng(SEED)
+    A, B, X, Y, W = problem(rng)
+    s, lr, n = 1.0, 0.02, 3.0
+    products = []
+    for A0, B0 in ((A, B), equivalent_modules(A, B, n)):
+        At, Bt, y, G = torch_layer(A0, B0, X, Y, W, s)
+        loss_t(y, torch.tensor(Y)).backward()
+        with torch.no_grad():
+            At -= lr * At.grad
+            Bt -= lr * Bt.grad
+        products.append(s * Bt.detach().numpy() @ At.detach().numpy())
+    got = equivalent_update_difference(A, B, X, G, lr, n, s)
+    np.testing.assert_allclose(got, products[1] - products[0], rtol=1e-10, atol=1e-12)
+    assert np.linalg.norm(got) > 1e-3 * np.linalg.norm(products[0] - s * B @ A)
+
+
+def test_prop_4_1_inequality_can_be_an_equality():
+    """Rank 1, x = a/||a||, g = b/||b||, n = ||b||/||a|| != 1: the two equivalent modules make the SAME update."""
+    rng = np.random.default_rng(SEED)
+    a, b = rng.standard_normal(5), 3.0 * rng.standard_normal(4)
+    A, B = a[None, :], b[:, None]
+    X, G = (a / np.linalg.norm(a))[None, :], (b / np.linalg.norm(b))[None, :]
+    n = np.linalg.norm(b) / np.linalg.norm(a)
+    assert abs(n - 1) > 0.1
+    u = one_step_update(A, B, X, G, 0.1)
+    diff = equivalent_update_difference(A, B, X, G, 0.1, n)
+    assert np.linalg.norm(diff) <= 1e-13 * np.linalg.norm(u["total"])
+
+
+def test_printed_sign_of_eq_7_8_is_gradient_ascent():
+    """W' = W + eta grad (eq. 7-8) increases the loss for a small step; the descent step decreases it."""
+    rng = np.random.default_rng(SEED)
+    A, B, X, Y, W = problem(rng)
+
+    def loss(A_, B_):
+        R = X @ W.T + X @ A_.T @ B_.T - Y
+        return 0.5 * np.sum(R**2)
+
+    G = X @ W.T + X @ A.T @ B.T - Y  # dL/dy for the squared loss
+    gA, gB = proxy_gradients(A, B, X, G)
+    lr = 1e-4
+    base = loss(A, B)
+    printed = loss(A + lr * gA, B + lr * gB)
+    descent = loss(A - lr * gA, B - lr * gB)
+    first_order = lr * (np.sum(gA**2) + np.sum(gB**2))
+    assert printed > base and descent < base
+    assert printed - base == pytest.approx(first_order, rel=1e-2)  # first-order increase, O(lr^2) remainder
+
+
+def test_eq_11_omitted_second_order_term_is_linear_in_lr():
+    rng = np.random.default_rng(SEED)
+    A, B, X, G, _ = problem(rng)
+    rel = []
+    for lr in (1e-3, 2e-3):
+        u = one_step_update(A, B, X, G, lr)
+        rel.append(np.linalg.norm(u["second_order"]) / np.linalg.norm(u["a_term"] + u["b_term"]))
+    assert rel[1] == pytest.approx(2 * rel[0], rel=1e-12)
+    assert rel[0] > 0
+
+
+def test_lowr_by_hand():
+    A = np.array([[1.0, 0.0], [0.0, 2.0]])  # a_1 = (1, 0), a_2 = (0, 2)
+    B = np.array([[3.0, 0.0], [0.0, 1.0]])  # b_1 = (3, 0), b_2 = (0, 1)
+    # ||a|| = (1, 2), ||b|| = (3, 1), significances (3, 2), population variance 0.25
+    np.testing.assert_allclose(channel_significance(A, B), [3.0, 2.0], rtol=0)
+    np.testing.assert_allclose(lowr_gamma(A, B, 2.0), [1.0, 1.0 + 2.0 * 2.0 * 0.25], rtol=1e-15)
+    A2, B2 = lowr_rescale(A, B, tau=np.inf, alpha=2.0)
+    np.testing.assert_allclose(A2, [[1.0, 0.0], [0.0, 4.0]], rtol=1e-15)
+    np.testing.assert_allclose(B2, [[3.0, 0.0], [0.0, 0.5]], rtol=1e-15)
+    # tau = 1: ratios (1/3, 2); channel 2 (ratio 2 >= 1) is left alone, channel 1 has gamma = 1
+    A3, B3 = lowr_rescale(A, B, tau=1.0, alpha=2.0)
+    np.testing.assert_array_equal(A3, A)
+    np.testing.assert_array_equal(B3, B)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6), st.floats(0.0, 5.0),
+       st.sampled_from([0.1, 1.0, 10.0, np.inf]), st.integers(0, 3), st.integers(0, 2**31 - 1))
+def test_lowr_keeps_ba_and_equals_the_sequential_loop(d_in, r, d_out, alpha, tau, n_special, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((r, d_in)) * rng.uniform(0.1, 3, size=(r, 1))
+    B = rng.standard_normal((d_out, r)) * rng.uniform(0.1, 3, size=(1, r))
+    if n_special >= 1:
+        B[:, 0] = 0.0  # zero column: ratio inf, never rescaled
+    if n_special >= 2 and r > 1:
+        A[1] = 0.0  # zero row with b != 0: ratio 0 < tau, rescaled, BA unchanged
+    if n_special >= 3 and r > 2:
+        B[:, 2] = B[:, 1]  # a tie in ||b||
+    A2, B2 = lowr_rescale(A, B, tau=tau, alpha=alpha)
+    ref = np.linalg.norm(B @ A)
+    err = np.linalg.norm(B2 @ A2 - B @ A) / ref if ref > 0 else np.linalg.norm(B2 @ A2)
+    assert err <= 1e-14
+    np.testing.assert_allclose(channel_significance(A2, B2), channel_significance(A, B), rtol=1e-14, atol=1e-300)
+    gamma = lowr_gamma(A, B, alpha)
+    assert np.all(gamma >= 1.0)
+    nb = channel_norms(A, B)[1]
+    assert np.all(gamma[nb == nb.max()] == 1.0)
+    As, Bs = lowr_rescale_sequential(A, B, tau=tau, alpha=alpha)
+    np.testing.assert_allclose(A2, As, rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(B2, Bs, rtol=1e-13, atol=1e-300)
+    if n_special >= 1:
+        np.testing.assert_array_equal(A2[0], A[0])
+
+
+def test_tau_inf_does_not_bound_the_ratio():
+    """Sec. 4.1 says ||a_i||/||b_i|| 'should be bounded'; with tau = inf (the best setting of Table 5) repeated
+    passes push it up without bound, while a finite tau caps it at tau (1 + alpha max||b|| var)^2."""
+    rng = np.random.default_rng(SEED)
+    A, B = rng.standard_normal((4, 6)), rng.standard_normal((5, 4))
+    na, nb = channel_norms(A, B)
+    start = na / nb
+    cap = (1 + 0.1 * nb.max() * np.var(na * nb)) ** 2
+    A_inf, B_inf, A_10, B_10 = A, B, A, B
+    for _ in range(30):
+        A_inf, B_inf = lowr_rescale(A_inf, B_inf, tau=np.inf, alpha=0.1)
+        A_10, B_10 = lowr_rescale(A_10, B_10, tau=10.0, alpha=0.1)
+    na_inf, nb_inf = channel_norms(A_inf, B_inf)
+    moved = nb < nb.max()
+    assert np.all((na_inf / nb_inf)[moved] > 1e3 * start[moved])
+    na10, nb10 = channel_norms(A_10, B_10)
+    assert np.all(na10 / nb10 <= np.maximum(start, 10.0 * cap))
+    np.testing.assert_allclose(B_inf @ A_inf, B @ A, rtol=1e-12, atol=1e-12)
+
+
+def test_rescaling_moves_weight_from_b_term_to_a_term():
+    """Sec. 4.1 bullets: after a_i *= gamma, b_i /= gamma (one channel), that channel's a-part of eq. 11 grows by
+    gamma^2, its b-part shrinks by 1/gamma^2, and grad b_i grows by gamma (eq. 6)."""
+    rng = np.random.default_rng(SEED)
+    a, b = rng.standard_normal(5), rng.standard_normal(4)
+    X, G = rng.standard_normal((3, 5)), rng.standard_normal((3, 4))
+    gamma = 1.7
+    u = one_step_update(a[None, :], b[:, None], X, G, 0.1)
+    v = one_step_update(gamma * a[None, :], b[:, None] / gamma, X, G, 0.1)
+    np.testing.assert_allclose(v["a_term"], gamma**2 * u["a_term"], rtol=1e-12)
+    np.testing.assert_allclose(v["b_term"], u["b_term"] / gamma**2, rtol=1e-12)
+    gb = proxy_gradients(a[None, :], b[:, None], X, G)[1]
+    gb2 = proxy_gradients(gamma * a[None, :], b[:, None] / gamma, X, G)[1]
+    np.testing.assert_allclose(gb2, gamma * gb, rtol=1e-12)
+
+
+def test_significance_is_the_singular_value_and_ba_is_the_sum_of_channels():
+    rng = np.random.default_rng(SEED)
+    A, B, *_ = problem(rng)
+    sig = channel_significance(A, B)
+    for i in range(A.shape[0]):
+        assert sig[i] == pytest.approx(np.linalg.svd(np.outer(B[:, i], A[i]), compute_uv=False)[0], rel=1e-12)
+    # eq. 2: BA = sum_i b_i a_i^T (B is the LEFT factor of W + BA)
+    np.testing.assert_allclose(B @ A, sum(np.outer(B[:, i], A[i]) for i in range(A.shape[0])), rtol=1e-12)
+
+
+def test_bad_input():
+    rng = np.random.default_rng(0)
+    A, B, X, G, _ = problem(rng)
+    with pytest.raises(ValueError, match="tau"):
+        lowr_rescale(A, B, tau=0.0, alpha=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        lowr_rescale(A, B, tau=-np.inf, alpha=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        lowr_rescale_sequential(A, B, tau=float("nan"), alpha=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        lowr_rescale(A, B, tau=1.0, alpha=-0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        lowr_gamma(A, B, np.inf)
+    with pytest.raises(ValueError, match="B"):
+        lowr_gamma(A, B.T, 1.0)
+    with pytest.raises(ValueError, match="X"):
+        proxy_gradients(A, B, X[:, :-1], G)
+    with pytest.raises(ValueError, match="grad_out"):
+        proxy_gradients(A, B, X, G[:-1])
+    with pytest.raises(ValueError, match="lr"):
+        one_step_update(A, B, X, G, float("nan"))
+    with pytest.raises(ValueError, match="scaling"):
+        one_step_update(A, B, X, G, 0.1, scaling="x")
+    with pytest.raises(ValueError, match="n"):
+        equivalent_modules(A, B, 0.0)
+    with pytest.raises(ValueError, match="A"):
+        channel_norms(np.ones(3), B)
