@@ -1,5 +1,10 @@
 """Tests for toymodels.lora: PEFT cross-checks, ALLoRA-family gradients against closed forms, placement
-semantics, merging, LoWR invariance, LoRA+ groups and input validation. Everything in float64."""
+semantics, merging, LoWR invariance, LoRA+ groups and input validation. Everything in float64.
+
+PEFT (the reference for lora, rslora, dora) drops out the input of A; the ALLoRA paper (eq. 1) drops out the
+bottleneck x A^T. Only the input placement is compared with PEFT; the bottleneck is checked against its
+formula with a fixed mask. PEFT's DoRA with dropout also feeds the dropped-out input to the W-part of its
+rescaling, so in train mode it is not x W'^T for any single W'; this layer reproduces that too."""
 
 from __future__ import annotations
 
@@ -608,6 +613,24 @@ def test_lora_plus_param_groups():
     opt = torch.optim.AdamW(groups)
     assert sorted(grp["lr"] for grp in opt.param_groups) == pytest.approx([1e-3, 1.6e-2])
     assert all(grp["weight_decay"] == 0.1 for grp in opt.param_groups)
+
+
+def test_lora_plus_with_lowr_in_a_training_step():
+    """LoWR app. A.3 combines LoWR with LoRA+: one SGD step moves B by lr * ratio * grad_B, A by lr * grad_A;
+    the LoWR step after it keeps the function."""
+    model = inject_lora(MLP(), ["fc1", "fc2"], r=3, b_init_std=0.4, generator=gen(32))
+    opt = torch.optim.SGD(lora_plus_param_groups(model, 0.01, 8.0))
+    lowr = LoWR(model, tau=math.inf, alpha=0.5)
+    x = torch.randn(16, 7, generator=gen(33), dtype=DT)
+    A0, B0 = model.fc1.lora_A.detach().clone(), model.fc1.lora_B.detach().clone()
+    model(x).square().mean().backward()
+    gA, gB = model.fc1.lora_A.grad.clone(), model.fc1.lora_B.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.fc1.lora_A, A0 - 0.01 * gA, **TOL)
+    torch.testing.assert_close(model.fc1.lora_B, B0 - 0.08 * gB, **TOL)
+    before = model(x).detach()
+    assert lowr.step() > 0
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
 
 
 def test_inject_lora_targets_and_freezing():
