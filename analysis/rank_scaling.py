@@ -339,7 +339,8 @@ def simulate_sgd(xs, vs, x, v, *, r, gamma, lr, n_draws, sigma2=1.0, seed=0, chu
     PEFT's Kaiming-uniform law, excess kurtosis -6/5), B0 = 0, then n SGD steps (simultaneous A, B updates)
     on (xs[k], vs[k]) -- the linear loss of the proof -- or, with ``targets`` and ``vs=None``, on the MSE loss
     0.5 ||f(x_k) - targets_k||^2. Evaluated at input x (d,) with output gradient v (d_out,). Draws are made
-    ``chunk`` at a time (default: about 32 MiB of adapters); the samples do not depend on ``chunk``.
+    ``chunk`` at a time (default: about 32 MiB of adapters); the samples do not depend on ``chunk``: draw i uses
+    A0_i = sqrt(sigma2) * default_rng(seed).standard_normal((n_draws, r, d))[i] (normal init).
 
     Returns per-draw samples: ``out`` (n_draws, d_out) = f(x), ``sq_out`` = ||f(x)||^2, ``grad_in``
     (n_draws, d) = (gamma B A)^T v, ``sq_grad_in`` = ||grad_in||^2. Use :func:`mc_summary` for means and SEs.

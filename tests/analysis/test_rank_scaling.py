@@ -368,7 +368,7 @@ def test_small_rank_regime_rslora_second_moment_decays():
     """d = 784, r in 1..16: for rsLoRA E||grad_x||^2 ~ (r + d + 1) / r, so its exponent is in
     [-1, -1 + r_max / (r_max + d + 1)] (small_rank regime, 1 - 4 beta), not the paper's 0; MC agrees."""
     d = 784
-    ranks = np.array([1, 2, 4, 8, 16])
+    ranks = np.array([1, 2, 3, 4, 6, 8, 11, 16])
     rng = np.random.default_rng(default_seed())
     x0, x = rng.normal(size=d), rng.normal(size=d)
     v0 = v = np.ones(1)
@@ -386,7 +386,8 @@ def test_small_rank_regime_rslora_second_moment_decays():
         vals.append(m2)
         wts.append((m2 / se2) ** 2)
     _, lo, hi = rs.fit_exponent(ranks, vals, weights=wts, confidence=0.999)
-    assert hi < -0.5 and lo <= slope <= hi
+    assert lo <= slope <= hi  # MC agrees with the exact exponent ...
+    assert hi < 0.0  # ... and rejects the paper's exponent 0
 
 
 # ------------------------------------------------------------------------------------ errata demonstrations
