@@ -164,7 +164,7 @@ def tight_instance(L: int, d: int, r: int, eta: float, m: float, seed: int = 0):
     Returns ``(Ws, As, Bs, x)`` with W_l (d, d), A_l (r, d), B_l (d, r), x (d,). Construction: a random
     orthonormal basis Q shared by all layers, e = Q[:, 0]; W_l = c_l e e^T + (a random block on e-perp with
     spectral norm 0.9 c_l); B_l A_l = m c_l e e^T + (a random rank r-1 block on e-perp with norm 0.5 m c_l),
-    A_l and B_l then mixed by a random invertible (r, r) matrix (B_l A_l unchanged); x = t e.
+    A_l and B_l then mixed by a random (r, r) matrix of condition number <= 4 (B_l A_l unchanged); x = t e.
     So M_l e = c_l (1 + eta m) e, ||M_l|| = ||W_l|| + eta ||B_l A_l|| = c_l (1 + eta m), every m_l = m, and
     ||f_L(x)|| = C (1 + eta m)^L ||x|| exactly; the scales c_l ~ U(0.5, 2) and t differ between layers/seeds.
     """
@@ -198,10 +198,11 @@ def tight_instance(L: int, d: int, r: int, eta: float, m: float, seed: int = 0):
             b_cols += list(Rb.T)
         A0 = np.vstack(a_rows)
         B0 = np.column_stack(b_cols)
-        T = rng.standard_normal((r, r)) + 2.0 * np.eye(r)
-        while abs(np.linalg.det(T)) < 1e-3:  # pragma: no cover - probability ~0
-            T = rng.standard_normal((r, r)) + 2.0 * np.eye(r)
-        As.append(T @ A0)
-        Bs.append(B0 @ np.linalg.inv(T))
+        # random well-conditioned mixing T = U diag(t) V^T (cond(T) <= 4): B A is unchanged
+        U, _ = np.linalg.qr(rng.standard_normal((r, r)))
+        V, _ = np.linalg.qr(rng.standard_normal((r, r)))
+        t = rng.uniform(0.5, 2.0, size=r)
+        As.append((U * t) @ V.T @ A0)
+        Bs.append(B0 @ (V / t) @ U.T)
     x = float(rng.uniform(0.5, 2.0)) * e
     return Ws, As, Bs, x
