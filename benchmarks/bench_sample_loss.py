@@ -79,7 +79,7 @@ def main(quick: bool = False) -> int:
         print(f"  {placement:<10}  loop {r['loop_per_s']:10.0f}/s   sample_loss {r['fast_per_s']:10.0f}/s   "
               f"ratio {r['ratio']:6.1f}x   (sanity: z of means vs exact E[L]: loop {r['z_loop']:+.2f}, "
               f"fast {r['z_fast']:+.2f})")
-    print(f"  peak RSS {res['max_rss_MiB']:.0f} MiB (sample_loss chunks are capped at 64 MiB)")
+    print(f"  peak RSS {res['max_rss_MiB']:.0f} MiB (sample_loss chunks are capped at 4 MiB by default)")
     return 0
 
 

@@ -375,3 +375,11 @@ def test_placements_give_different_penalties():
     np.testing.assert_allclose(B2 @ A2, B @ A, atol=1e-10)
     assert dr.dropout_penalty(X, A2, B2, 0.1, placement="input") == pytest.approx(pi, rel=1e-10)
     assert abs(dr.dropout_penalty(X, A2, B2, 0.1, placement="bottleneck") - pb) > 1e-3 * pb
+
+
+def test_sample_loss_a_million_realisations():
+    X, Y, W, A, B = make_problem(15, N=3, d_in=4, d_out=2, r=2)
+    L = dr.sample_loss(X, Y, W, A, B, 0.3, 10**6, seed=default_seed())
+    assert L.shape == (10**6,) and L.dtype == np.float64
+    z = (L.mean() - dr.expected_loss(X, Y, W, A, B, 0.3)) / math.sqrt(dr.loss_variance(X, Y, W, A, B, 0.3) / 10**6)
+    assert abs(z) < 5
