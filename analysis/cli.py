@@ -1,4 +1,4 @@
-"""The ``lora-theory`` command: ``verify`` (prove the closed forms), ``data`` (data sets), ``bench`` (benchmarks)."""
+"""The ``lora-theory`` command: ``verify`` (prove the closed forms), ``data`` (data sets), ``figures``, ``bench`` (benchmarks)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
         from toymodels.data import data_command
 
         return data_command(argv[1:])
+    if argv[:1] == ["figures"]:  # likewise with the figures
+        from figures.cli import main as figures_main
+
+        return figures_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lora-theory", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -23,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("data", add_help=False,
                    help="show which data sets are available and from where; --fetch NAME... fills the cache")
+
+    sub.add_parser("figures", add_help=False,
+                   help="regenerate the papers' figures with claim checks (--list, --quick, ids...)")
 
     p_bench = sub.add_parser("bench", help="run the benchmarks and print their numbers")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")

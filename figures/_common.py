@@ -1,0 +1,78 @@
+"""Shared helpers of the figure modules: style, confidence intervals, data-set choice, verdict rules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never require a screen
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from toymodels import data as datasets  # noqa: E402
+
+PALETTE = "colorblind"
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.4, **kwargs):
+    """A seaborn-styled (colour-blind palette) figure with ``nrows x ncols`` axes."""
+    sns.set_theme(style="whitegrid", palette=PALETTE, context="paper")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
+    return fig, axes
+
+
+def colors(n: int) -> list:
+    return sns.color_palette(PALETTE, n)
+
+
+def mean_ci(values, confidence: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and t-based confidence interval over ``axis`` (seeds). With one value the interval is [v, v]."""
+    v = np.asarray(values, dtype=np.float64)
+    m = v.mean(axis=axis)
+    n = v.shape[axis]
+    if n < 2:
+        return m, m, m
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(axis=axis, ddof=1) / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def ci_dict(values, confidence: float = 0.95) -> dict:
+    """``{"mean", "ci_low", "ci_high", "n"}`` of a 1-D sample (seeds), JSON-ready."""
+    m, lo, hi = mean_ci(np.asarray(values, dtype=np.float64).ravel(), confidence)
+    return {"mean": float(m), "ci_low": float(lo), "ci_high": float(hi), "n": int(np.size(values)),
+            "confidence": confidence}
+
+
+def real_datasets(prefer: Sequence[str] = ("mnist", "cifar10")) -> tuple[list[str], dict[str, str]]:
+    """The preferred real data sets that are available, with CIFAR-10 replaced by Fashion-MNIST when absent.
+
+    Returns ``(names, notes)``: ``notes`` maps a missing data set to the reason (for the JSON), so a figure
+    can say clearly that CIFAR-10 is missing and how to get it.
+    """
+    names, notes = [], {}
+    for name in prefer:
+        ok, why = datasets.available(name, probe_network=False)
+        if ok:
+            names.append(name)
+            continue
+        notes[name] = why
+        if name == "cifar10":
+            alt = "fashion-mnist"
+            ok_alt, why_alt = datasets.available(alt, probe_network=False)
+            if ok_alt and alt not in names:
+                names.append(alt)
+            elif not ok_alt:
+                notes[alt] = why_alt
+    return names, notes
+
+
+def unavailable(reason: str, **extra):
+    """A Result saying the figure could not be made here, and why."""
+    from figures import Result
+
+    return Result(verdict="unavailable", summary=reason, measured={}, **extra)

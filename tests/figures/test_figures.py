@@ -1,0 +1,46 @@
+"""Every registered figure runs in --quick mode (into a temporary directory) and writes a complete JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import figures
+from figures import VERDICTS
+from figures.cli import main
+
+REQUIRED = {"id", "paper", "claim", "verdict", "summary", "measured", "datasets", "seeds", "fidelity", "config",
+            "runtime_s", "image"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # quick runs must never pollute (or read) the user's run cache
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path_factory.getbasetemp() / "runs"))
+
+
+@pytest.mark.parametrize("fig_id", list(figures.specs()))
+def test_quick_figure_writes_png_json(fig_id, tmp_path):
+    assert main([fig_id, "--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / f"{fig_id}.json").read_text())
+    assert REQUIRED <= set(record)
+    assert record["verdict"] in VERDICTS
+    assert record["fidelity"] == "quick"
+    assert record["summary"]
+    if record["verdict"] != "unavailable":
+        assert record["measured"], "a verdict must rest on measured numbers"
+        assert (tmp_path / f"{fig_id}.png").stat().st_size > 1000
+    else:
+        assert "error" not in record["measured"], record["summary"]
+    gallery = (tmp_path / "README.md").read_text()
+    assert fig_id in gallery and record["verdict"] in gallery
+
+
+def test_list_and_bad_ids(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for fig_id in figures.specs():
+        assert fig_id in out
+    with pytest.raises(SystemExit):
+        main(["no-such-figure"])
