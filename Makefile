@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make verify   -- the main job (until figures exist): prove the closed forms, one table row per check
+#   make figures  -- the main job: prove the closed forms (verify), then regenerate every figure + the gallery
 #   make test     -- lint + the whole test suite
 # The first use creates .venv. TORCH_SPEC pins a CPU build of torch where one lies on disk;
 # on your own machine `make TORCH_SPEC=torch test` takes whatever build pip picks (CUDA if present).
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup verify test lint bench clean
+.PHONY: setup figures verify test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+figures: verify
+	$(BIN)/lora-theory figures
 
 verify: $(STAMP)
 	$(BIN)/lora-theory verify
