@@ -266,8 +266,8 @@ def _evaluate(model: MLP, split: datasets.Split, loss_kind: str) -> tuple[float,
 
 
 def _adapter_output(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's contribution to the layer's output, without dropout."""
-    return layer(x) - layer.base(x) if layer.method == "dora" else layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    """The adapter's contribution to the layer's output (call in eval mode: no dropout), for every method."""
+    return layer(x) - layer.base(x)
 
 
 def _layer_inputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
@@ -332,8 +332,10 @@ def _train(cfg: FinetuneConfig, device: torch.device) -> dict[str, np.ndarray]:
                 hist.setdefault("channel_a", []).append([m.lora_A.norm(dim=1).cpu().numpy() for m in layers])
                 hist.setdefault("channel_b", []).append([m.lora_B.norm(dim=0).cpu().numpy() for m in layers])
             if "moments" in rec:
+                model.eval()
                 ins = _layer_inputs(model, x)
                 outs = [_adapter_output(m, ins[int(n.split(".")[1])]) for m, n in zip(layers, names, strict=True)]
+                model.train()
                 hist.setdefault("out_mean", []).append([o.mean().item() for o in outs])
                 hist.setdefault("out_second", []).append([(o**2).mean().item() for o in outs])
         if "grads" in rec:

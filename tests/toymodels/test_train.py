@@ -98,3 +98,13 @@ def test_variants_and_plugins_train():
                   dict(lowr=(10.0, 0.1, 1), lora_plus_ratio=4.0), dict(optimizer="sgd", lr=0.05)):
         h = train.finetune(train.FinetuneConfig(**SMALL, **extra), use_cache=False)
         assert np.isfinite(h["batch_loss"]).all(), extra
+
+
+def test_moments_recorder_equals_adapter_output_for_every_method():
+    for method in ("lora", "asf", "dora"):
+        cfg = train.FinetuneConfig(**{**SMALL, "steps": 4, "record_every": 4}, method=method,
+                                   dropout=0.0 if method != "lora" else 0.3, recorders=("moments",))
+        h = train.finetune(cfg, use_cache=False)
+        assert h["out_mean"].shape == (2, 3)
+        assert np.all(h["out_second"][0] == 0)  # B = 0 at the start: the adapter adds nothing
+        assert np.all(h["out_second"][-1] > 0)
