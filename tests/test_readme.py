@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 
-def test_readme_tour_runs():
+def test_readme_tour_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path))
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "README has no python block"
