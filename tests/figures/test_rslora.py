@@ -1,0 +1,112 @@
+"""Helpers of figures/rslora.py: divergence handling, loss-spike and slope statistics, the exponent CI, and the
+coordinate-check panel's plumbing (projections, exact vs Monte Carlo). The figures themselves run in
+tests/figures/test_figures.py (quick mode)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import figures.rslora as rsfig
+from analysis import rank_scaling as rs
+from analysis._inputs import default_seed
+from figures import Context
+from toymodels.train import FinetuneConfig, finetune
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
+
+
+def _tiny(**changes) -> FinetuneConfig:
+    cfg = FinetuneConfig(dataset="synthetic", widths=(8, 8, 4), targets=("layers.0", "layers.1"), n_pretrain=64,
+                         n_finetune=32, n_test=32, pretrain_steps=5, steps=40, optimizer="sgd", lr=50.0, r=2,
+                         record_every=5, batch_size=16, recorders=rsfig.RECORDERS)
+    return cfg.replace(**changes)
+
+
+def test_diverged_run_is_cached_and_truncated_before_the_blowup(monkeypatch):
+    cfg = _tiny()
+    with pytest.raises(FloatingPointError, match=r"step (\d+)") as info:
+        finetune(cfg, use_cache=False)
+    k = int(info.value.args[0].split("step ")[1].split()[0])
+    assert k > 1
+    ctx = Context(fidelity="quick", seeds=(0,))
+    h = rsfig._run(cfg, ctx)
+    assert rsfig._diverged(h) and int(h["diverged_at"]) == k
+    assert h["step"][-1] == k - 1  # the identical trajectory, stopped one step before the blow-up
+    ref = finetune(cfg.replace(steps=k - 1), use_cache=False)
+    np.testing.assert_array_equal(h["train_loss"], ref["train_loss"])
+    assert rsfig._final_loss(h) == math.inf and rsfig._spike(h) == math.inf
+
+    calls = []
+    real = rsfig.finetune
+
+    def spy(c, **kw):
+        calls.append(c.steps)
+        return real(c, **kw)
+
+    monkeypatch.setattr(rsfig, "finetune", spy)
+    again = rsfig._run(cfg, ctx)
+    assert calls == [k - 1], "the blow-up must come from the cache, not be recomputed"
+    np.testing.assert_array_equal(again["train_loss"], h["train_loss"])
+
+
+def test_stable_run_is_finetune_unchanged():
+    cfg = _tiny(lr=1e-2)
+    ctx = Context(fidelity="quick", seeds=(0,))
+    h = rsfig._run(cfg, ctx)
+    assert not rsfig._diverged(h)
+    np.testing.assert_array_equal(h["train_loss"], finetune(cfg)["train_loss"])
+    assert rsfig._final_loss(h) == float(h["train_loss"][-1])
+
+
+def test_spike_factor():
+    flat = {"diverged_at": np.array(math.nan), "train_loss": np.array([3.0, 2.0, 1.0, 0.5])}
+    assert rsfig._spike(flat) == 1.0
+    bumpy = {"diverged_at": np.array(math.nan), "train_loss": np.array([3.0, 1.0, 2.5, 0.5, 1.5])}
+    assert rsfig._spike(bumpy) == pytest.approx(3.0)  # 1.5 / 0.5
+
+
+def test_seed_slopes_and_ci_exclude_diverged_seeds():
+    x = np.log([4.0, 16.0, 64.0])
+    Y = np.stack([2.0 * x + 1.0, -0.5 * x, np.array([1.0, math.inf, 0.0])])
+    s = rsfig._seed_slopes(x, Y)
+    assert s[0] == pytest.approx(2.0) and s[1] == pytest.approx(-0.5) and math.isnan(s[2])
+    ci = rsfig._ci(s)
+    assert ci["n"] == 2 and ci["n_excluded"] == 1 and ci["mean"] == pytest.approx(0.75)
+
+
+def test_exponent_ci_uses_known_errors_when_residuals_vanish():
+    ranks = np.array([1.0, 2.0, 4.0, 8.0])
+    m = 3.0 * ranks**-1.5  # exact power law: fit_exponent's residual interval has zero width
+    se = 0.02 * m
+    slope, lo, hi = rsfig._fit_with_known_se(ranks, m, se)
+    t = np.log(ranks)
+    half = stats.norm.ppf(0.975) * 0.02 / math.sqrt(np.sum((t - t.mean()) ** 2))
+    assert slope == pytest.approx(-1.5) and hi - slope == pytest.approx(half) and slope - lo == pytest.approx(half)
+
+
+def test_exponent_ci_keeps_residual_interval_when_scatter_exceeds_errors():
+    ranks = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    m = ranks**-1.0 * np.array([1.0, 1.3, 0.8, 1.2, 0.9])
+    se = 1e-4 * m
+    assert rsfig._fit_with_known_se(ranks, m, se) == pytest.approx(rs.fit_exponent(ranks, m, weights=(m / se) ** 2))
+
+
+def test_coord_panel_exact_exponents_and_monte_carlo_agree():
+    """Large rank at small width: the exact exponents are the paper's up to (d+1)/(r_min+d+1); every MC mean lies
+    within 5 standard errors of the exact moment (the projections onto the mean directions are consistent)."""
+    seed = default_seed()
+    d, ranks = 2, (256, 512, 1024)
+    panel = rsfig._coord_panel(d, ranks, n_steps=2, draws=lambda r: 400, seed=seed)
+    bound = (d + 1) / (ranks[0] + d + 1)
+    for s in panel["scalings"].values():
+        for k, e in s["moments"].items():
+            assert abs(e["exact_fit"] - e["theory_large_rank"]) <= bound, k
+            z = (np.array(e["mc_mean"]) - np.array(e["exact"])) / np.array(e["mc_se"])
+            assert np.all(np.abs(z) <= 5), (k, z)
