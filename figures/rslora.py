@@ -363,6 +363,9 @@ def coordcheck(ctx: Context) -> Result:
     }
     config = {"seed": seed, "alpha": 1.0, "sigma2": 1.0, "init": "normal", "loss": "linear (proof's setting)",
               "inputs": "unit vectors from numpy default_rng(seed): xs (n, d), vs (n, d_out), x (d,), v (d_out,)",
+              "mc_seed": "simulate_sgd seed at the i-th rank: SeedSequence([seed, i]).generate_state(1)[0] (same for "
+                         "every scaling)",
+              "exponent_ci": "fit_exponent (weights (m/se)^2), half-width max(residual t-interval, 1.96 / sqrt(Sxx_w))",
               "r>>d": {"d": 4, "ranks": list(big_ranks), "draws": big_draws},
               "r<<d": {"d": 784, "ranks": list(small_ranks), "draws": f"max({floor}, {units} // r)"},
               "n_steps": n_steps, "lr": 0.1, "d_out": 8,
