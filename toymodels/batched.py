@@ -1,0 +1,566 @@
+"""Many LoRA fine-tuning runs at once: K runs of the toy MLP stacked into batched weights, one training loop.
+
+:func:`finetune_many` trains K configurations that differ only in ``seed``, ``dropout``, ``lr`` and ``scaling``
+(method "lora", either dropout placement) together, and returns for each the same history as
+:func:`toymodels.train.finetune` (the sequential engine, which is the oracle of the tests). Every run is the
+sequential run, step for step:
+
+- same pretrained model, data subsets and LoRA initialisation: taken from :func:`train.build_finetune_model`
+  and :func:`train.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
+- same mini-batches: :func:`train._batches` with a generator seeded ``seed + 3``;
+- same dropout masks: the sequential engine seeds the global RNG with ``seed + 2`` and draws, at every step, one
+  mask per LoRA layer in layer order (``empty_like(input).bernoulli_(1 - p).div_(1 - p)``: what
+  ``nn.Dropout`` does on CPU), shape (batch, d_in) for the input placement, (batch, r) for the bottleneck. Here
+  each run has its own CPU generator seeded ``seed + 2`` that draws the same masks in the same order (on a GPU
+  they are drawn on the CPU and copied, so the numbers do not depend on the device);
+- same optimizer arithmetic: torch's single-tensor SGD / Adam / AdamW update, elementwise, on a flat buffer
+  that holds all K runs' parameters (Adam is elementwise, so per-run Adam on a stacked tensor is per-run Adam).
+
+So the numbers equal the sequential engine's up to float32 rounding (the sums are taken in another order), and
+the runs are cached under the same key, in the same namespace ("finetune"), as :func:`train.finetune` would:
+either engine reuses the other's results.
+
+Why it is faster (measured in benchmarks/bench_finetune.py, see BENCHMARKS.md):
+
+1. The frozen prefix is data: the input of the first LoRA layer and that layer's base output x W0^T + b0 are
+   computed once for all fine-tuning (and test) images; a step gathers its rows. For the default protocol
+   (784-256-256-10, LoRA on every layer) this removes the largest matmul (64 x 784 x 256) from every step.
+2. Forward and backward are written out by hand (no autograd graph, no optimizer objects): the LoRA paths
+   are batched matmuls over runs, (K, n, d) x (K, d, r); the frozen base matmuls are shared by the runs that
+   share a pretrained model (same seed) and batched over seeds otherwise. The gradient of the first LoRA
+   layer's A, when its input is not dropped out, is one (K r, n) x (n, d) product per seed.
+3. One optimizer update for all runs and parameters: a handful of elementwise kernels on one flat buffer.
+
+Shapes follow torch.nn.Linear / PEFT: A (r, d_in), B (d_out, r), layer output x W^T + b + s drop(x) A^T B^T
+(input placement) or x W^T + b + s drop(x A^T) B^T (bottleneck, ALLoRA eq. 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from toymodels import cache as run_cache
+from toymodels import train
+from toymodels.lora import LoRALinear, scaling_factor
+from toymodels.mlp import auto_device
+from toymodels.train import FinetuneConfig
+
+NAMESPACE = "finetune"  # the sequential engine's: the numbers are the same (see the module docstring)
+FAST_NAMESPACE = "finetune-batched"  # masks="fast" with dropout > 0: other masks, other numbers
+MASKS = ("exact", "fast")
+FAST_MASKS = "pcg64-float32-v1"  # part of the cache key of fast-mask runs: change it when the scheme changes
+VARYING = ("seed", "dropout", "lr", "scaling")
+RECORDERS = ("loss", "norms", "rows", "channels", "grads")
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as train._optimizer uses them
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
+    """The configs as a list if :func:`finetune_many` can run them together; else ValueError naming the field.
+
+    Each config must use method "lora" without expected-loss training, LoRA+ or LoWR, and record only
+    :data:`RECORDERS` ("moments" and "grad_std" draw extra dropout masks from the run's stream mid-training);
+    every field other than seed, dropout, lr and scaling must be the same in all configs.
+    """
+    if isinstance(configs, FinetuneConfig):
+        configs = [configs]
+    configs = list(configs)
+    if not configs:
+        raise ValueError("configs must be a non-empty sequence of FinetuneConfig")
+    for c in configs:
+        if not isinstance(c, FinetuneConfig):
+            raise ValueError(f"configs must be FinetuneConfig objects, got {type(c).__name__}")
+        if c.method != "lora":
+            raise ValueError(f"method must be 'lora' for the batched engine, got {c.method!r} "
+                             "(use toymodels.train.finetune)")
+        if c.expected_loss:
+            raise ValueError("expected_loss must be False for the batched engine (use toymodels.train.finetune)")
+        if c.lora_plus_ratio is not None:
+            raise ValueError(f"lora_plus_ratio must be None for the batched engine, got {c.lora_plus_ratio!r}")
+        if c.lowr is not None:
+            raise ValueError(f"lowr must be None for the batched engine, got {c.lowr!r}")
+        bad = [r for r in c.recorders if r not in RECORDERS]
+        if bad:
+            raise ValueError(f"recorders must be among {RECORDERS} for the batched engine, got {bad}")
+    ref = configs[0]
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in VARYING:
+            continue
+        for c in configs[1:]:
+            if getattr(c, f.name) != getattr(ref, f.name):
+                raise ValueError(f"{f.name} must be the same in all configs to batch them (only {VARYING} may "
+                                 f"differ), got {getattr(ref, f.name)!r} and {getattr(c, f.name)!r}")
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device | None = None, *,
+                  masks: str = "exact", use_cache: bool = True,
+                  refresh: bool = False) -> list[dict[str, np.ndarray]]:
+    """Run (or load from the cache) many fine-tuning runs together; one history per config, in order.
+
+    The histories have the keys of :func:`toymodels.train.finetune` for the recorders used ("step",
+    "batch_loss"; "train_loss", "train_acc", "test_loss", "test_acc"; "norm_A", "norm_B"; "row_norm_BA";
+    "channel_a", "channel_b"; "grad_norm_A", "grad_norm_B") and equal its numbers up to float32 rounding.
+    Cached runs are loaded, duplicates computed once, the rest trained in one batch and cached. All configs
+    are validated before anything runs (:func:`check_batchable`). A run whose loss becomes non-finite raises
+    FloatingPointError after the finite runs have been cached.
+
+    ``masks``: "exact" (default) draws each run's dropout masks from the sequential engine's stream, so the
+    runs are the sequential runs and share its cache entries. "fast" draws them from a per-run PCG64 stream
+    (:func:`fast_mask_stream`; one float32 uniform per entry, kept if below 1 - p): several times cheaper
+    than torch's CPU ``bernoulli_`` (about 15 ns per entry, serial), the same distribution, other numbers;
+    runs with dropout > 0 are then cached apart (:func:`cache_entry`). Runs without dropout are the same
+    either way.
+    """
+    configs = check_batchable(configs)
+    if masks not in MASKS:
+        raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
+    dev = auto_device(device)
+    results: list[dict[str, np.ndarray] | None] = [None] * len(configs)
+    todo: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(configs):
+        namespace, key_dict = cache_entry(c, masks)
+        key = (namespace, run_cache.config_key(key_dict))
+        if use_cache and not refresh and key not in todo:
+            hit = run_cache.load(_path(*key))
+            if hit is not None:
+                results[i] = hit
+                continue
+        todo.setdefault(key, []).append(i)
+    if todo:
+        unique = [configs[idx[0]] for idx in todo.values()]
+        hists = _Batch(unique, dev, masks).run()
+        failed = []
+        for (key, idx), cfg, hist in zip(todo.items(), unique, hists, strict=True):
+            if not np.isfinite(hist["batch_loss"]).all():
+                failed.append(cfg)
+                continue
+            if use_cache:
+                run_cache.save(_path(*key), hist, cache_entry(cfg, masks)[1])
+            for i in idx:
+                results[i] = {k: v.copy() for k, v in hist.items()}
+        if failed:
+            raise FloatingPointError(f"non-finite loss in {len(failed)} of {len(unique)} runs, e.g. {failed[0]}")
+    return results  # type: ignore[return-value]
+
+
+def cache_entry(cfg: FinetuneConfig, masks: str = "exact") -> tuple[str, dict]:
+    """(namespace, configuration dict) under which a run is cached: the sequential engine's ("finetune",
+    ``cfg.as_dict()``) unless its masks differ from the sequential engine's (masks="fast" and dropout > 0)."""
+    if masks == "exact" or cfg.dropout == 0:
+        return NAMESPACE, cfg.as_dict()
+    return FAST_NAMESPACE, {**cfg.as_dict(), "masks": FAST_MASKS}
+
+
+def fast_mask_stream(seed: int) -> np.random.Generator:
+    """The masks="fast" stream of a run: PCG64 seeded by (seed, a fixed tag), independent of the other runs."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0xD209])))
+
+
+def _path(namespace: str, key: str):
+    return run_cache.cache_root() / namespace / f"{key}.npz"
+
+
+# ------------------------------------------------------------------------------------------------- the engine
+
+
+def draw_mask(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
+    """The scaled dropout mask nn.Dropout(p) draws on CPU for an input of ``shape`` (ATen's _dropout_impl:
+    empty_like(input).bernoulli_(1 - p).div_(1 - p)), from ``generator``."""
+    return torch.empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
+class _Batch:
+    """K runs (all validated batchable). Runs are ordered by seed ("group": same data, same pretrained model).
+
+    Blocks: the frozen weights and the data are held per block, (Gb, ...). When every seed has the same number
+    m of runs, a block is a seed (Gb = G, m runs per block) and a base matmul is one bmm of (Gb, m n, d_in) by
+    the block's weights; otherwise every run is its own block (Gb = K, m = 1), with its seed's weights.
+    """
+
+    def __init__(self, configs: list[FinetuneConfig], device: torch.device, masks: str = "exact"):
+        self.dev = device
+        seeds = list(dict.fromkeys(c.seed for c in configs))
+        self.order = sorted(range(len(configs)), key=lambda i: seeds.index(configs[i].seed))
+        self.runs = [configs[i] for i in self.order]
+        ref = self.runs[0]
+        self.cfg = ref
+        self.K = K = len(self.runs)
+        group = [seeds.index(c.seed) for c in self.runs]
+        sizes = [group.count(g) for g in range(len(seeds))]
+        uniform = len(set(sizes)) == 1
+        self.m = sizes[0] if uniform else 1
+        self.Gb = len(seeds) if uniform else K
+        block_seed = seeds if uniform else [c.seed for c in self.runs]
+        self.block_of_run = torch.tensor([g if uniform else k for k, g in enumerate(group)], device=device)
+        self.n_layers = len(ref.widths) - 1
+        self.targets = sorted(int(t.split(".")[1]) for t in ref.targets)
+        self.t0 = self.targets[0]
+        self.slot = {i: j for j, i in enumerate(self.targets)}  # layer -> its (A, Bt) pair in self.params
+        self.r = ref.r
+
+        # per seed: data, pretrained weights, LoRA init (the sequential engine's own functions)
+        per_seed = {}
+        for s in seeds:
+            c = next(c for c in self.runs if c.seed == s)
+            data = train.protocol_data(c, device)
+            model = train.build_finetune_model(c, device)
+            per_seed[s] = (data, model)
+        with torch.no_grad():
+            self.W, self.b = [], []  # per layer: (Gb, d_out, d_in), (Gb, d_out)
+            for i in range(self.n_layers):
+                lin = [_linear(per_seed[s][1].layers[i]) for s in block_seed]
+                self.W.append(torch.stack([w.weight.detach() for w in lin]).contiguous())
+                self.b.append(torch.stack([w.bias.detach() for w in lin]).contiguous())
+            self.splits = {}
+            for split in ("finetune", "test") if "loss" in ref.recorders else ("finetune",):
+                xs, ps, ys = [], [], []
+                for s in block_seed:
+                    x, y = getattr(per_seed[s][0], split)
+                    h = x
+                    model = per_seed[s][1]
+                    for i in range(self.t0):
+                        h = torch.relu(model.layers[i](h))
+                    xs.append(h)
+                    ps.append(_linear(model.layers[self.t0])(h))
+                    ys.append(y)
+                self.splits[split] = (torch.stack(xs), torch.stack(ps), torch.stack(ys))
+
+            # flat parameter buffer: per target layer an A block (K, r, d_in) and a B^T block (K, r, d_out)
+            shapes = []
+            for i in self.targets:
+                d_in, d_out = ref.widths[i], ref.widths[i + 1]
+                shapes += [(K, self.r, d_in), (K, self.r, d_out)]
+            total = sum(int(np.prod(s)) for s in shapes)
+            self.theta = torch.empty(total, device=device)
+            self.grad = torch.zeros(total, device=device)
+            self.params, self.grads = [], []
+            off = 0
+            for s in shapes:
+                n = int(np.prod(s))
+                self.params.append(self.theta[off:off + n].view(s))
+                self.grads.append(self.grad[off:off + n].view(s))
+                off += n
+            lr_flat = torch.empty(total, device=device)
+            off = 0
+            for s in shapes:
+                n = int(np.prod(s))
+                lr_flat[off:off + n] = torch.tensor([c.lr for c in self.runs], device=device).repeat_interleave(
+                    n // K)
+                off += n
+            for j, i in enumerate(self.targets):
+                for k, c in enumerate(self.runs):
+                    layer = per_seed[c.seed][1].layers[i]
+                    self.params[2 * j][k].copy_(layer.lora_A.detach())
+                    self.params[2 * j + 1][k].copy_(layer.lora_B.detach().T)
+        self.lrs = [c.lr for c in self.runs]
+        self.lr_flat = None if len(set(self.lrs)) == 1 else lr_flat
+        self.scale = torch.tensor([scaling_factor("lora" if c.scaling is None else c.scaling, c.alpha, c.r)
+                                   for c in self.runs], device=device).view(K, 1, 1)
+        self.p = [c.dropout for c in self.runs]
+        self.dropped = [k for k in range(K) if self.p[k] > 0]
+        self.masks = masks
+        if masks == "exact":
+            self.mask_gens = {k: torch.Generator().manual_seed(self.runs[k].seed + 2) for k in self.dropped}
+        else:
+            self.mask_gens = {k: fast_mask_stream(self.runs[k].seed) for k in self.dropped}
+            self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(
+                -1, *([1] * 2))
+        self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
+        threads = torch.get_num_threads()
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 and len(self.dropped) > 1 else None
+        self.exp_avg = torch.zeros_like(self.theta)
+        self.exp_avg_sq = torch.zeros_like(self.theta)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """(K, n, d) -> (Gb, m n, d): the runs of a block side by side (a view)."""
+        return t.reshape(self.Gb, -1, t.shape[-1])
+
+    def _base(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h W_i^T + b_i for per-run inputs h (K, n, d_in) with each block's frozen weights."""
+        out = torch.baddbmm(self.b[i].unsqueeze(1), self._blocks(h), self.W[i].transpose(1, 2))
+        return out.view(self.K, h.shape[1], -1)
+
+    def _base_back(self, i: int, g: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        """add + g W_i (the frozen layer's input gradient) for per-run g (K, n, d_out)."""
+        if add is None:
+            return torch.bmm(self._blocks(g), self.W[i]).view(self.K, g.shape[1], -1)
+        return torch.baddbmm(self._blocks(add), self._blocks(g), self.W[i]).view(self.K, g.shape[1], -1)
+
+    def _per_run(self, t: torch.Tensor) -> torch.Tensor:
+        """(Gb, ...) block data -> (K, ...) per run."""
+        return t if self.m == 1 else t.repeat_interleave(self.m, dim=0)
+
+    def _step_masks(self, n: int) -> dict[int, torch.Tensor] | None:
+        """This step's masks: per LoRA layer a (K, n, d_in) (input) or (K, n, r) (bottleneck) tensor, ones for
+        the runs without dropout. Each run draws its layers in order from its own stream (the sequential
+        engine's order); different runs are drawn in parallel threads (the kernels release the GIL)."""
+        if not self.dropped:
+            return None
+        shapes = {i: (n, self.cfg.widths[i] if self.cfg.placement == "input" else self.r) for i in self.targets}
+        every = len(self.dropped) == self.K
+        if self.masks == "exact":  # in place, row by row: the values of draw_mask
+            out = {i: torch.empty((self.K, *sh)) if every else torch.ones((self.K, *sh)) for i, sh in shapes.items()}
+
+            def draw(k: int) -> None:
+                keep = 1 - self.p[k]
+                for i in self.targets:
+                    out[i][k].bernoulli_(keep, generator=self.mask_gens[k]).div_(keep)
+        else:  # one float32 uniform per entry from each run's PCG64 stream, thresholded for all runs at once
+            u = {i: np.empty((len(self.dropped), *sh), dtype=np.float32) for i, sh in shapes.items()}
+
+            def draw(row: int) -> None:
+                gen = self.mask_gens[self.dropped[row]]
+                for i in self.targets:
+                    gen.random(out=u[i][row], dtype=np.float32)
+        jobs = self.dropped if self.masks == "exact" else range(len(self.dropped))
+        if self.pool is None or len(jobs) < 2:
+            for job in jobs:
+                draw(job)
+        else:
+            list(self.pool.map(draw, jobs))
+        if self.masks != "exact":
+            out = {}
+            for i, sh in shapes.items():
+                kept = (torch.from_numpy(u[i]) < self.keep).to(torch.float32).div_(self.keep)
+                if every:
+                    out[i] = kept
+                else:
+                    out[i] = torch.ones((self.K, *sh))
+                    out[i][self.dropped] = kept
+        return {i: t.to(self.dev, non_blocking=True) for i, t in out.items()}
+
+    # -- one step ------------------------------------------------------------------------------------------
+
+    def step(self, idx: torch.Tensor | None) -> torch.Tensor:
+        """Forward + backward on each run's mini-batch (rows ``idx`` (Gb, n) of its block, None: all rows);
+        fills self.grad, returns the K losses.
+
+        Layer i with LoRA, per run: hin = drop(h) (input placement) or h; u = hin A^T, times the mask for the
+        bottleneck; z = h W^T + b + (s u) Bt with Bt = B^T (r, d_out). Backward from g = dL/dz:
+        dL/dBt = (s u)^T g, gu = g (s Bt)^T (times the bottleneck mask), dL/dA = gu^T hin,
+        dL/dh = g W + gu A (times the input mask), and dL/dz_prev = dL/dh * 1[z_prev > 0].
+        """
+        K, r, s, Gb, m = self.K, self.r, self.scale, self.Gb, self.m
+        x_all, p_all, y_all = self.splits["finetune"]
+        if idx is None:
+            xb, pb, yb = x_all, p_all, y_all
+        else:
+            rows = torch.arange(Gb, device=self.dev).unsqueeze(1)
+            xb, pb, yb = x_all[rows, idx], p_all[rows, idx], y_all[rows, idx]
+        n = xb.shape[1]
+        masks = self._step_masks(n)
+        input_drop = self.cfg.placement == "input"
+        saved = {}
+        acts = []  # post-ReLU outputs (K, n, d) of the hidden layers from t0 on
+        h = xb
+        for i in range(self.t0, self.n_layers):
+            j = self.slot.get(i)
+            if j is None:  # a frozen layer after the first LoRA layer
+                z = self._base(i, h)
+            else:
+                A, Bt = self.params[2 * j], self.params[2 * j + 1]
+                d_in = h.shape[-1]
+                mask = None if masks is None else masks[i]
+                shared = i == self.t0 and not (mask is not None and input_drop)
+                if shared:  # the runs of a block share the input: one (n, d) x (d, m r) product per block
+                    hin = xb
+                    u = torch.bmm(xb, A.view(Gb, m * r, d_in).transpose(1, 2))
+                    u = u.view(Gb, n, m, r).transpose(1, 2).reshape(K, n, r)
+                else:
+                    if mask is None or not input_drop:
+                        hin = h
+                    elif i == self.t0:  # the block's input times each run's mask, without copying the input
+                        hin = torch.mul(xb.unsqueeze(1), mask.view(Gb, m, n, d_in)).view(K, n, d_in)
+                    else:
+                        hin = h * mask
+                    u = torch.bmm(hin, A.transpose(1, 2))
+                if mask is not None and not input_drop:
+                    u = u * mask
+                us = u * s
+                if i == self.t0:  # frozen part precomputed: z = P[rows] + (s u) Bt
+                    z = torch.bmm(us, Bt)
+                    z.view(Gb, m, n, -1).add_(pb.unsqueeze(1))
+                else:
+                    z = self._base(i, h).baddbmm_(us, Bt)
+                saved[i] = (hin, us, mask, shared)
+            if i < self.n_layers - 1:
+                h = z.relu_()
+                acts.append(h)
+        # loss and its gradient with respect to the logits z (K, n, C)
+        y = self._per_run(yb).unsqueeze(2)
+        if self.cfg.loss == "ce":
+            logp = torch.log_softmax(z, dim=2)
+            losses = logp.gather(2, y).squeeze(2).mean(1).neg_()
+            g = logp.exp_()
+            g.scatter_add_(2, y, torch.full_like(g[..., :1], -1.0)).div_(n)
+        else:
+            diff = z.scatter_add(2, y, torch.full_like(z[..., :1], -1.0))
+            losses = (diff * diff).sum(2).mean(1)
+            g = diff.mul_(2.0 / n)
+        # backward, last layer first
+        for i in range(self.n_layers - 1, self.t0 - 1, -1):
+            j = self.slot.get(i)
+            g_h_lora = None
+            if j is not None:
+                A, Bt = self.params[2 * j], self.params[2 * j + 1]
+                gA, gBt = self.grads[2 * j], self.grads[2 * j + 1]
+                hin, us, mask, shared = saved.pop(i)
+                torch.bmm(us.transpose(1, 2), g, out=gBt)
+                gu = torch.bmm(g, (Bt * s).transpose(1, 2))
+                if mask is not None and not input_drop:
+                    gu.mul_(mask)
+                if shared:
+                    d_in = hin.shape[-1]
+                    gu_blk = gu.view(Gb, m, n, r).transpose(2, 3).reshape(Gb, m * r, n)
+                    torch.bmm(gu_blk, hin, out=gA.view(Gb, m * r, d_in))
+                else:
+                    torch.bmm(gu.transpose(1, 2), hin, out=gA)
+                if i > self.t0:
+                    g_h_lora = torch.bmm(gu, A)
+                    if mask is not None and input_drop:
+                        g_h_lora.mul_(mask)
+            if i == self.t0:
+                break
+            g_h = self._base_back(i, g, g_h_lora)
+            g = torch.ops.aten.threshold_backward(g_h, acts[i - 1 - self.t0], 0)
+        return losses
+
+    # -- optimizer -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, t: int) -> None:
+        """One optimizer step for every run: torch's single-tensor SGD / Adam / AdamW arithmetic, elementwise."""
+        cfg, theta, grad = self.cfg, self.theta, self.grad
+        lr, wd = self.lrs[0], cfg.weight_decay
+        per_run = self.lr_flat is not None
+        if cfg.optimizer == "sgd":
+            if wd:
+                grad = grad.add(theta, alpha=wd)
+            if per_run:
+                theta.addcmul_(grad, self.lr_flat, value=-1.0)
+            else:
+                theta.add_(grad, alpha=-lr)
+            return
+        if wd:
+            if cfg.optimizer == "adamw":
+                theta.mul_(1 - self.lr_flat * wd if per_run else 1 - lr * wd)
+            else:
+                grad = grad.add(theta, alpha=wd)
+        beta1, beta2 = _ADAM_BETAS
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
+        if per_run:
+            theta.addcdiv_(self.exp_avg * self.lr_flat, denom, value=-1.0 / bias_correction1)
+        else:
+            theta.addcdiv_(self.exp_avg, denom, value=-lr / bias_correction1)
+
+    # -- recording -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _logits(self, k: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run k's logits on a whole split in eval mode (no dropout), and the labels."""
+        x_all, p_all, y_all = self.splits[split]
+        blk = int(self.block_of_run[k])
+        x, y = x_all[blk], y_all[blk]
+        h = None
+        for i in range(self.t0, self.n_layers):
+            if i == self.t0:
+                z = p_all[blk]
+                h = x
+            else:
+                z = torch.addmm(self.b[i][blk], h, self.W[i][blk].T)
+            j = self.slot.get(i)
+            if j is not None:
+                A, Bt = self.params[2 * j][k], self.params[2 * j + 1][k]
+                z = z + float(self.scale[k]) * ((h @ A.T) @ Bt)
+            h = torch.relu(z) if i < self.n_layers - 1 else z
+        return h, y
+
+    @torch.no_grad()
+    def record(self, hist: list[dict], step: int, grads: bool) -> None:
+        rec = set(self.cfg.recorders)
+        na = len(self.targets)
+        norms = None
+        if rec & {"norms", "rows", "channels"}:
+            A = [self.params[2 * j] for j in range(na)]
+            B = [self.params[2 * j + 1].transpose(1, 2) for j in range(na)]
+        if "norms" in rec:
+            norms = (torch.stack([torch.linalg.vector_norm(a, dim=(1, 2)) for a in A], 1).cpu().numpy(),
+                     torch.stack([torch.linalg.vector_norm(b, dim=(1, 2)) for b in B], 1).cpu().numpy())
+        if "rows" in rec:
+            rows = torch.stack([torch.linalg.vector_norm(self.scale * torch.bmm(b, a), dim=2).mean(1)
+                                for a, b in zip(A, B, strict=True)], 1).cpu().numpy()
+        if "channels" in rec:
+            ch_a = [torch.linalg.vector_norm(a, dim=2).cpu().numpy() for a in A]
+            ch_b = [torch.linalg.vector_norm(b, dim=1).cpu().numpy() for b in B]
+        if "grads" in rec:
+            if grads:
+                gn = [torch.linalg.vector_norm(self.grads[j], dim=tuple(range(1, self.grads[j].dim())))
+                      for j in range(2 * na)]
+                gn = torch.stack(gn, 1).cpu().numpy()
+            else:
+                gn = np.full((self.K, 2 * na), np.nan)
+        for k, hk in enumerate(hist):
+            hk["step"].append(step)
+            if "loss" in rec:
+                for split_name in ("train", "test"):
+                    logits, y = self._logits(k, "finetune" if split_name == "train" else split_name)
+                    hk.setdefault(f"{split_name}_loss", []).append(train._loss_fn(self.cfg.loss, logits, y).item())
+                    hk.setdefault(f"{split_name}_acc", []).append((logits.argmax(1) == y).double().mean().item())
+            if "norms" in rec:
+                hk.setdefault("norm_A", []).append(list(norms[0][k]))
+                hk.setdefault("norm_B", []).append(list(norms[1][k]))
+            if "rows" in rec:
+                hk.setdefault("row_norm_BA", []).append(list(rows[k]))
+            if "channels" in rec:
+                hk.setdefault("channel_a", []).append([c[k] for c in ch_a])
+                hk.setdefault("channel_b", []).append([c[k] for c in ch_b])
+            if "grads" in rec:
+                hk.setdefault("grad_norm_A", []).append(list(gn[k, 0::2]))
+                hk.setdefault("grad_norm_B", []).append(list(gn[k, 1::2]))
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, np.ndarray]]:
+        cfg = self.cfg
+        n = self.splits["finetune"][2].shape[1]
+        hist: list[dict[str, list]] = [{"step": [], "batch_loss": []} for _ in range(self.K)]
+        self.record(hist, 0, grads=False)
+        streams = [train._batches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
+        losses = torch.empty(cfg.steps, self.K, device=self.dev)
+        try:
+            for t, idx in enumerate(zip(*streams, strict=True), start=1):
+                idx = None if idx[0] is None else torch.stack(idx).to(self.dev)
+                losses[t - 1] = self.step(idx)
+                self.update(t)
+                if t % cfg.record_every == 0 or t == cfg.steps:
+                    self.record(hist, t, grads=True)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+        losses = losses.cpu().numpy()
+        out = [None] * self.K
+        for k, hk in enumerate(hist):
+            hk["batch_loss"] = list(losses[:, k])
+            out[self.order[k]] = {key: np.asarray(v, dtype=np.float64) for key, v in hk.items()}
+        return out
+
+
+def _linear(layer) -> torch.nn.Linear:
+    return layer.base if isinstance(layer, LoRALinear) else layer
