@@ -245,7 +245,7 @@ def _fig2_exact(ctx: Context, seed: int, epochs: int) -> tuple[dict, dict]:
             rows["exact_B"].append(np.sqrt(var_b).ravel() / n)
             if step // spe not in mc_epochs:
                 return
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                 torch.manual_seed(10_000 + seed + step)
                 h = model.features(x[idx]).detach()
                 target = nn.functional.one_hot(y[idx], layer.out_features).to(h.dtype)
@@ -518,8 +518,8 @@ def norms(ctx: Context) -> Result:
                f"if the CI over seeds of spread(||B||) - spread(||A||) is > 0 and spread(||B||) >= 3 x spread(||A||) "
                f"(spread = max/min - 1 over p in {FIG3_RATES}). Bottleneck: ||A|| {fmt(b['spread_A'])}, ||B|| "
                f"{fmt(b['spread_B'])} (ratio {b['spread_B_over_spread_A']:.1f}; paper ~30% vs >500%); input (PEFT): "
-               f"||A|| {fmt(inp['spread_A'])}, ||B|| {fmt(inp['spread_B'])}. ||A|| stays near its random init "
-               f"(||A - A0|| spread {fmt(b['spread_dist_A'])}). Closed-form decay strengths on the last layer "
+               f"||A|| {fmt(inp['spread_A'])}, ||B|| {fmt(inp['spread_B'])}; ||A - A0|| (bottleneck) "
+               f"{fmt(b['spread_dist_A'])}. Closed-form decay strengths on the last layer "
                f"(bottleneck): at step 0 the one on A is {st0['on_A_step0']:.1g} (B = 0) and the one on B "
                f"{st0['on_B_step0']:.3g}; at the end on B / on A = {st0['on_B_final'] / st0['on_A_final']:.0f} "
                f"(p = {FIG3_RATES[-1]:g}).")
