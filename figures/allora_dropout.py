@@ -643,7 +643,7 @@ def dropout_epochs(ctx: Context) -> Result:
         ax.text(ep[k], ax.get_ylim()[0], f" {h}", fontsize=7, va="bottom")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, ep[-1])
-    ax.set_xlabel(f"epoch ({base.n_finetune} fine-tuning images, {spe} steps)")
+    ax.set_xlabel(f"epoch ({base.n_finetune} fine-tuning images, {spe} steps per epoch)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
     measured: dict = {"rates": TAB5_RATES, "epochs": epochs, "placement": "input"}
