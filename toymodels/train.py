@@ -131,7 +131,10 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return {"engine_version": ENGINE_VERSION, **dataclasses.asdict(self)}
+        d = {"engine_version": ENGINE_VERSION, **dataclasses.asdict(self)}
+        if "grad_std" in self.recorders:
+            d["grad_std_rng"] = "forked"  # since the grad_std masks stopped consuming the training RNG
+        return d
 
     def pretrain_dict(self) -> dict:
         keys = ("dataset", "n_pretrain", "n_finetune", "n_test", "task_shift", "widths", "pretrain_steps",
@@ -286,11 +289,14 @@ def _grad_std(model: MLP, cfg: FinetuneConfig, xb: torch.Tensor, yb: torch.Tenso
     grads_A, grads_B = [], []
     was_training = model.training
     model.train()
-    for _ in range(cfg.grad_std_masks):
-        loss = _loss_fn(cfg.loss, model(xb), yb)
-        gA, gB = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
-        grads_A.append(gA.flatten())
-        grads_B.append(gB.flatten())
+    # masks from a forked RNG: switching the recorder on must not change the training run's own masks
+    with torch.random.fork_rng(devices=[xb.device] if xb.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 5)  # the same masks at every record: epochs compare like with like
+        for _ in range(cfg.grad_std_masks):
+            loss = _loss_fn(cfg.loss, model(xb), yb)
+            gA, gB = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
+            grads_A.append(gA.flatten())
+            grads_B.append(gB.flatten())
     model.train(was_training)
     return (torch.stack(grads_A).std(0).cpu().numpy(), torch.stack(grads_B).std(0).cpu().numpy())
 

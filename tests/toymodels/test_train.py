@@ -108,3 +108,11 @@ def test_moments_recorder_equals_adapter_output_for_every_method():
         assert h["out_mean"].shape == (2, 3)
         assert np.all(h["out_second"][0] == 0)  # B = 0 at the start: the adapter adds nothing
         assert np.all(h["out_second"][-1] > 0)
+
+
+def test_grad_std_recorder_does_not_change_the_training_run():
+    cfg = train.FinetuneConfig(**SMALL, dropout=0.3, recorders=("loss",))
+    plain = train.finetune(cfg, use_cache=False)
+    with_std = train.finetune(cfg.replace(recorders=("loss", "grad_std"), grad_std_masks=4), use_cache=False)
+    np.testing.assert_array_equal(plain["batch_loss"], with_std["batch_loss"])
+    assert with_std["grad_std_B"].shape[0] == len(with_std["step"])
