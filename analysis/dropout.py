@@ -323,7 +323,11 @@ def linear_minimizer(X, Y, p) -> np.ndarray:
     """
     X, Y, _ = _linear_problem(X, Y)
     q = 1.0 - _inputs.dropout_rate(p)
-    return q * np.linalg.solve(X.T @ X, X.T @ Y).T
+    gram = X.T @ X
+    if np.linalg.matrix_rank(gram) < X.shape[1]:
+        raise ValueError(f"X must have full column rank (X^T X invertible) for the minimiser to be unique; got "
+                         f"rank {np.linalg.matrix_rank(gram)} < d_in = {X.shape[1]} (e.g. always-zero pixels)")
+    return q * np.linalg.solve(gram, X.T @ Y).T
 
 
 def ridge_minimizer(X, Y, lam) -> np.ndarray:

@@ -36,6 +36,15 @@ from toymodels.lora import (
 from toymodels.mlp import MLP, auto_device
 
 ENGINE_VERSION = 1
+
+
+class TrainingDiverged(FloatingPointError):
+    """A run's loss became non-finite; ``step`` is the step at which it happened (1-based)."""
+
+    def __init__(self, step: int, cfg):
+        super().__init__(f"non-finite loss at step {step} for {cfg}")
+        self.step = step
+        self.cfg = cfg
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("ce", "mse")
 RECORDERS = ("loss", "norms", "rows", "grads", "channels", "moments", "grad_std")
@@ -366,7 +375,7 @@ def _train(cfg: FinetuneConfig, device: torch.device) -> dict[str, np.ndarray]:
         else:
             loss = _loss_fn(cfg.loss, model(xb), yb)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step} for {cfg}")
+            raise TrainingDiverged(step, cfg)
         loss.backward()
         grads = [(m.lora_A.grad.norm().item(), m.lora_B.grad.norm().item()) for m in layers] if "grads" in rec \
             else None

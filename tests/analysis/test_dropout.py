@@ -383,3 +383,10 @@ def test_sample_loss_a_million_realisations():
     assert L.shape == (10**6,) and L.dtype == np.float64
     z = (L.mean() - dr.expected_loss(X, Y, W, A, B, 0.3)) / math.sqrt(dr.loss_variance(X, Y, W, A, B, 0.3) / 10**6)
     assert abs(z) < 5
+
+
+def test_linear_minimizer_rejects_rank_deficient_X():
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    X[:, 2] = 0.0  # an always-zero pixel
+    with pytest.raises(ValueError, match="X must have full column rank"):
+        dr.linear_minimizer(X, np.ones((10, 2)), 0.1)

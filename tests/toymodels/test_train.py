@@ -116,3 +116,11 @@ def test_grad_std_recorder_does_not_change_the_training_run():
     with_std = train.finetune(cfg.replace(recorders=("loss", "grad_std"), grad_std_masks=4), use_cache=False)
     np.testing.assert_array_equal(plain["batch_loss"], with_std["batch_loss"])
     assert with_std["grad_std_B"].shape[0] == len(with_std["step"])
+
+
+def test_divergence_reports_its_step():
+    cfg = train.FinetuneConfig(**SMALL, optimizer="sgd", lr=1e6, loss="mse")
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.finetune(cfg, use_cache=False)
+    assert 1 <= info.value.step <= cfg.steps
+    assert isinstance(info.value, FloatingPointError)
