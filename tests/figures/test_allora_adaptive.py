@@ -1,0 +1,107 @@
+"""Helpers of figures/allora_adaptive.py: the escape-time and growth-exponent measures, the random ripple chains,
+the variants' configurations and the table's verdict rule (no training here; the figures themselves run in
+--quick mode in test_figures.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis import ripple
+from analysis._inputs import default_seed
+from figures import Context
+from figures._common import base_config
+from figures.allora_adaptive import (
+    _VARIANTS,
+    _first_crossing,
+    _loglog_slope,
+    _paired,
+    _random_chain,
+    _variant_config,
+    _variants_table,
+)
+
+
+def test_first_crossing_is_exact_on_an_exponential_and_inf_when_never_reached():
+    steps = np.arange(0, 50, 5, dtype=float)
+    k = 0.3
+    values = np.exp(k * steps)
+    for t0 in (7.3, 12.0, 31.9):
+        assert _first_crossing(steps, values, math.exp(k * t0)) == pytest.approx(t0, abs=1e-9)
+    assert _first_crossing(steps, values, 0.5) == steps[0]  # reached at the first record
+    assert _first_crossing(steps, values, 2 * values[-1]) == math.inf
+
+
+def test_loglog_slope_recovers_a_power_law_only_over_the_late_phase():
+    steps = np.arange(1, 401, dtype=float)
+    values = np.where(steps < 200, 1e-3 * steps**2, 1e-3 * 200**2 * (steps / 200) ** 0.4)
+    assert _loglog_slope(steps, values, 200) == pytest.approx(0.4, abs=1e-12)
+    assert _loglog_slope(steps, values, 1) > 0.4  # the early phase, steeper, pulls the fit up
+
+
+def test_paired_marks_censored_samples_with_an_unbounded_interval():
+    d = _paired([1.0, 2.0, math.inf])
+    assert d["ci_high"] == math.inf and d["censored"] == 1 and d["ci_low"] == 1.0
+    finite = _paired([1.0, 2.0, 3.0])
+    assert finite["mean"] == pytest.approx(2.0) and finite["ci_low"] < 2.0 < finite["ci_high"]
+
+
+def test_random_chain_has_the_requested_layer_ratios():
+    rng = np.random.default_rng([default_seed(), 1])
+    m = 0.5
+    Ws, As, Bs, x = _random_chain(rng, 6, 10, 3, m)
+    assert [W.shape for W in Ws] == [(10, 10)] * 6 and As[0].shape == (3, 10) and Bs[0].shape == (10, 3)
+    ratios = ripple.layer_ratios(Ws, As, Bs)
+    assert np.all(ratios >= 0.5 * m - 1e-12) and np.all(ratios <= 1.5 * m + 1e-12)
+    assert len(set(np.round(ratios, 12))) == 6  # unequal m_l: the AM-GM step is strict on these chains
+    terms = ripple.chain_terms(Ws, As, Bs, 2.0, x)
+    assert terms["output"] <= terms["product"] <= terms["amgm"]
+    assert terms["product"] < terms["amgm"] * (1 - 1e-6)
+
+
+def test_variant_configs_follow_the_papers_learning_rates_scalings_and_dropout():
+    base = base_config(Context(fidelity="quick", seeds=(0,)), "mnist")
+    eta, l_b, p = 2.0, 1e-3, 0.05
+    cfg = {n: _variant_config(base, n, 16, eta, l_b, 3, p) for n in _VARIANTS}
+    assert all(c.r == 16 and c.seed == 3 for c in cfg.values())
+    assert (cfg["LoRA"].method, cfg["LoRA"].scaling, cfg["LoRA"].lr, cfg["LoRA"].dropout) == ("lora", 1.0, eta * l_b, p)
+    assert (cfg["LoRA x eta"].scaling, cfg["LoRA x eta"].lr, cfg["LoRA x eta"].dropout) == (eta, l_b, p)
+    assert (cfg["DoRA"].method, cfg["DoRA"].lr, cfg["DoRA"].dropout) == ("dora", eta * l_b, p)
+    for name, method in (("ALLoRA", "allora"), ("ALLoRA-OD", "allora_od"), ("ASF-LoRA", "asf")):
+        assert (cfg[name].method, cfg[name].eta, cfg[name].lr, cfg[name].dropout) == (method, eta, l_b, 0.0)
+    assert (cfg["ALLoRA+D"].method, cfg["ALLoRA+D"].dropout, cfg["ALLoRA+D"].lr) == ("allora+d", p, l_b)
+
+
+def _grid_acc(offsets: dict, n_seeds: int = 3, n_cells: int = 4, seed: int = 0) -> dict:
+    rng = np.random.default_rng([default_seed(), seed])
+    common = 50 + 5 * rng.standard_normal((n_seeds, n_cells))  # shared seed/cell effect: differences are paired
+    return {n: common + offsets.get(n, 0.0) + 0.01 * rng.standard_normal((n_seeds, n_cells)) for n in _VARIANTS}
+
+
+def test_variants_table_verdict_rule_and_paired_table():
+    ranks, eta2s = (4, 16), (1.0, 4.0)
+    cells = [(r, e2) for e2 in eta2s for r in ranks]
+    best = _variants_table(_grid_acc({"ALLoRA": 1.0}), cells, ranks, eta2s)
+    assert best["allora_rank"] == 1 and best["verdict"] == "reproduced"
+    assert len(best["significantly_better_than"]) == len(_VARIANTS) - 1
+
+    acc = _grid_acc({"ALLoRA": -1.0, "DoRA": 0.5})
+    worst = _variants_table(acc, cells, ranks, eta2s)
+    assert worst["ranking"][0] == "DoRA" and worst["allora_rank"] == len(_VARIANTS)
+    assert worst["verdict"] == "not reproduced" and len(worst["significantly_worse_than"]) == len(_VARIANTS) - 1
+    # the paper-format table: ALLoRA - X per (eta^2, rank), mean over seeds
+    d = acc["ALLoRA"] - acc["DoRA"]
+    for j, (r, e2) in enumerate(cells):
+        assert worst["allora_minus_other_pp"]["DoRA"]["table_pp"][f"eta2={e2:g}"][f"r={r}"] == pytest.approx(
+            d[:, j].mean(), abs=1e-12)
+
+    # first on average but no paired CI excludes 0 (per-seed differences +3, -1, +1): partially reproduced
+    common = _grid_acc({})["LoRA"]
+    acc = {n: common.copy() for n in _VARIANTS}
+    acc["ALLoRA"] = common + np.array([3.0, -1.0, 1.0])[:, None]
+    mixed = _variants_table(acc, cells, ranks, eta2s)
+    assert mixed["allora_rank"] == 1 and mixed["significantly_better_than"] == []
+    assert mixed["allora_minus_other_pp"]["LoRA"]["mean"] == pytest.approx(1.0)
+    assert mixed["verdict"] == "partially reproduced"
