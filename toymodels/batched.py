@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from analysis._inputs import positive_int
 from toymodels import cache as run_cache
 from toymodels import train
 from toymodels.lora import LoRALinear, scaling_factor
@@ -104,7 +105,7 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
 
 
 def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device | None = None, *,
-                  masks: str = "exact", use_cache: bool = True,
+                  masks: str = "exact", mask_threads: int | None = None, use_cache: bool = True,
                   refresh: bool = False) -> list[dict[str, np.ndarray]]:
     """Run (or load from the cache) many fine-tuning runs together; one history per config, in order.
 
@@ -120,11 +121,14 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     (:func:`fast_mask_stream`; one float32 uniform per entry, kept if below 1 - p): several times cheaper
     than torch's CPU ``bernoulli_`` (about 15 ns per entry, serial), the same distribution, other numbers;
     runs with dropout > 0 are then cached apart (:func:`cache_entry`). Runs without dropout are the same
-    either way.
+    either way. ``mask_threads``: threads drawing the runs' masks in parallel (default
+    ``torch.get_num_threads()``; the masks do not depend on it).
     """
     configs = check_batchable(configs)
     if masks not in MASKS:
         raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
+    if mask_threads is not None:
+        mask_threads = positive_int("mask_threads", mask_threads)
     dev = auto_device(device)
     results: list[dict[str, np.ndarray] | None] = [None] * len(configs)
     todo: dict[tuple[str, str], list[int]] = {}
@@ -139,7 +143,7 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
         todo.setdefault(key, []).append(i)
     if todo:
         unique = [configs[idx[0]] for idx in todo.values()]
-        hists = _Batch(unique, dev, masks).run()
+        hists = _Batch(unique, dev, masks, mask_threads).run()
         failed = []
         for (key, idx), cfg, hist in zip(todo.items(), unique, hists, strict=True):
             if not np.isfinite(hist["batch_loss"]).all():
@@ -188,7 +192,8 @@ class _Batch:
     the block's weights; otherwise every run is its own block (Gb = K, m = 1), with its seed's weights.
     """
 
-    def __init__(self, configs: list[FinetuneConfig], device: torch.device, masks: str = "exact"):
+    def __init__(self, configs: list[FinetuneConfig], device: torch.device, masks: str = "exact",
+                 mask_threads: int | None = None):
         self.dev = device
         seeds = list(dict.fromkeys(c.seed for c in configs))
         self.order = sorted(range(len(configs)), key=lambda i: seeds.index(configs[i].seed))
@@ -277,7 +282,7 @@ class _Batch:
             self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(
                 -1, *([1] * 2))
         self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if mask_threads is None else mask_threads
         self.pool = ThreadPoolExecutor(threads) if threads > 1 and len(self.dropped) > 1 else None
         self.exp_avg = torch.zeros_like(self.theta)
         self.exp_avg_sq = torch.zeros_like(self.theta)

@@ -1,0 +1,208 @@
+"""toymodels.batched: K runs at once equal the sequential engine (the oracle) run by run, share its cache, and
+refuse what they cannot batch before any training.
+
+Equality is to float32 rounding (the batched engine sums in another order): rtol 1e-4 on every recorded number
+after 20 steps; the observed differences are ~1e-6. With dropout the masks are the sequential engine's own
+(same stream, same order), so the comparison is as strict as without."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analysis._inputs import default_seed
+from toymodels import batched, train
+from toymodels import cache as run_cache
+
+SMALL = dict(dataset="synthetic", widths=(16, 32, 32, 10), n_pretrain=128, n_finetune=64, n_test=256,
+             pretrain_steps=20, steps=20, batch_size=16, record_every=5, recorders=batched.RECORDERS)
+SEED = default_seed()
+TOL = dict(rtol=1e-4, atol=1e-7, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def _cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")  # one per module: the pretrained models are computed once
+
+
+@pytest.fixture(autouse=True)
+def _env(_cache_root, monkeypatch):
+    """A private run cache, and one torch thread (these models are tiny; the machine is shared)."""
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(_cache_root))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cached_path(config: train.FinetuneConfig, masks: str = "exact"):
+    namespace, key_dict = batched.cache_entry(config, masks)
+    return run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz"
+
+
+def cfg(**changes) -> train.FinetuneConfig:
+    return train.FinetuneConfig(**{**SMALL, "seed": SEED, **changes})
+
+
+def assert_same_runs(configs, **kwargs):
+    got = batched.finetune_many(configs, use_cache=False, **kwargs)
+    assert len(got) == len(configs)
+    for c, h in zip(configs, got, strict=True):
+        want = train.finetune(c, use_cache=False)
+        assert set(h) == set(want), c
+        for key in want:
+            assert h[key].shape == want[key].shape, key
+            np.testing.assert_allclose(h[key], want[key], **TOL, err_msg=f"{key} of {c}")
+    return got
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        # one seed (shared frozen weights, 2-D base matmuls), lr and scaling vary
+        [cfg(), cfg(lr=3e-3), cfg(scaling=2.0), cfg(scaling="rslora", lr=2e-3)],
+        # seeds interleaved, equal counts (a block per seed) and unequal counts (a block per run)
+        [cfg(seed=SEED + 1), cfg(), cfg(seed=SEED + 1, lr=3e-3), cfg(lr=3e-3)],
+        [cfg(), cfg(seed=SEED + 1), cfg(seed=SEED + 1, lr=3e-3)],
+    ],
+    ids=["one-seed", "two-seeds", "unequal-seeds"],
+)
+def test_equals_sequential_without_dropout(configs):
+    assert_same_runs(configs)
+
+
+@pytest.mark.parametrize(("placement", "mask_threads"), [("input", 1), ("bottleneck", 1), ("input", 3)])
+def test_equals_sequential_with_dropout(placement, mask_threads):
+    """Rates 0, 0.1, 0.5 side by side, two seeds: each run's masks are the sequential engine's, also when
+    the runs' masks are drawn in parallel threads."""
+    configs = [cfg(placement=placement, dropout=p, seed=SEED + s) for s in (0, 1) for p in (0.0, 0.1, 0.5)]
+    got = assert_same_runs(configs, mask_threads=mask_threads)
+    assert not np.allclose(got[0]["batch_loss"], got[1]["batch_loss"])  # dropout changed the trajectory
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(targets=("layers.1",), loss="mse", optimizer="sgd", lr=0.05),  # frozen layer before the adapter
+        dict(targets=("layers.0", "layers.2"), optimizer="adamw", weight_decay=0.1, dropout=0.2),  # frozen middle
+        dict(batch_size=None, optimizer="adam", weight_decay=0.01, dropout=0.3, placement="bottleneck"),
+        dict(widths=(16, 24, 10), targets=("layers.0", "layers.1"), r=3, dropout=0.2),
+    ],
+    ids=["mse-sgd-last-two", "adamw-middle-frozen", "full-batch-adam-wd", "two-layers-r3"],
+)
+def test_equals_sequential_other_settings(changes):
+    base = cfg(**changes)
+    assert_same_runs([base, base.replace(seed=SEED + 1, lr=base.lr * 2)])
+
+
+def test_draw_mask_is_nn_dropout_on_cpu():
+    """The mask the sequential engine draws: nn.Dropout after torch.manual_seed, consecutive draws included."""
+    p = 0.3
+    torch.manual_seed(SEED + 2)
+    drop = torch.nn.Dropout(p)
+    want = [drop(torch.ones(8, 5)), drop(torch.ones(3, 2))]
+    gen = torch.Generator().manual_seed(SEED + 2)
+    got = [batched.draw_mask((8, 5), p, gen), batched.draw_mask((3, 2), p, gen)]
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g)
+
+
+def test_shares_the_sequential_cache(monkeypatch):
+    a, b = cfg(dropout=0.1, lr=1.1e-3), cfg(dropout=0.1, lr=1.2e-3)  # lrs used by no other test
+    first = batched.finetune_many([a])[0]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("should have been loaded from the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "_train", no_training)
+        loaded = train.finetune(a)  # the sequential engine finds the batched run under its own key
+    for key in first:
+        np.testing.assert_array_equal(loaded[key], first[key])
+    want_b = train.finetune(b)  # and the other way round
+    monkeypatch.setattr(batched._Batch, "__init__", no_training)
+    got = batched.finetune_many([b, a, b])  # duplicates are fine
+    for key in want_b:
+        np.testing.assert_array_equal(got[0][key], want_b[key])
+        np.testing.assert_array_equal(got[2][key], want_b[key])
+    assert batched.cache_entry(a, "exact") == ("finetune", a.as_dict())
+
+
+def test_fast_masks_cached_apart_and_equal_without_dropout():
+    dropped, plain = cfg(dropout=0.2, lr=1.3e-3), cfg(lr=1.3e-3)  # lr used by no other test
+    fast = batched.finetune_many([dropped, plain], masks="fast")
+    assert cached_path(dropped, "fast").exists() and not cached_path(dropped).exists()
+    assert cached_path(plain, "fast") == cached_path(plain) and cached_path(plain).exists()
+    assert cached_path(dropped, "fast").parent.name == batched.FAST_NAMESPACE
+    exact = batched.finetune_many([dropped, plain])  # not taken from the fast run's entry
+    assert not np.allclose(fast[0]["batch_loss"], exact[0]["batch_loss"])  # other masks
+    np.testing.assert_array_equal(fast[1]["batch_loss"], exact[1]["batch_loss"])  # no masks: the cached run
+    # a fast-mask run does not depend on the runs batched with it
+    alone = batched.finetune_many([dropped], masks="fast", use_cache=False)[0]
+    np.testing.assert_allclose(alone["batch_loss"], fast[0]["batch_loss"], **TOL)
+
+
+@pytest.mark.parametrize("masks", ["exact", "fast"])
+def test_mask_distribution(masks):
+    """Masks take the values 0 and 1/(1-p); the kept fraction is Binomial(N, 1-p) (|z| <= 5); runs with their
+    own seeds draw different masks, and a run with p = 0 gets ones."""
+    ps = (0.1, 0.5, 0.0, 0.5)
+    configs = [cfg(dropout=p, lr=1e-3 * (i + 1), seed=SEED + i) for i, p in enumerate(ps)]
+    engine = batched._Batch(configs, torch.device("cpu"), masks)
+    kept = {i: [] for i in range(len(ps))}
+    for _ in range(40):
+        for mask in engine._step_masks(16).values():
+            for k, c in enumerate(engine.runs):
+                keep = 1 - c.dropout
+                values = torch.unique(mask[k])
+                allowed = torch.tensor([0.0, 1.0]) if keep == 1 else torch.tensor([0.0, 1.0]) / keep
+                assert torch.isin(values, allowed.to(torch.float32)).all()
+                kept[k].append(mask[k].flatten() > 0)
+    for k, c in enumerate(engine.runs):
+        flags = torch.cat(kept[k]).double()
+        keep = 1 - c.dropout
+        if keep == 1:
+            assert flags.min() == 1
+            continue
+        z = (flags.mean().item() - keep) / math.sqrt(keep * (1 - keep) / len(flags))
+        assert abs(z) <= 5, (c.dropout, z)
+    same_rate = [k for k, c in enumerate(engine.runs) if c.dropout == 0.5]
+    assert not torch.equal(torch.cat(kept[same_rate[0]]), torch.cat(kept[same_rate[1]]))
+
+
+def test_nonfinite_run_raises_after_caching_the_finite_ones():
+    good, bad = cfg(optimizer="sgd", lr=0.05), cfg(optimizer="sgd", lr=1e30)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        batched.finetune_many([good, bad])
+    assert cached_path(good).exists() and not cached_path(bad).exists()
+
+
+@pytest.mark.parametrize(
+    ("configs", "kwargs", "match"),
+    [
+        ([], {}, "configs"),
+        (["not a config"], {}, "configs"),
+        ([cfg(method="dora")], {}, "method"),
+        ([cfg(expected_loss=True, targets=("layers.2",), loss="mse")], {}, "expected_loss"),
+        ([cfg(lora_plus_ratio=4.0)], {}, "lora_plus_ratio"),
+        ([cfg(lowr=(10.0, 0.1, 1))], {}, "lowr"),
+        ([cfg(recorders=("loss", "moments"))], {}, "recorders"),
+        ([cfg(), cfg(r=4)], {}, "r must be the same"),
+        ([cfg(), cfg(placement="bottleneck")], {}, "placement"),
+        ([cfg(), cfg(optimizer="sgd")], {}, "optimizer"),
+        ([cfg(), cfg(steps=10)], {}, "steps"),
+        ([cfg()], {"masks": "magic"}, "masks"),
+        ([cfg()], {"mask_threads": 0}, "mask_threads"),
+    ],
+)
+def test_bad_configs_raise_before_training(configs, kwargs, match, monkeypatch):
+    def no_training(*args, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(batched._Batch, "__init__", no_training)
+    monkeypatch.setattr(train, "protocol_data", no_training)
+    with pytest.raises(ValueError, match=match):
+        batched.finetune_many(configs, **kwargs)
