@@ -126,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--out", type=Path, default=figures.DEFAULT_OUT, help="output directory")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these small models train fastest on one thread per "
+                             "process, and a run's last bits depend on the thread count, which the cache records)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
 
     all_specs = figures.specs()
     if args.list:

@@ -140,7 +140,9 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        d = {"engine_version": ENGINE_VERSION, **dataclasses.asdict(self)}
+        """The cache key's content: every field, the engine version and torch's CPU thread count (float
+        reductions, hence the last bits of a run, depend on it; the figures CLI and the tests use 1 thread)."""
+        d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **dataclasses.asdict(self)}
         if "grad_std" in self.recorders:
             d["grad_std_rng"] = "forked"  # since the grad_std masks stopped consuming the training RNG
         return d
@@ -148,7 +150,8 @@ class FinetuneConfig:
     def pretrain_dict(self) -> dict:
         keys = ("dataset", "n_pretrain", "n_finetune", "n_test", "task_shift", "widths", "pretrain_steps",
                 "pretrain_lr", "pretrain_batch", "seed")
-        return {"engine_version": ENGINE_VERSION, **{k: getattr(self, k) for k in keys}}
+        return {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(),
+                **{k: getattr(self, k) for k in keys}}
 
 
 def datasets_input_dim(name: str) -> int:
