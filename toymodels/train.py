@@ -377,8 +377,9 @@ def _train(cfg: FinetuneConfig, device: torch.device) -> dict[str, np.ndarray]:
             loss = expected_mse(last, h, yb)
         else:
             loss = _loss_fn(cfg.loss, model(xb), yb)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(step, cfg)
+        if not torch.isfinite(loss):  # stop, and keep what was recorded (cached: a diverging run is not retrained)
+            hist["diverged_step"] = [step]
+            break
         loss.backward()
         grads = [(m.lora_A.grad.norm().item(), m.lora_B.grad.norm().item()) for m in layers] if "grads" in rec \
             else None
@@ -392,7 +393,7 @@ def _train(cfg: FinetuneConfig, device: torch.device) -> dict[str, np.ndarray]:
 
 
 def finetune(cfg: FinetuneConfig, *, device: str | torch.device | None = None, use_cache: bool = True,
-             refresh: bool = False) -> dict[str, np.ndarray]:
+             refresh: bool = False, on_diverge: str = "raise") -> dict[str, np.ndarray]:
     """Run (or load from the cache) one fine-tuning run; returns its history as numpy arrays.
 
     Keys: ``step`` (record steps), ``batch_loss`` (every step) and, per recorder, ``train_loss``, ``test_loss``,
@@ -400,15 +401,26 @@ def finetune(cfg: FinetuneConfig, *, device: str | torch.device | None = None, u
     (mean row norm of s BA, "rows"); ``grad_norm_A``, ``grad_norm_B`` ("grads"); ``channel_a``, ``channel_b``
     (records x layers x r, "channels"); ``out_mean``, ``out_second`` (adapter output moments, "moments");
     ``grad_std_A``, ``grad_std_B`` (records x entries, "grad_std").
+
+    A run whose loss becomes non-finite stops there; its history (up to the last finite step) is cached with
+    the key ``diverged_step``. ``on_diverge="raise"`` (default) then raises :class:`TrainingDiverged` (with
+    ``.step``), ``"return"`` returns the truncated history.
     """
+    if on_diverge not in ("raise", "return"):
+        raise ValueError(f"on_diverge must be 'raise' or 'return', got {on_diverge!r}")
     dev = auto_device(device)
     if use_cache:
-        return run_cache.cached("finetune", cfg.as_dict(), lambda: _train(cfg, dev), refresh=refresh)
-    return _train(cfg, dev)
+        hist = run_cache.cached("finetune", cfg.as_dict(), lambda: _train(cfg, dev), refresh=refresh)
+    else:
+        hist = _train(cfg, dev)
+    if "diverged_step" in hist and on_diverge == "raise":
+        raise TrainingDiverged(int(hist["diverged_step"][0]), cfg)
+    return hist
 
 
 def run_sweep(configs: Sequence[FinetuneConfig], *, device: str | torch.device | None = None,
-              progress: bool | None = None, use_cache: bool = True) -> list[dict[str, np.ndarray]]:
+              progress: bool | None = None, use_cache: bool = True,
+              on_diverge: str = "raise") -> list[dict[str, np.ndarray]]:
     """Run many configurations (seeds x settings), skipping cached ones; an interrupted sweep resumes.
 
     All configurations are validated before the first run starts. Progress is shown on a terminal only.
@@ -421,5 +433,5 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, device: str | torch.device |
             raise ValueError(f"configs must be FinetuneConfig objects, got {type(c).__name__}")
     out = []
     for c in tqdm(configs, desc="runs", disable=None if progress is None else not progress, leave=False):
-        out.append(finetune(c, device=device, use_cache=use_cache))
+        out.append(finetune(c, device=device, use_cache=use_cache, on_diverge=on_diverge))
     return out

@@ -118,9 +118,15 @@ def test_grad_std_recorder_does_not_change_the_training_run():
     assert with_std["grad_std_B"].shape[0] == len(with_std["step"])
 
 
-def test_divergence_reports_its_step():
+def test_divergence_reports_its_step_and_is_cached(monkeypatch):
     cfg = train.FinetuneConfig(**SMALL, optimizer="sgd", lr=1e6, loss="mse")
     with pytest.raises(train.TrainingDiverged) as info:
-        train.finetune(cfg, use_cache=False)
+        train.finetune(cfg)
     assert 1 <= info.value.step <= cfg.steps
     assert isinstance(info.value, FloatingPointError)
+    monkeypatch.setattr(train, "_train", lambda *a: pytest.fail("a cached divergence must not be retrained"))
+    hist = train.finetune(cfg, on_diverge="return")
+    assert int(hist["diverged_step"][0]) == info.value.step
+    assert len(hist["batch_loss"]) == info.value.step - 1 and np.isfinite(hist["batch_loss"]).all()
+    with pytest.raises(ValueError, match="on_diverge"):
+        train.finetune(cfg, on_diverge="ignore")
