@@ -1,0 +1,260 @@
+"""Benchmark: LoRA fine-tuning throughput for the toy-model protocol, three ways, side by side in one process.
+
+Protocol (ALLoRA sec. 3.4, toymodels defaults): MNIST, a pretrained 784-256-256-10 ReLU MLP, LoRA r = 8
+(alpha 8) on all three layers, 512 fine-tuning images, mini-batches of 64, Adam lr 1e-3, cross-entropy.
+
+  (a) the straightforward way: a torch Dataset + DataLoader(batch_size=64, shuffle=True), HF PEFT's
+      ``get_peft_model`` on the pretrained MLP, torch.optim.Adam, one configuration at a time;
+  (b) the sequential engine: the loop of ``toymodels.train._train`` (tensors on the device, mini-batches by
+      index, LoRALinear, torch.optim.Adam, ``loss.item()`` every step), one configuration at a time;
+  (c) the batched engine ``toymodels.batched`` for K = 1, 4, 16 runs (K lrs of one seed, or 4 seeds x 4 lrs);
+      throughput is run-steps/s = K * steps/s;
+  (d) the alternative measured for (c): ``torch.func`` — vmap(grad_and_value) of a ``functional_call`` of the
+      LoRA model over K stacked adapters, torch.optim.Adam on the stacked tensors (K = 16, one seed, p = 0).
+
+Only the training loop is timed (no evaluation: recorders off); each engine's one-time set-up (data, pretrained
+model, PEFT injection, the batched engine's precomputation) is reported apart. The engines are timed in
+interleaved rounds, so a change of load on the (shared) machine hits all of them alike; the table shows the
+median over rounds and the range, and the ratios to (a) and (b) are taken round by round.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from toymodels import batched, train
+
+LRS = (1e-3, 2e-3, 5e-4, 3e-3)
+
+
+def base_config(steps: int, dropout: float = 0.0) -> train.FinetuneConfig:
+    """The protocol with recording off (record_every = steps: one record at the end, no evaluation)."""
+    return train.FinetuneConfig(dataset="mnist", steps=steps, dropout=dropout, recorders=(), record_every=steps)
+
+
+# ---------------------------------------------------------------------------------------------- the engines
+# each factory does its set-up and returns a function that runs the configured steps and returns the losses
+
+
+def peft_dataloader(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
+    """(a) Dataset + DataLoader(64, shuffle) + HF PEFT LoRA on the pretrained MLP + Adam."""
+    import peft
+    from torch.utils.data import DataLoader, TensorDataset
+
+    device = torch.device("cpu")
+    x, y = train.protocol_data(cfg, device).finetune
+    model = copy.deepcopy(train.pretrain(cfg, device))
+    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=["layers.0", "layers.1", "layers.2"])
+    model = peft.get_peft_model(model, lora)
+    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+
+    def run() -> list[float]:
+        torch.manual_seed(cfg.seed + 2)
+        model.train()
+        losses: list[float] = []
+        while len(losses) < cfg.steps:
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if len(losses) == cfg.steps:
+                    break
+        return losses
+
+    return run
+
+
+def sequential(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
+    """(b) The training loop of toymodels.train._train (no recorders), verbatim in what it computes."""
+    device = torch.device("cpu")
+    x, y = train.protocol_data(cfg, device).finetune
+    model = train.build_finetune_model(cfg, device)
+    opt = train._optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
+                           cfg.weight_decay)
+
+    def run() -> list[float]:
+        torch.manual_seed(cfg.seed + 2)
+        gen = torch.Generator().manual_seed(cfg.seed + 3)
+        model.train()
+        losses = []
+        for idx in train._batches(len(y), cfg.batch_size, cfg.steps, gen):
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = train._loss_fn(cfg.loss, model(xb), yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return run
+
+
+def batched_engine(configs: list[train.FinetuneConfig], masks: str = "exact") -> Callable[[], list[float]]:
+    """(c) toymodels.batched: all configs in one loop; returns the first run's losses."""
+    engine = batched._Batch(configs, torch.device("cpu"), masks)
+
+    def run() -> list[float]:
+        return list(engine.run()[0]["batch_loss"])
+
+    return run
+
+
+def torch_func(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]:
+    """(d) torch.func: vmap over K stacked adapters of grad_and_value(functional_call(LoRA model)), one seed."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    cfg = configs[0]
+    if len({(c.seed, c.lr) for c in configs}) != 1 or any(c.dropout for c in configs):
+        raise ValueError("configs must share seed and lr and have no dropout for the torch.func variant")
+    device = torch.device("cpu")
+    x, y = train.protocol_data(cfg, device).finetune
+    model = train.build_finetune_model(cfg, device)
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    stacked = {n: p.detach().expand(len(configs), *p.shape).clone() for n, p in model.named_parameters()
+               if p.requires_grad}
+    opt = torch.optim.Adam(list(stacked.values()), lr=cfg.lr)  # elementwise: per-run Adam on stacked tensors
+
+    def loss_fn(params, xb, yb):
+        return nn.functional.cross_entropy(functional_call(model, {**params, **frozen}, (xb,)), yb)
+
+    step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, None, None))
+
+    def run() -> list[float]:
+        gen = torch.Generator().manual_seed(cfg.seed + 3)
+        losses = []
+        for idx in train._batches(len(y), cfg.batch_size, cfg.steps, gen):
+            grads, loss = step_fn(stacked, x[idx], y[idx])
+            for n, p in stacked.items():
+                p.grad = grads[n]
+            opt.step()
+            losses.append(loss[0].item())
+        return losses
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _timed(factory: Callable[[], Callable[[], list[float]]]) -> tuple[float, float, list[float]]:
+    """(set-up seconds, loop seconds, losses)."""
+    start = time.perf_counter()
+    run = factory()
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    losses = run()
+    return setup, time.perf_counter() - start, losses
+
+
+def cases(steps: int) -> list[tuple[str, str, int, Callable]]:
+    """(label, kind, runs K, factory) for every engine and configuration set measured."""
+    out = []
+    for p in (0.0, 0.1):
+        c = base_config(steps, p)
+        one_seed = [c.replace(lr=LRS[i % 4] * (1 + i // 4)) for i in range(16)]
+        four_seeds = [c.replace(seed=s, lr=lr) for s in range(4) for lr in LRS]
+        tag = f"p={p}"
+        out += [
+            (f"{tag} (a) DataLoader + PEFT", "a", 1, lambda c=c: peft_dataloader(c)),
+            (f"{tag} (b) sequential engine", "b", 1, lambda c=c: sequential(c)),
+            (f"{tag} (c) batched K=1", "c", 1, lambda c=c: batched_engine([c])),
+            (f"{tag} (c) batched K=4 (1 seed x 4 lr)", "c", 4, lambda cs=one_seed[:4]: batched_engine(cs)),
+            (f"{tag} (c) batched K=16 (1 seed x 16 lr)", "c", 16, lambda cs=one_seed: batched_engine(cs)),
+            (f"{tag} (c) batched K=16 (4 seeds x 4 lr)", "c", 16, lambda cs=four_seeds: batched_engine(cs)),
+        ]
+        if p > 0:
+            out.append((f"{tag} (c) batched K=16 (4 seeds x 4 lr), fast masks", "c", 16,
+                        lambda cs=four_seeds: batched_engine(cs, masks="fast")))
+        else:
+            out.append((f"{tag} (d) torch.func vmap K=16 (1 seed, 1 lr)", "d", 16,
+                        lambda c=c: torch_func([c] * 16)))
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"numpy {np.__version__}, Python {platform.python_version()}")
+
+
+def run(quick: bool = False, rounds: int | None = None) -> dict:
+    steps = 24 if quick else 400
+    rounds = rounds or (1 if quick else 3)
+    todo = cases(steps)
+    # warm up: pretrained models (cached on disk after the first time) and a short run of every engine
+    for s in range(4):
+        train.pretrain(base_config(steps).replace(seed=s))
+    for _, _, _, factory in cases(8):
+        factory()()
+    loads = [os.getloadavg()[0]]
+    times: dict[str, list[float]] = {label: [] for label, *_ in todo}
+    setups: dict[str, float] = {}
+    losses: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for label, _, _, factory in todo:
+            setup, elapsed, loss = _timed(factory)
+            times[label].append(elapsed)
+            setups[label] = setup
+            losses[label] = loss
+        loads.append(os.getloadavg()[0])
+    return dict(steps=steps, rounds=rounds, cases=todo, times=times, setups=setups, losses=losses, loads=loads)
+
+
+def main(quick: bool = False, strict: bool = False) -> int:
+    """Print the table; returns 1 (raises RuntimeError if ``strict``) when (b) and (c) K=1 disagree."""
+    print(f"fine-tuning benchmark: MNIST, 784-256-256-10 MLP, LoRA r=8 on all 3 layers, 512 images, batch 64, "
+          f"Adam | {machine()}")
+    res = run(quick)
+    steps, todo, times = res["steps"], res["cases"], res["times"]
+    print(f"  {steps} steps per run, {res['rounds']} interleaved rounds; 1-min load average during the rounds: "
+          + " ".join(f"{x:.1f}" for x in res["loads"]))
+    print(f"  {'engine':<52} {'run-steps/s (median, range)':>30} {'x (a)':>14} {'x (b)':>14}  set-up")
+    for p in ("p=0.0", "p=0.1"):
+        rows = [(label, kind, K) for label, kind, K, _ in todo if label.startswith(p)]
+        ref_a = next(label for label, kind, _ in rows if kind == "a")
+        ref_b = next(label for label, kind, _ in rows if kind == "b")
+        for label, _, K in rows:
+            rates = [K * steps / t for t in times[label]]
+            ra = [K * ta / t for t, ta in zip(times[label], times[ref_a], strict=True)]
+            rb = [K * tb / t for t, tb in zip(times[label], times[ref_b], strict=True)]
+            print(f"  {label:<52} {statistics.median(rates):9.0f} ({min(rates):6.0f}-{max(rates):6.0f})   "
+                  f"{statistics.median(ra):5.2f} ({min(ra):.1f}-{max(ra):.1f}) "
+                  f"{statistics.median(rb):5.2f} ({min(rb):.1f}-{max(rb):.1f})  {res['setups'][label]:5.2f} s")
+    same = np.allclose(res["losses"]["p=0.0 (b) sequential engine"], res["losses"]["p=0.0 (c) batched K=1"],
+                       rtol=1e-4)
+    same_p = np.allclose(res["losses"]["p=0.1 (b) sequential engine"], res["losses"]["p=0.1 (c) batched K=1"],
+                         rtol=1e-4)
+    last = {k: np.mean(v[-8:]) for k, v in res["losses"].items()}
+    print(f"  sanity: (b) and (c) K=1 losses equal to rtol 1e-4: p=0 {same}, p=0.1 {same_p}; mean loss of the "
+          f"last 8 steps: (a) {last['p=0.0 (a) DataLoader + PEFT']:.3f}, (b) {last['p=0.0 (b) sequential engine']:.3f}"
+          f", (c) {last['p=0.0 (c) batched K=1']:.3f} (p=0)")
+    if strict and not (same and same_p):
+        raise RuntimeError("bench_finetune: the batched engine's losses differ from the sequential engine's")
+    return 0 if same and same_p else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(quick="--quick" in sys.argv))
