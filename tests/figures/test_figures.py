@@ -44,3 +44,7 @@ def test_list_and_bad_ids(capsys):
         assert fig_id in out
     with pytest.raises(SystemExit):
         main(["no-such-figure"])
+
+
+def test_every_contract_id_is_registered():
+    assert list(figures.specs()) == list(figures.FIGURE_MODULES)
