@@ -283,8 +283,8 @@ class _Batch:
             self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(-1, 1, 1)
             self.threshold = [np.uint32(min(round((1 - self.p[k]) * 2**32), 2**32 - 1)) for k in self.dropped]
         self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
-        threads = torch.get_num_threads() if mask_threads is None else mask_threads
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 and len(self.dropped) > 1 else None
+        self.mask_threads = torch.get_num_threads() if mask_threads is None else mask_threads
+        self.pool: ThreadPoolExecutor | None = None  # opened by run() when masks are drawn by several threads
         self.exp_avg = torch.zeros_like(self.theta)
         self.exp_avg_sq = torch.zeros_like(self.theta)
 
@@ -553,6 +553,8 @@ class _Batch:
         self.record(hist, 0, grads=False)
         streams = [train._batches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
         losses = torch.empty(cfg.steps, self.K, device=self.dev)
+        if self.mask_threads > 1 and len(self.dropped) > 1:
+            self.pool = ThreadPoolExecutor(min(self.mask_threads, len(self.dropped)))
         try:
             for t, idx in enumerate(zip(*streams, strict=True), start=1):
                 idx = None if idx[0] is None else torch.stack(idx).to(self.dev)
@@ -563,6 +565,7 @@ class _Batch:
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
+                self.pool = None
         losses = losses.cpu().numpy()
         out = [None] * self.K
         for k, hk in enumerate(hist):
