@@ -11,8 +11,10 @@ sequential run, step for step:
 - same dropout masks: the sequential engine seeds the global RNG with ``seed + 2`` and draws, at every step, one
   mask per LoRA layer in layer order (``empty_like(input).bernoulli_(1 - p).div_(1 - p)``: what
   ``nn.Dropout`` does on CPU), shape (batch, d_in) for the input placement, (batch, r) for the bottleneck. Here
-  each run has its own CPU generator seeded ``seed + 2`` that draws the same masks in the same order (on a GPU
-  they are drawn on the CPU and copied, so the numbers do not depend on the device);
+  each run has its own CPU generator seeded ``seed + 2`` that draws the same masks in the same order. On a GPU
+  they are still drawn on the CPU and copied, so a batched run there gives the CPU numbers (up to rounding);
+  the sequential engine on a GPU draws from the CUDA generator instead. Both cache under the same key, as the
+  sequential engine's CPU and GPU runs already do (the key holds no device);
 - same optimizer arithmetic: torch's single-tensor SGD / Adam / AdamW update, elementwise, on a flat buffer
   that holds all K runs' parameters (Adam is elementwise, so per-run Adam on a stacked tensor is per-run Adam).
 
@@ -122,8 +124,9 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     is 1 - p to 2^-32): about 3x cheaper than torch's CPU ``bernoulli_`` (two mt19937 words per entry,
     serial), the same distribution, other numbers;
     runs with dropout > 0 are then cached apart (:func:`cache_entry`). Runs without dropout are the same
-    either way. ``mask_threads``: threads drawing the runs' masks in parallel (default
-    ``torch.get_num_threads()``; the masks do not depend on it).
+    either way. ``mask_threads``: threads drawing the runs' masks in parallel (the masks do not depend on it).
+    Default: 1 on the CPU, where extra threads compete with torch's own (measured: slower on 2 cores);
+    ``torch.get_num_threads()`` when training on another device, which leaves the CPU free for the masks.
     """
     configs = check_batchable(configs)
     if masks not in MASKS:
@@ -283,7 +286,9 @@ class _Batch:
             self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(-1, 1, 1)
             self.threshold = [np.uint32(min(round((1 - self.p[k]) * 2**32), 2**32 - 1)) for k in self.dropped]
         self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
-        self.mask_threads = torch.get_num_threads() if mask_threads is None else mask_threads
+        if mask_threads is None:
+            mask_threads = 1 if device.type == "cpu" else torch.get_num_threads()
+        self.mask_threads = mask_threads
         self.pool: ThreadPoolExecutor | None = None  # opened by run() when masks are drawn by several threads
         self.exp_avg = torch.zeros_like(self.theta)
         self.exp_avg_sq = torch.zeros_like(self.theta)
@@ -312,7 +317,7 @@ class _Batch:
     def _step_masks(self, n: int) -> dict[int, torch.Tensor] | None:
         """This step's masks: per LoRA layer a (K, n, d_in) (input) or (K, n, r) (bottleneck) tensor, ones for
         the runs without dropout. Each run draws its layers in order from its own stream (the sequential
-        engine's order); different runs are drawn in parallel threads (the kernels release the GIL)."""
+        engine's order); with mask_threads > 1 different runs are drawn in parallel (the kernels release the GIL)."""
         if not self.dropped:
             return None
         shapes = {i: (n, self.cfg.widths[i] if self.cfg.placement == "input" else self.r) for i in self.targets}
