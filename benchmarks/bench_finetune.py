@@ -18,6 +18,10 @@ interleaved rounds, so a change of load on the (shared) machine hits all of them
 engine, the best round (the least disturbed: the usual estimate of the speed on an idle machine, as timeit
 reports) and the median over rounds; "x (a)" and "x (b)" are the ratios of the best rounds, followed by the
 median of the round-by-round ratios.
+
+A last line times what a user runs end to end, recording included: 4 configs (2 seeds x 2 lrs) with the default
+recorders ("loss", "norms" every 10 steps: train and test loss on all 512 + 10000 images), ``train.finetune``
+one by one against one ``batched.finetune_many`` call (no cache; set-up included).
 """
 
 from __future__ import annotations
@@ -223,6 +227,20 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     return dict(steps=steps, rounds=rounds, cases=todo, times=times, setups=setups, losses=losses, loads=loads)
 
 
+def end_to_end(steps: int) -> tuple[float, float, float]:
+    """(sequential seconds, batched seconds, max relative difference of the test losses) for 4 default runs."""
+    configs = [train.FinetuneConfig(seed=s, lr=lr, steps=steps) for s in (0, 1) for lr in LRS[:2]]
+    start = time.perf_counter()
+    seq = [train.finetune(c, use_cache=False) for c in configs]
+    t_seq = time.perf_counter() - start
+    start = time.perf_counter()
+    bat = batched.finetune_many(configs, use_cache=False)
+    t_bat = time.perf_counter() - start
+    diff = max(float(np.max(np.abs(a["test_loss"] - b["test_loss"]) / a["test_loss"])) for a, b in zip(seq, bat,
+                                                                                                         strict=True))
+    return t_seq, t_bat, diff
+
+
 def main(quick: bool = False, strict: bool = False) -> int:
     """Print the table; returns 1 (raises RuntimeError if ``strict``) when (b) and (c) K=1 disagree."""
     print(f"fine-tuning benchmark: MNIST, 784-256-256-10 MLP, LoRA r=8 on all 3 layers, 512 images, batch 64, "
@@ -254,6 +272,10 @@ def main(quick: bool = False, strict: bool = False) -> int:
     print(f"  sanity: (b) and (c) K=1 losses equal to rtol 1e-4: p=0 {same}, p=0.1 {same_p}; mean loss of the "
           f"last 8 steps: (a) {last['p=0.0 (a) DataLoader + PEFT']:.3f}, (b) {last['p=0.0 (b) sequential engine']:.3f}"
           f", (c) {last['p=0.0 (c) batched K=1']:.3f} (p=0)")
+    t_seq, t_bat, diff = end_to_end(20 if quick else 200)
+    print(f"  end to end, 4 runs x {20 if quick else 200} steps with the default recorders: train.finetune one by one "
+          f"{t_seq:.1f} s, batched.finetune_many {t_bat:.1f} s: {t_seq / t_bat:.2f}x (test losses agree to "
+          f"{diff:.0e})")
     if strict and not (same and same_p):
         raise RuntimeError("bench_finetune: the batched engine's losses differ from the sequential engine's")
     return 0 if same and same_p else 1
