@@ -29,9 +29,14 @@ Why it is faster (measured in benchmarks/bench_finetune.py, see BENCHMARKS.md):
    (784-256-256-10, LoRA on every layer) this removes the largest matmul (64 x 784 x 256) from every step.
 2. Forward and backward are written out by hand (no autograd graph, no optimizer objects): the LoRA paths
    are batched matmuls over runs, (K, n, d) x (K, d, r); the frozen base matmuls are shared by the runs that
-   share a pretrained model (same seed) and batched over seeds otherwise. The gradient of the first LoRA
-   layer's A, when its input is not dropped out, is one (K r, n) x (n, d) product per seed.
+   share a pretrained model (same seed): one (m n, d_in) x (d_in, d_out) product per seed when every seed has
+   the same number m of runs, one per run otherwise. The gradient of the first LoRA layer's A, when its input
+   is not dropped out, is one (m r, n) x (n, d) product per seed.
 3. One optimizer update for all runs and parameters: a handful of elementwise kernels on one flat buffer.
+
+With dropout the masks cost more than the rest of a step (torch's CPU ``bernoulli_`` is serial, ~5 ns per entry
+here); ``masks="fast"`` draws them from per-run PCG64 streams instead, ~3.5x cheaper, at the price of numbers
+that differ from the sequential engine's (cached apart, see :func:`cache_entry`).
 
 Shapes follow torch.nn.Linear / PEFT: A (r, d_in), B (d_out, r), layer output x W^T + b + s drop(x) A^T B^T
 (input placement) or x W^T + b + s drop(x A^T) B^T (bottleneck, ALLoRA eq. 1).
@@ -211,6 +216,9 @@ class _Batch:
         self.m = sizes[0] if uniform else 1
         self.Gb = len(seeds) if uniform else K
         block_seed = seeds if uniform else [c.seed for c in self.runs]
+        # data are held once per seed (G, ...); block b reads seed seed_of_block[b]
+        self.blocks_are_seeds = uniform
+        self.seed_of_block = torch.tensor([seeds.index(s) for s in block_seed], device=device)
         self.block_of_run = torch.tensor([g if uniform else k for k, g in enumerate(group)], device=device)
         self.n_layers = len(ref.widths) - 1
         self.targets = sorted(int(t.split(".")[1]) for t in ref.targets)
@@ -234,7 +242,7 @@ class _Batch:
             self.splits = {}
             for split in ("finetune", "test") if "loss" in ref.recorders else ("finetune",):
                 xs, ps, ys = [], [], []
-                for s in block_seed:
+                for s in seeds:
                     x, y = getattr(per_seed[s][0], split)
                     h = x
                     model = per_seed[s][1]
@@ -369,11 +377,14 @@ class _Batch:
         """
         K, r, s, Gb, m = self.K, self.r, self.scale, self.Gb, self.m
         x_all, p_all, y_all = self.splits["finetune"]
-        if idx is None:
+        if idx is None and self.blocks_are_seeds:
             xb, pb, yb = x_all, p_all, y_all
         else:
-            rows = torch.arange(Gb, device=self.dev).unsqueeze(1)
-            xb, pb, yb = x_all[rows, idx], p_all[rows, idx], y_all[rows, idx]
+            rows = self.seed_of_block.unsqueeze(1)
+            if idx is None:
+                xb, pb, yb = x_all[self.seed_of_block], p_all[self.seed_of_block], y_all[self.seed_of_block]
+            else:
+                xb, pb, yb = x_all[rows, idx], p_all[rows, idx], y_all[rows, idx]
         n = xb.shape[1]
         masks = self._step_masks(n)
         input_drop = self.cfg.placement == "input"
@@ -491,11 +502,12 @@ class _Batch:
         """Run k's logits on a whole split in eval mode (no dropout), and the labels."""
         x_all, p_all, y_all = self.splits[split]
         blk = int(self.block_of_run[k])
-        x, y = x_all[blk], y_all[blk]
+        seed = int(self.seed_of_block[blk])
+        x, y = x_all[seed], y_all[seed]
         h = None
         for i in range(self.t0, self.n_layers):
             if i == self.t0:
-                z = p_all[blk]
+                z = p_all[seed]
                 h = x
             else:
                 z = torch.addmm(self.b[i][blk], h, self.W[i][blk].T)

@@ -93,9 +93,13 @@ def test_equals_sequential_with_dropout(placement, mask_threads):
     ],
     ids=["mse-sgd-last-two", "adamw-middle-frozen", "full-batch-adam-wd", "two-layers-r3"],
 )
-def test_equals_sequential_other_settings(changes):
+@pytest.mark.parametrize("layout", ["a block per seed", "a block per run"])
+def test_equals_sequential_other_settings(changes, layout):
     base = cfg(**changes)
-    assert_same_runs([base, base.replace(seed=SEED + 1, lr=base.lr * 2)])
+    configs = [base, base.replace(seed=SEED + 1, lr=base.lr * 2)]
+    if layout == "a block per run":  # seeds with unequal numbers of runs
+        configs.append(base.replace(seed=SEED + 1))
+    assert_same_runs(configs)
 
 
 def test_draw_mask_is_nn_dropout_on_cpu():
