@@ -6,5 +6,5 @@ from __future__ import annotations
 def run_all(quick: bool = False) -> int:
     from benchmarks import bench_sample_loss
 
-    __import__("benchmarks.bench_finetune").bench_finetune.main(quick=quick, strict=True)
+    __import__("benchmarks.bench_finetune").bench_finetune.run_isolated(quick=quick)
     return bench_sample_loss.main(quick=quick)

@@ -281,6 +281,15 @@ def main(quick: bool = False, strict: bool = False) -> int:
     return 0 if same and same_p else 1
 
 
+def run_isolated(quick: bool = False) -> None:
+    """Run :func:`main` in a child process (its memory and threads then do not show in the benchmarks that
+    run after it in ``lora-theory bench``, e.g. their peak RSS); raises CalledProcessError if it fails."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_finetune", *(["--quick"] if quick else [])], check=True)
+
+
 if __name__ == "__main__":
     import sys
 
