@@ -1,5 +1,5 @@
-"""toymodels.batched: K runs at once equal the sequential engine (the oracle) run by run, share its cache, and
-refuse what they cannot batch before any training.
+"""toymodels.batched: K runs at once equal the sequential engine (the oracle) run by run, diverge where it
+does, cache under their own key, and refuse what they cannot batch before any training.
 
 Equality is to float32 rounding (the batched engine sums in another order): rtol 1e-4 on every recorded number
 after 20 steps; the observed differences are ~1e-6. With dropout the masks are the sequential engine's own
@@ -114,25 +114,26 @@ def test_draw_mask_is_nn_dropout_on_cpu():
         assert torch.equal(w, g)
 
 
-def test_shares_the_sequential_cache(monkeypatch):
+def test_cached_under_its_own_key(monkeypatch):
+    """Reloaded without training, duplicates computed once; never mixed with the sequential engine's entries
+    (equal to rounding, not to the bit)."""
     a, b = cfg(dropout=0.1, lr=1.1e-3), cfg(dropout=0.1, lr=1.2e-3)  # lrs used by no other test
-    first = batched.finetune_many([a])[0]
+    first = batched.finetune_many([a, b, a])
+    for key in first[0]:
+        np.testing.assert_array_equal(first[0][key], first[2][key])
+    assert cached_path(a).exists() and cached_path(a).parent.name == batched.NAMESPACE != "finetune"
+    assert run_cache.config_key(batched.cache_entry(a)[1]) != run_cache.config_key(a.as_dict())
+    sequential = train.finetune(a)  # not taken from the batched run's entry: computed by the sequential engine
+    np.testing.assert_allclose(sequential["batch_loss"], first[0]["batch_loss"], **TOL)
 
     def no_training(*args, **kwargs):
         raise AssertionError("should have been loaded from the cache")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(train, "_train", no_training)
-        loaded = train.finetune(a)  # the sequential engine finds the batched run under its own key
-    for key in first:
-        np.testing.assert_array_equal(loaded[key], first[key])
-    want_b = train.finetune(b)  # and the other way round
     monkeypatch.setattr(batched._Batch, "__init__", no_training)
-    got = batched.finetune_many([b, a, b])  # duplicates are fine
-    for key in want_b:
-        np.testing.assert_array_equal(got[0][key], want_b[key])
-        np.testing.assert_array_equal(got[2][key], want_b[key])
-    assert batched.cache_entry(a, "exact") == ("finetune", a.as_dict())
+    again = batched.finetune_many([b, a])
+    for key in first[0]:
+        np.testing.assert_array_equal(again[1][key], first[0][key])
+        np.testing.assert_array_equal(again[0][key], first[1][key])
 
 
 def test_fast_masks_cached_apart_and_equal_without_dropout():
@@ -140,7 +141,6 @@ def test_fast_masks_cached_apart_and_equal_without_dropout():
     fast = batched.finetune_many([dropped, plain], masks="fast")
     assert cached_path(dropped, "fast").exists() and not cached_path(dropped).exists()
     assert cached_path(plain, "fast") == cached_path(plain) and cached_path(plain).exists()
-    assert cached_path(dropped, "fast").parent.name == batched.FAST_NAMESPACE
     exact = batched.finetune_many([dropped, plain])  # not taken from the fast run's entry
     assert not np.allclose(fast[0]["batch_loss"], exact[0]["batch_loss"])  # other masks
     np.testing.assert_array_equal(fast[1]["batch_loss"], exact[1]["batch_loss"])  # no masks: the cached run
@@ -177,11 +177,23 @@ def test_mask_distribution(masks):
     assert not torch.equal(torch.cat(kept[same_rate[0]]), torch.cat(kept[same_rate[1]]))
 
 
-def test_nonfinite_run_raises_after_caching_the_finite_ones():
-    good, bad = cfg(optimizer="sgd", lr=0.05), cfg(optimizer="sgd", lr=1e30)
-    with pytest.raises(FloatingPointError, match="non-finite"):
+def test_divergence_as_the_sequential_engine():
+    """A diverging run stops where the sequential one does, with its truncated history and ``diverged_step``;
+    every run is cached first, then TrainingDiverged is raised (or the histories returned)."""
+    good = cfg(optimizer="sgd", lr=0.05, record_every=1)  # a record every step: the truncation shows
+    bad = good.replace(lr=300.0)  # diverges after a few steps
+    with pytest.raises(train.TrainingDiverged) as info:
         batched.finetune_many([good, bad])
-    assert cached_path(good).exists() and not cached_path(bad).exists()
+    assert info.value.cfg == bad
+    assert cached_path(good).exists() and cached_path(bad).exists()
+    got = batched.finetune_many([good, bad], on_diverge="return")  # from the cache
+    want = train.finetune(bad, use_cache=False, on_diverge="return")
+    assert "diverged_step" in want and 2 < want["diverged_step"][0] < SMALL["steps"]
+    assert len(want["step"]) == want["diverged_step"][0]  # records at steps 0 .. diverged - 1
+    assert set(got[1]) == set(want) and "diverged_step" not in got[0]
+    for key in want:
+        np.testing.assert_allclose(got[1][key], want[key], **TOL, err_msg=key)
+    assert info.value.step == int(want["diverged_step"][0])
 
 
 @pytest.mark.parametrize(
@@ -200,6 +212,7 @@ def test_nonfinite_run_raises_after_caching_the_finite_ones():
         ([cfg(), cfg(steps=10)], {}, "steps"),
         ([cfg()], {"masks": "magic"}, "masks"),
         ([cfg()], {"mask_threads": 0}, "mask_threads"),
+        ([cfg()], {"on_diverge": "ignore"}, "on_diverge"),
     ],
 )
 def test_bad_configs_raise_before_training(configs, kwargs, match, monkeypatch):
