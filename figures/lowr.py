@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import numpy as np
 import torch
@@ -27,7 +26,6 @@ from torch import nn
 from analysis import channels
 from figures import Context, Result, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure, real_datasets
-from toymodels import cache as run_cache
 from toymodels.lora import LoRALinear, inject_lora, lora_modules
 from toymodels.mlp import MLP
 from toymodels.train import finetune, pretrain, protocol_data
@@ -434,23 +432,12 @@ def loss_gradnorm(ctx: Context) -> Result:
 
 
 def _finetune_or_diverged(ctx: Context, cfg) -> tuple[dict | None, int | None]:
-    """``(history, None)``, or ``(None, step)`` when the engine stopped on a non-finite loss at ``step``.
-
-    The engine raises FloatingPointError on divergence and caches nothing; the divergence is cached here (namespace
-    ``finetune-diverged``, same key as the run) so that a diverging setting is trained only once.
-    """
-    key = run_cache.config_key(cfg.as_dict())
-    path = run_cache.cache_root() / "finetune-diverged" / f"{key}.npz"
-    hit = run_cache.load(path)
-    if hit is not None:
-        return None, int(hit["step"])
-    try:
-        return finetune(cfg, device=ctx.device), None
-    except FloatingPointError as exc:
-        match = re.search(r"at step (\d+)", str(exc))
-        step = int(match.group(1)) if match else -1
-        run_cache.save(path, {"step": np.array(step)}, cfg.as_dict())
-        return None, step
+    """``(history, None)``, or ``(None, step)`` when the engine stopped on a non-finite loss at ``step`` (the
+    engine caches diverged runs too, so a diverging setting is trained only once)."""
+    hist = finetune(cfg, device=ctx.device, on_diverge="return")
+    if "diverged_step" in hist:
+        return None, int(hist["diverged_step"][0])
+    return hist, None
 
 
 def _grid(ctx: Context) -> list[tuple[float, float, int]]:

@@ -11,7 +11,6 @@ cached, and the history up to the step before is the run truncated there (identi
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import seaborn as sns
@@ -50,19 +49,13 @@ def _mnist_missing() -> str | None:
 
 def _run(cfg, ctx: Context) -> dict:
     """``finetune(cfg)``, or, when the run hits a non-finite loss at step k, the run truncated at k - 1 (same
-    trajectory) with ``diverged_at = k``; the divergence step is cached, so the blow-up is computed once."""
-    path = run_cache.cache_root() / "finetune-diverged" / f"{run_cache.config_key(cfg.as_dict())}.npz"
-    marker = run_cache.load(path)
-    if marker is None:
-        try:
-            hist = dict(finetune(cfg, device=ctx.device))
-            hist["diverged_at"] = np.array(math.nan)
-            return hist
-        except FloatingPointError as exc:
-            found = re.search(r"step (\d+)", str(exc))
-            marker = {"diverged_at": np.array(float(found.group(1)) if found else 1.0)}
-            run_cache.save(path, marker, cfg.as_dict())
-    step = int(marker["diverged_at"])
+    trajectory, recorded at its last step) with ``diverged_at = k``; the engine caches the divergence, so the
+    blow-up is computed once."""
+    hist = dict(finetune(cfg, device=ctx.device, on_diverge="return"))
+    if "diverged_step" not in hist:
+        hist["diverged_at"] = np.array(math.nan)
+        return hist
+    step = int(hist["diverged_step"][0])
     hist = dict(finetune(cfg.replace(steps=step - 1), device=ctx.device)) if step > 1 else {"step": np.zeros(1)}
     hist["diverged_at"] = np.array(float(step))
     return hist
