@@ -43,16 +43,18 @@ def test_diverged_run_is_cached_and_truncated_before_the_blowup(monkeypatch):
     np.testing.assert_array_equal(h["train_loss"], ref["train_loss"])
     assert rsfig._final_loss(h) == math.inf and rsfig._spike(h) == math.inf
 
+    from toymodels import train as engine
+
     calls = []
-    real = rsfig.finetune
+    real = engine._train
 
-    def spy(c, **kw):
+    def spy(c, device):
         calls.append(c.steps)
-        return real(c, **kw)
+        return real(c, device)
 
-    monkeypatch.setattr(rsfig, "finetune", spy)
+    monkeypatch.setattr(engine, "_train", spy)
     again = rsfig._run(cfg, ctx)
-    assert calls == [k - 1], "the blow-up must come from the cache, not be recomputed"
+    assert calls == [], "the blow-up and the truncated run must come from the cache, not be recomputed"
     np.testing.assert_array_equal(again["train_loss"], h["train_loss"])
 
 
