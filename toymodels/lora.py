@@ -151,8 +151,8 @@ class LoRALinear(nn.Module):
         r: the rank (>= 1).
         alpha: used by the named scalings only: "lora" s = alpha / r, "rslora" s = alpha / sqrt(r).
             Default 8, PEFT's ``lora_alpha`` default.
-        scaling: "lora", "rslora", a float or a callable r -> s. Default (None): "lora" for lora and dora;
-            the adaptive methods have no scaling factor (s = 1) and reject any other value.
+        scaling: "lora" (default, alpha / r), "rslora", a float or a callable r -> s (None means "lora"). The
+            adaptive methods have no scaling factor (s = 1): they accept the default and reject any other value.
         dropout: p, the probability of zeroing, in [0, 1). "allora" requires 0 (use "allora+d").
         dropout_placement: "input" (PEFT: on x before A) or "bottleneck" (ALLoRA eq. 1: on x A^T).
         method: one of :data:`METHODS`.
@@ -176,7 +176,7 @@ class LoRALinear(nn.Module):
         r: int,
         alpha: float = 8.0,
         *,
-        scaling: str | float | Callable[[int], float] | None = None,
+        scaling: str | float | Callable[[int], float] | None = "lora",
         dropout: float = 0.0,
         dropout_placement: str = "input",
         method: str = "lora",
@@ -201,9 +201,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be 0 for method 'allora' (ALLoRA removes dropout), got {dropout!r}; "
                              "use method='allora+d' for ALLoRA with dropout")
         if self.method in ADAPTIVE_METHODS:
-            if scaling is not None:
-                raise ValueError(f"scaling must be None for method {self.method!r}: the ALLoRA family has no "
-                                 f"scaling factor (ALLoRA sec. 4.2), got {scaling!r}")
+            if scaling not in (None, "lora"):  # "lora" is the signature's default: accepted and ignored
+                raise ValueError(f"scaling must be left at its default for method {self.method!r}: the ALLoRA "
+                                 f"family has no scaling factor (ALLoRA sec. 4.2), got {scaling!r}")
             self.scaling = 1.0
         else:
             self.scaling = scaling_factor("lora" if scaling is None else scaling, self.alpha, self.r)

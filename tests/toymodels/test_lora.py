@@ -674,7 +674,7 @@ def test_inject_lora_bad_targets(targets, match):
         ({"eta": 0.0}, "eta"),
         ({"eta": -1.0}, "eta"),
         ({"method": "allora", "dropout": 0.1}, "dropout"),
-        ({"method": "allora", "scaling": "lora"}, "scaling"),
+        ({"method": "allora", "scaling": "rslora"}, "scaling"),
         ({"b_init_std": -1.0}, "b_init_std"),
         ({"alpha": math.inf}, "alpha"),
     ],
@@ -702,3 +702,10 @@ def test_bad_base_and_plug_in_arguments():
         lora_plus_param_groups(MLP(), 1.0, 2.0)
     with pytest.raises(ValueError, match="method"):
         make_layer().reset_magnitude()
+
+
+def test_adaptive_methods_accept_the_default_scaling_and_ignore_it():
+    base = nn.Linear(6, 4)
+    for method in ("allora", "allora_od", "asf"):
+        layer = LoRALinear(base, 2, 16.0, scaling="lora", method=method, eta=2.0)
+        assert layer.scaling == 1.0
