@@ -31,7 +31,7 @@ verify: $(STAMP)
 	$(BIN)/lora-theory verify
 
 lint: $(STAMP)
-	$(BIN)/ruff check analysis toymodels figures tests benchmarks
+	$(BIN)/ruff check analysis toymodels figures tests benchmarks lora_theory
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,7 @@
-"""The ``lora-theory`` command: ``verify`` (prove the closed forms), ``data`` (data sets), ``figures``, ``bench`` (benchmarks)."""
+"""The ``lora-theory`` command: ``verify`` (prove the closed forms), ``data`` (data sets), ``figures``, ``bench`` (benchmarks).
+
+The top layer of the package: it imports the layers below (analysis, toymodels, figures); none of them imports it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from toymodels.data import data_command
 
         return data_command(argv[1:])
+    if argv[:1] == ["diagnose"]:  # the theory applied to a user's PEFT adapter
+        from diagnose.cli import main as diagnose_main
+
+        return diagnose_main(argv[1:])
     if argv[:1] == ["figures"]:  # likewise with the figures
         from figures.cli import main as figures_main
 
@@ -27,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("data", add_help=False,
                    help="show which data sets are available and from where; --fetch NAME... fills the cache")
+
+    sub.add_parser("diagnose", add_help=False,
+                   help="diagnose a trained PEFT LoRA adapter against the papers' theory (ADAPTER_DIR [--base ...])")
 
     sub.add_parser("figures", add_help=False,
                    help="regenerate the papers' figures with claim checks (--list, --quick, ids...)")
