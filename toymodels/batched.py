@@ -22,6 +22,11 @@ tested to rtol 1e-4, observed ~1e-6 after 200 steps, with and without dropout), 
 the sequential one does. They are not equal to the last bit, and the run cache keys the last bits (it even
 holds torch's thread count), so the batched engine caches its runs apart, in "finetune-batched"
 (:func:`cache_entry`): a figure rebuilt from a cold cache by one engine gets the numbers that engine produced.
+A run's last bits also depend on its batch (which runs share a base matmul, one lr or several), so the batch
+is the unit of computation and of the cache: :func:`finetune_many` trains the distinct configs in a canonical
+order (:func:`canonical_batch`) and keys each run by the batch's digest too; a batch is recomputed whole when
+any of its runs is missing. The same set of configs therefore gives the same bits in any process, in any
+order, from a cold or a warm cache (what :func:`toymodels.train.run_sweep` relies on across its workers).
 
 Why it is faster (measured in benchmarks/bench_finetune.py, see BENCHMARKS.md):
 
@@ -60,7 +65,7 @@ from toymodels.mlp import auto_device
 from toymodels.train import FinetuneConfig
 
 NAMESPACE = "finetune-batched"  # not the sequential engine's "finetune": equal to rounding, not to the bit
-BATCHED_VERSION = 1  # part of the cache key: change it when the engine's arithmetic changes
+BATCHED_VERSION = 2  # part of the cache key: change it when the engine's arithmetic changes
 MASKS = ("exact", "fast")
 FAST_MASKS = "pcg64-u32-v1"  # part of the cache key of fast-mask runs: change it when the scheme changes
 VARYING = ("seed", "dropout", "lr", "scaling")
@@ -120,8 +125,9 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     The histories have the keys of :func:`toymodels.train.finetune` for the recorders used ("step",
     "batch_loss"; "train_loss", "train_acc", "test_loss", "test_acc"; "norm_A", "norm_B"; "row_norm_BA";
     "channel_a", "channel_b"; "grad_norm_A", "grad_norm_B") and equal its numbers up to float32 rounding.
-    Cached runs are loaded, duplicates computed once, the rest trained in one batch and cached (namespace
-    "finetune-batched", :func:`cache_entry`). All configs are validated before anything runs
+    The distinct configs form one batch (:func:`canonical_batch`; duplicates computed once): if every run of
+    the batch is cached it is loaded, else the batch is trained whole and its missing runs cached (namespace
+    "finetune-batched", :func:`cache_entry`, which keys a run by its batch too). All configs are validated before anything runs
     (:func:`check_batchable`). A run whose loss becomes non-finite at step t gets the sequential engine's
     truncated history (steps before t, key ``diverged_step``) and is cached as such; then, as
     :func:`train.finetune`, ``on_diverge="raise"`` raises :class:`train.TrainingDiverged` (after every run has
@@ -144,25 +150,18 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     if on_diverge not in ("raise", "return"):
         raise ValueError(f"on_diverge must be 'raise' or 'return', got {on_diverge!r}")
     dev = auto_device(device)
-    results: list[dict[str, np.ndarray] | None] = [None] * len(configs)
-    todo: dict[tuple[str, str], list[int]] = {}
-    for i, c in enumerate(configs):
-        namespace, key_dict = cache_entry(c, masks)
-        key = (namespace, run_cache.config_key(key_dict))
-        if use_cache and not refresh and key not in todo:
-            hit = run_cache.load(_path(*key))
-            if hit is not None:
-                results[i] = hit
-                continue
-        todo.setdefault(key, []).append(i)
-    if todo:
-        unique = [configs[idx[0]] for idx in todo.values()]
-        hists = _Batch(unique, dev, masks, mask_threads).run()
-        for (key, idx), cfg, hist in zip(todo.items(), unique, hists, strict=True):
-            if use_cache:
-                run_cache.save(_path(*key), hist, cache_entry(cfg, masks)[1])
-            for i in idx:
-                results[i] = {k: v.copy() for k, v in hist.items()}
+    batch = canonical_batch(configs)
+    entries = {c: cache_entry(c, masks, batch) for c in batch}
+    paths = {c: _path(ns, run_cache.config_key(d)) for c, (ns, d) in entries.items()}
+    found = {c: run_cache.load(paths[c]) for c in batch} if use_cache and not refresh else {}
+    missing = [c for c in batch if found.get(c) is None]
+    if missing:  # the batch is the unit of computation: trained whole, so every run gets the same bits
+        hists = _Batch(batch, dev, masks, mask_threads).run()
+        for c, hist in zip(batch, hists, strict=True):
+            if use_cache and (refresh or c in missing):
+                run_cache.save(paths[c], hist, entries[c][1])
+            found[c] = hist
+    results = [{k: v.copy() for k, v in found[c].items()} for c in configs]
     if on_diverge == "raise":
         for c, hist in zip(configs, results, strict=True):
             if "diverged_step" in hist:
@@ -170,17 +169,41 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     return results  # type: ignore[return-value]
 
 
-def cache_entry(cfg: FinetuneConfig, masks: str = "exact") -> tuple[str, dict]:
-    """(namespace, configuration dict) under which the batched engine caches a run.
+def cache_entry(cfg: FinetuneConfig, masks: str = "exact",
+                batch: Sequence[FinetuneConfig] | None = None) -> tuple[str, dict]:
+    """(namespace, configuration dict) under which the batched engine caches a run trained in ``batch``.
 
     Not the sequential engine's entry ("finetune", ``cfg.as_dict()``): the numbers agree only to float32
     rounding (the sums run in another order), and the cache keys the last bits of a run (its key even holds
     torch's thread count for that reason), so each engine keeps its own. The dict is ``cfg.as_dict()`` plus
-    the engine version and the mask stream: "none" without dropout (exact and fast runs are then the same run),
-    "sequential" for masks="exact", :data:`FAST_MASKS` for masks="fast".
+    the engine version, the mask stream ("none" without dropout, "sequential" for masks="exact",
+    :data:`FAST_MASKS` for masks="fast") and ``batch``: the digest of the batch the run was trained in
+    (:func:`batch_digest`; ``None`` means the run alone). The last bits of a run depend on its batch (the
+    runs of a seed share one base matmul, whose blocking depends on how many they are; one lr for the batch
+    takes another Adam path than per-run lrs), so a run is cached per batch and a cache hit is always the
+    very numbers this batch would compute, whatever ran before.
     """
+    batch = [cfg] if batch is None else list(batch)
+    return NAMESPACE, {**_run_entry(cfg, masks), "batch": batch_digest(batch, masks)}
+
+
+def _run_entry(cfg: FinetuneConfig, masks: str) -> dict:
     stream = "none" if cfg.dropout == 0 else ("sequential" if masks == "exact" else FAST_MASKS)
-    return NAMESPACE, {**cfg.as_dict(), "batched_engine": BATCHED_VERSION, "masks": stream}
+    return {**cfg.as_dict(), "batched_engine": BATCHED_VERSION, "masks": stream}
+
+
+def canonical_batch(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
+    """The distinct configs in the order the engine trains them: by seed, then by cache key. A function of the
+    set of configs only (not of their order or repetitions), so a batch computes the same bits however its
+    caller listed it."""
+    unique = list(dict.fromkeys(configs))
+    return sorted(unique, key=lambda c: (c.seed, run_cache.config_key(c.as_dict())))
+
+
+def batch_digest(batch: Sequence[FinetuneConfig], masks: str = "exact") -> str:
+    """SHA-256 of the sorted keys of the batch's distinct runs (part of each run's cache key)."""
+    keys = sorted({run_cache.config_key(_run_entry(c, masks)) for c in batch})
+    return run_cache.config_key({"runs": keys})
 
 
 def fast_mask_stream(seed: int) -> np.random.Generator:

@@ -38,8 +38,8 @@ def _env(_cache_root, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def cached_path(config: train.FinetuneConfig, masks: str = "exact"):
-    namespace, key_dict = batched.cache_entry(config, masks)
+def cached_path(config: train.FinetuneConfig, masks: str = "exact", batch=None):
+    namespace, key_dict = batched.cache_entry(config, masks, batch)
     return run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz"
 
 
@@ -121,7 +121,8 @@ def test_cached_under_its_own_key(monkeypatch):
     first = batched.finetune_many([a, b, a])
     for key in first[0]:
         np.testing.assert_array_equal(first[0][key], first[2][key])
-    assert cached_path(a).exists() and cached_path(a).parent.name == batched.NAMESPACE != "finetune"
+    assert cached_path(a, batch=[a, b]).exists() and cached_path(a, batch=[b, a]).parent.name == batched.NAMESPACE
+    assert batched.NAMESPACE != "finetune" and not cached_path(a).exists()  # keyed by its batch: not a run alone
     assert run_cache.config_key(batched.cache_entry(a)[1]) != run_cache.config_key(a.as_dict())
     sequential = train.finetune(a)  # not taken from the batched run's entry: computed by the sequential engine
     np.testing.assert_allclose(sequential["batch_loss"], first[0]["batch_loss"], **TOL)
@@ -138,12 +139,13 @@ def test_cached_under_its_own_key(monkeypatch):
 
 def test_fast_masks_cached_apart_and_equal_without_dropout():
     dropped, plain = cfg(dropout=0.2, lr=1.3e-3), cfg(lr=1.3e-3)  # lr used by no other test
-    fast = batched.finetune_many([dropped, plain], masks="fast")
-    assert cached_path(dropped, "fast").exists() and not cached_path(dropped).exists()
-    assert cached_path(plain, "fast") == cached_path(plain) and cached_path(plain).exists()
-    exact = batched.finetune_many([dropped, plain])  # not taken from the fast run's entry
+    both = [dropped, plain]
+    fast = batched.finetune_many(both, masks="fast")
+    assert cached_path(dropped, "fast", both).exists() and not cached_path(dropped, batch=both).exists()
+    assert cached_path(plain, "fast", both).exists() and not cached_path(plain, batch=both).exists()
+    exact = batched.finetune_many(both)  # not taken from the fast run's entry
     assert not np.allclose(fast[0]["batch_loss"], exact[0]["batch_loss"])  # other masks
-    np.testing.assert_array_equal(fast[1]["batch_loss"], exact[1]["batch_loss"])  # no masks: the cached run
+    np.testing.assert_array_equal(fast[1]["batch_loss"], exact[1]["batch_loss"])  # no masks: the same run
     # a fast-mask run does not depend on the runs batched with it
     alone = batched.finetune_many([dropped], masks="fast", use_cache=False)[0]
     np.testing.assert_allclose(alone["batch_loss"], fast[0]["batch_loss"], **TOL)
@@ -185,7 +187,7 @@ def test_divergence_as_the_sequential_engine():
     with pytest.raises(train.TrainingDiverged) as info:
         batched.finetune_many([good, bad])
     assert info.value.cfg == bad
-    assert cached_path(good).exists() and cached_path(bad).exists()
+    assert cached_path(good, batch=[good, bad]).exists() and cached_path(bad, batch=[good, bad]).exists()
     got = batched.finetune_many([good, bad], on_diverge="return")  # from the cache
     want = train.finetune(bad, use_cache=False, on_diverge="return")
     assert "diverged_step" in want and 2 < want["diverged_step"][0] < SMALL["steps"]
