@@ -56,6 +56,9 @@ class Context:
     fidelity: str = "default"
     seeds: tuple[int, ...] = (0, 1, 2)
     device: torch.device = torch.device("cpu")
+    # sweeps: toymodels.train.run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers)
+    workers: int | None = None  # None: one per CPU core; 1: in-process
+    executor: str = "local"  # "local", "ray" or "slurm"
 
     @property
     def quick(self) -> bool:

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 import figures
 from figures import FIDELITIES, Context, Result
+from toymodels.cache import atomic_write_bytes
 
 
 def _jsonable(obj):
@@ -37,10 +37,7 @@ def _jsonable(obj):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)  # the package's one atomic write (toymodels.cache)
 
 
 def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
@@ -131,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small models train fastest on one thread per "
                              "process, and a run's last bits depend on the thread count, which the cache records)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel workers for the training sweeps (default: one per CPU core; 1: in-process)")
+    parser.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                        help="where sweeps run: local processes (default), Ray (the cluster of $RAY_ADDRESS, else "
+                             "a local one), or SLURM through submitit; results are the same bits on each")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ctx = Context(fidelity=fidelity, seeds=tuple(range(n_seeds)), device=device)
+    ctx = Context(fidelity=fidelity, seeds=tuple(range(n_seeds)), device=device, workers=args.workers,
+                  executor=args.executor)
     ids = args.ids or list(all_specs)
     total = time.perf_counter()
     for i, fig_id in enumerate(ids, 1):
