@@ -11,6 +11,7 @@ The root is ``$LORA_THEORY_CACHE`` if set, else ``$XDG_CACHE_HOME/lora-theory/ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -63,24 +65,38 @@ def _payload_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(path: Path, arrays: Mapping[str, np.ndarray], config: Mapping) -> None:
-    """Write ``arrays`` (+ config and checksum) to ``path`` atomically."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through ``write(fileobj)`` all or nothing: into a temporary file next to ``path`` (same
+    file system), flushed and fsync'ed, then renamed over ``path`` (``os.replace``, atomic on POSIX). Readers
+    see the old file or the new one, never a part; concurrent writers of one path leave one complete file
+    (the last rename wins); an interrupted write leaves no temporary behind. Creates the parent directory."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    meta = json.dumps({"config": json.loads(_canonical(config)), "sha256": _payload_digest(arrays)})
-    buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def save(path: Path, arrays: Mapping[str, np.ndarray], config: Mapping) -> None:
+    """Write ``arrays`` (+ config and checksum) to ``path`` atomically (:func:`atomic_write`)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    meta = json.dumps({"config": json.loads(_canonical(config)), "sha256": _payload_digest(arrays)})
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load(path: Path) -> dict[str, np.ndarray] | None:

@@ -36,7 +36,6 @@ the rest of the process, keyed on the cache file's size and mtime).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -47,7 +46,6 @@ import pickle
 import socket
 import sys
 import tarfile
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -57,6 +55,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from toymodels.cache import atomic_write
+from toymodels.mlp import auto_device  # noqa: F401  (the one device choice; data.auto_device is the same)
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
 REAL_DATASETS = ("mnist", "fashion-mnist", "cifar10")
@@ -163,11 +164,6 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def auto_device() -> torch.device:
-    """``cuda`` when a GPU is visible, else ``cpu`` (for callers that want the automatic choice)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ------------------------------------------------------------------------------------------ the cache
 
 
@@ -197,19 +193,9 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` into a temporary file next to ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write through ``write(fileobj)`` into a temporary file next to ``path``, then ``os.replace``
+    (:func:`toymodels.cache.atomic_write`, the one atomic write of the package)."""
+    atomic_write(path, write)
 
 
 def _validate_arrays(name: str, arrays: Mapping[str, np.ndarray]) -> None:
