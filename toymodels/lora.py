@@ -44,7 +44,7 @@ from analysis._inputs import dropout_rate, finite_scalar, positive_int
 METHODS = ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
 ADAPTIVE_METHODS = ("allora", "allora+d", "allora_od", "asf")  # ALLoRA sec. 4: no scaling factor
 SCALINGS = ("lora", "rslora")
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "zero_a")
 PLACEMENTS = ("input", "bottleneck")
 LORA_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 
@@ -160,7 +160,11 @@ class LoRALinear(nn.Module):
             lora and dora.
         init: A's initialisation, "kaiming" (PEFT's default: ``kaiming_uniform_(A, a=sqrt(5))``, i.e.
             U(-1/sqrt(d_in), 1/sqrt(d_in)), variance 1/(3 d_in), independent of r) or "gaussian" (PEFT's
-            init_lora_weights="gaussian": N(0, (1/r)^2)).
+            init_lora_weights="gaussian": N(0, (1/r)^2)) or "zero_a" (the swapped initialisation of ALLoRA
+            sec. 3.2, "if A is zero-initialised instead": A = 0 and B's entries iid U(-1/sqrt(d_in), 1/sqrt(d_in)),
+            the law of PEFT's A entries, so E[B B^T] = E[A^T A]-scale r/(3 d_in) I and the first SGD step's
+            expected product update equals the usual init's; ``rank_scaled_init`` then scales B, b_init_std
+            must be 0).
         rank_scaled_init: multiply A's initial values by 1/sqrt(r) (rsLoRA app. B.3), with any scaling.
         b_init_std: B's initial entries are N(0, b_init_std^2); 0 (default) gives LoRA's B = 0.
         generator: torch.Generator for the initialisation (default: the global RNG).
@@ -217,16 +221,26 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(d_out, self.r, **factory))
         self.lora_dropout = nn.Dropout(self.p) if self.p > 0 else nn.Identity()
         with torch.no_grad():
-            if self.init == "kaiming":
+            if self.init == "zero_a":  # A = 0, B random with the law of PEFT's A entries (ALLoRA sec. 3.2)
+                if b_init_std > 0:
+                    raise ValueError(f"b_init_std must be 0 with init='zero_a' (B is drawn by the init), "
+                                     f"got {b_init_std}")
+                bound = 1.0 / math.sqrt(d_in)
+                nn.init.zeros_(self.lora_A)
+                nn.init.uniform_(self.lora_B, -bound, bound, generator=generator)
+                if rank_scaled_init:
+                    self.lora_B.mul_(1.0 / math.sqrt(self.r))
+            elif self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
             else:
                 nn.init.normal_(self.lora_A, std=1.0 / self.r, generator=generator)
-            if rank_scaled_init:
-                self.lora_A.mul_(1.0 / math.sqrt(self.r))
-            if b_init_std > 0:
-                nn.init.normal_(self.lora_B, std=b_init_std, generator=generator)
-            else:
-                nn.init.zeros_(self.lora_B)
+            if self.init != "zero_a":
+                if rank_scaled_init:
+                    self.lora_A.mul_(1.0 / math.sqrt(self.r))
+                if b_init_std > 0:
+                    nn.init.normal_(self.lora_B, std=b_init_std, generator=generator)
+                else:
+                    nn.init.zeros_(self.lora_B)
         if self.method == "dora":
             self.lora_magnitude = nn.Parameter(torch.empty(d_out, **factory))
             self.reset_magnitude()
