@@ -43,12 +43,14 @@ __all__ = [
     "grad_moments",
     "deviation_bound",
     "deviation_clt",
+    "two_point_deviation_ratio",
     "dropout_penalty",
     "penalty_strengths",
     "linear_expected_loss",
     "linear_minimizer",
     "ridge_minimizer",
     "ridge_lambda",
+    "printed_linear_minimizer",
 ]
 
 # Samples per chunk in the per-sample closed forms: bounds memory to O(chunk * d_out * max(r, d_in)).
@@ -291,9 +293,29 @@ def deviation_bound(std, n):
 def deviation_clt(std, n):
     """Large-n value of E|mean of n realisations - E[L]|: sqrt(2/pi) Std[L] / sqrt(n) (CLT, E|Z| = sqrt(2/pi)).
 
-    The app. A bound is therefore loose by the factor sqrt(pi/2) ~ 1.25 for large n, never tight.
+    The app. A bound is therefore asymptotically loose by the factor sqrt(pi/2) ~ 1.25 for every law with finite
+    variance; at n = 1 it is attained by a symmetric two-point law (:func:`two_point_deviation_ratio`).
     """
     return math.sqrt(2.0 / math.pi) * deviation_bound(std, n)
+
+
+def two_point_deviation_ratio(n):
+    """Exact E|mean of n realisations - mean| / (Std / sqrt(n)) for a symmetric two-point law (L = mu +- sigma).
+
+    With S_n a sum of n independent signs, E|S_n| = 2m C(2m, m) / 4^m for n = 2m and E|S_{2m+1}| = E|S_{2m+2}|;
+    the ratio is E|S_n| / sqrt(n): exactly 1 at n = 1 (the app. A bound Std / sqrt(n) is attained; at n = 1
+    equality in Jensen holds iff |L - E L| is constant, i.e. for a symmetric two-point law), 1/sqrt(2) at n = 2,
+    and it tends to sqrt(2/pi) (the CLT, :func:`deviation_clt`) as n grows. ``n``: int >= 1 or an array of them.
+    """
+    n_arr = np.asarray(n)
+    if (n_arr.size == 0 or not np.issubdtype(n_arr.dtype, np.integer) or np.any(n_arr < 1)):
+        raise ValueError(f"n must be an integer >= 1 (or an array of them), got {n!r}")
+    m = (n_arr + 1) // 2  # E|S_{2m-1}| = E|S_{2m}| = 2m C(2m, m) / 4^m
+    from scipy.special import gammaln
+
+    log_e_abs = np.log(2.0 * m) + gammaln(2 * m + 1) - 2 * gammaln(m + 1) - 2 * m * math.log(2.0)
+    ratio = np.exp(log_e_abs) / np.sqrt(n_arr)
+    return float(ratio) if np.ndim(ratio) == 0 else ratio
 
 
 # --- Linear dropout regression (ALLoRA sec. 3.1, "Linear model with full training") -------------------------
@@ -328,6 +350,26 @@ def linear_minimizer(X, Y, p) -> np.ndarray:
         raise ValueError(f"X must have full column rank (X^T X invertible) for the minimiser to be unique; got "
                          f"rank {np.linalg.matrix_rank(gram)} < d_in = {X.shape[1]} (e.g. always-zero pixels)")
     return q * np.linalg.solve(gram, X.T @ Y).T
+
+
+def printed_linear_minimizer(X, Y, keep) -> np.ndarray:
+    """The minimiser as printed in ALLoRA sec. 3.1, "W = p (X^T X)^{-1} Y^T X", evaluated literally (paper shapes).
+
+    Paper convention: X (N, D), Y (N, C), W (D, C) (prediction X W), ``keep`` = its p, the keep probability
+    (V in {0, 1/p}). The product (X^T X)^{-1} (D x D) times Y^T X (C x D) is defined only when C = D: otherwise
+    this raises ValueError naming Y. When C = D it returns the printed (D, C) matrix, which equals the minimiser
+    keep (X^T X)^{-1} X^T Y (= ``linear_minimizer(X, Y, 1 - keep).T``) iff X^T Y is symmetric (Y^T X = X^T Y).
+    For comparison only (ERRATA.md D1).
+    """
+    X, Y, _ = _linear_problem(X, Y)
+    keep = _inputs.finite_scalar("keep", keep, positive=True)
+    if keep > 1.0:
+        raise ValueError(f"keep is the keep probability (the paper's p in V in {{0, 1/p}}), in (0, 1], got {keep}")
+    D, C = X.shape[1], Y.shape[1]
+    if C != D:
+        raise ValueError(f"Y has C = {C} columns but X has D = {D}: the printed product (X^T X)^{{-1}} Y^T X is "
+                         f"({D} x {D}) @ ({C} x {D}), undefined unless C = D (ALLoRA sec. 3.1, ERRATA.md D1)")
+    return keep * np.linalg.solve(X.T @ X, Y.T @ X)
 
 
 def ridge_minimizer(X, Y, lam) -> np.ndarray:

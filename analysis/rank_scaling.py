@@ -45,6 +45,7 @@ __all__ = [
     "gamma",
     "scaling_exponent",
     "one_step_moments",
+    "adam_first_step_moments",
     "dropped_term_ratio",
     "moment_exponents",
     "structure_matrices",
@@ -173,6 +174,47 @@ def one_step_moments(x0, v0, x, v, *, r, gamma, lr, sigma2=1.0, excess_kurtosis=
         "entry_second_out": v0**2 * (pre**2 * s2**2
                                      * (r * n0 * n + (r * r + r) * c * c + kappa * r * float(np.sum(x0**2 * x**2)))),
         "entry_second_grad_in": pre**2 * vv**2 * s2**2 * r * (n0 + (r + 1 + kappa) * x0**2),
+    }
+
+
+def adam_first_step_moments(x0, v0, x, v, *, r, gamma, lr, sigma2=1.0) -> dict:
+    """Exact moments over a Gaussian A0 of the adapter after ONE Adam step from B0 = 0 (eps -> 0).
+
+    The setting of :func:`one_step_moments` with Adam / AdamW (any beta1, beta2; weight decay 0 at B0 = 0 and
+    irrelevant at first order for A) instead of SGD. Adam's first bias-corrected step is -lr g / |g| entrywise,
+    so grad_A = 0 leaves A0 unchanged and B1 = -lr sign(gamma) sign(v0) sign(A0 x0)^T: its size does not depend
+    on gamma or on the magnitude of A0. With a_k the rows of A0 (iid N(0, sigma2 I_d)), c = x0 . x, s = sign(v0):
+
+    - ``mean_out`` = -lr |gamma| r sqrt(2 sigma2 / pi) (c / |x0|) s
+    - ``second_out`` = lr^2 gamma^2 sigma2 #{v0_i != 0} (r |x|^2 + r (r - 1) (2 / pi) c^2 / |x0|^2)
+    - ``mean_grad_in`` = -lr |gamma| (s . v) r sqrt(2 sigma2 / pi) x0 / |x0|
+    - ``second_grad_in`` = lr^2 gamma^2 sigma2 (s . v)^2 (r d + r (r - 1) (2 / pi))
+
+    So the first moment is Theta(|gamma_r| r), not Theta(gamma_r^2 r) as after an SGD step: under Adam it is
+    LoRA's gamma_r = alpha / r that keeps it Theta_r(1), and rsLoRA's alpha / sqrt(r) makes it grow like
+    sqrt(r). rsLoRA's Thm. 3.2 is proved for SGD only (app. A, app. B.1); see ERRATA.md (rank_scaling).
+    Gaussian A0 only (the law of sign(a . x0) (a . x) depends on the law of A0's entries beyond its variance).
+    """
+    x0, v0, x, v = _step_inputs(x0, v0, x, v)
+    r = positive_int("r", r)
+    g = abs(finite_scalar("gamma", gamma))
+    eta = finite_scalar("lr", lr, positive=True)
+    s2 = finite_scalar("sigma2", sigma2, positive=True)
+    n0 = float(np.linalg.norm(x0))
+    if n0 == 0.0:
+        raise ValueError("x0 must be nonzero (the first gradient of B is gamma v0 (A0 x0)^T)")
+    d = x0.shape[0]
+    c = float(x0 @ x)
+    sv = np.sign(v0)
+    sv_v = float(sv @ v)
+    k = math.sqrt(2.0 * s2 / math.pi)
+    two_pi = 2.0 / math.pi
+    return {
+        "mean_out": -eta * g * r * k * (c / n0) * sv,
+        "second_out": eta**2 * g**2 * s2 * float(np.count_nonzero(v0))
+        * (r * float(x @ x) + r * (r - 1) * two_pi * c * c / n0**2),
+        "mean_grad_in": -eta * g * sv_v * r * k * x0 / n0,
+        "second_grad_in": eta**2 * g**2 * s2 * sv_v**2 * (r * d + r * (r - 1) * two_pi),
     }
 
 

@@ -390,3 +390,150 @@ def test_linear_minimizer_rejects_rank_deficient_X():
     X[:, 2] = 0.0  # an always-zero pixel
     with pytest.raises(ValueError, match="X must have full column rank"):
         dr.linear_minimizer(X, np.ones((10, 2)), 0.1)
+
+
+# --- ERRATA D1, D2, D7, D8, D9: each test evaluates the paper's printed statement itself ------------------------
+
+def test_printed_linear_minimizer_is_undefined_or_not_the_minimiser():
+    """D1: "W = p (X^T X)^{-1} Y^T X" (paper shapes X (N, D), Y (N, C), W (D, C), p = keep probability)."""
+    rng = np.random.default_rng(default_seed() + 11)
+    keep = 0.7
+    X, Y = rng.normal(size=(40, 5)), rng.normal(size=(40, 3))
+    # C != D: the printed product (D x D)(C x D) is not defined -- literally, and in the named evaluation
+    with pytest.raises(ValueError, match="matmul"):
+        np.linalg.inv(X.T @ X) @ (Y.T @ X)
+    with pytest.raises(ValueError, match="Y has C = 3 columns but X has D = 5"):
+        dr.printed_linear_minimizer(X, Y, keep)
+    # C = D: defined, but not a stationary point of the paper's own expected loss
+    #   E||Y - (X W) o V||^2 = ||Y - X W||^2 + (1/keep - 1) ||X W||^2, gradient 2 X^T (X W / keep - Y)
+    Ys = rng.normal(size=(40, 5))
+
+    def grad(Wp):
+        return 2 * X.T @ (X @ Wp / keep - Ys)
+
+    printed = dr.printed_linear_minimizer(X, Ys, keep)
+    corrected = dr.linear_minimizer(X, Ys, 1 - keep).T  # paper shape (D, C)
+    scale = np.linalg.norm(2 * X.T @ Ys)
+    assert np.linalg.norm(grad(corrected)) < 1e-12 * scale
+    assert np.linalg.norm(grad(printed)) > 0.5 * scale
+    exp_loss = [dr.linear_expected_loss(X, Ys, Wp.T, 1 - keep) for Wp in (printed, corrected)]
+    assert exp_loss[0] > exp_loss[1] * 1.05
+    # the printed formula is right exactly when X^T Y is symmetric (then Y^T X = X^T Y)
+    Ysym = X @ np.linalg.solve(X.T @ X, np.diag([1.0, 2.0, 3.0, 4.0, 5.0]))  # X^T Ysym = diag, symmetric
+    np.testing.assert_allclose(dr.printed_linear_minimizer(X, Ysym, keep),
+                               dr.linear_minimizer(X, Ysym, 1 - keep).T, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_dropout_is_not_the_printed_parametrization():
+    """D2: sec. 3.1 says V in {0, 1/p} "is also PyTorch's official implementation". torch.nn.Dropout(p) zeroes
+    with probability p and keeps with value 1/(1 - p): its p is the rate of zeroing, and the dropout penalty
+    coefficient E[V^2] - 1 it produces is p/(1-p), not the printed reading's 1/p - 1."""
+    p, n = 2.0 / 3.0, 200_000
+    drop = torch.nn.Dropout(p).train()
+    with torch.random.fork_rng():  # torch.nn.Dropout draws from the global generator: seed it locally
+        torch.manual_seed(default_seed())
+        V = drop(torch.ones(n, dtype=torch.float64)).numpy()
+    values = np.unique(V)
+    assert values.tolist() == pytest.approx([0.0, 1.0 / (1.0 - p)], rel=1e-12)  # {0, 3}, not {0, 1/p} = {0, 1.5}
+    zero = (V == 0).mean()
+    assert abs(zero - p) < 5 * math.sqrt(p * (1 - p) / n)  # probability of zeroing = p
+    coef = (V**2).mean() - 1.0  # the orange term's coefficient (E V^2 - 1)
+    se = (V**2).std() / math.sqrt(n)
+    assert abs(coef - p / (1 - p)) < 5 * se  # 2.0
+    assert abs(coef - (1 / p - 1)) > 100 * se  # the printed reading: 0.5
+
+
+def test_printed_rate_with_pytorch_dropout_gives_the_inverse_tikhonov_strength():
+    """D2: "Dropout with rate p = 1/(1+lam) is equivalent to Tikhonov with rate lam" (X^T X = I). Read with the
+    keep probability p of V in {0, 1/p} it holds; with the rate of PyTorch (and of the paper's sec. 4), the
+    exact minimiser is Tikhonov with 1/lam, so a larger lam means a WEAKER regularizer."""
+    rng = np.random.default_rng(default_seed() + 12)
+    Q, _ = np.linalg.qr(rng.normal(size=(30, 4)))  # X^T X = I (c = 1)
+    Y = rng.normal(size=(30, 2))
+    for lam in (0.5, 2.0):
+        torch_rate = 1.0 / (1.0 + lam)  # torch.nn.Dropout(p=torch_rate) = our p
+        W = dr.linear_minimizer(Q, Y, torch_rate)
+        np.testing.assert_allclose(W, dr.ridge_minimizer(Q, Y, 1.0 / lam), rtol=1e-12)
+        assert np.linalg.norm(W - dr.ridge_minimizer(Q, Y, lam)) > 0.1 * np.linalg.norm(W)
+        # the keep-probability reading is the consistent one: rate lam / (1 + lam)
+        np.testing.assert_allclose(dr.linear_minimizer(Q, Y, lam / (1 + lam)), dr.ridge_minimizer(Q, Y, lam),
+                                   rtol=1e-12)
+    assert dr.ridge_lambda(1.0, 1 / 1.5) == pytest.approx(2.0, rel=1e-14)  # lam = 0.5 -> 1/lam
+
+
+def test_deviation_bound_is_attained_at_n1_by_a_two_point_loss():
+    """D7: the app. A bound E|mean_n - E L| <= Std/sqrt(n) is attained at n = 1 by a symmetric two-point loss --
+    eq. 1's own loss with a single mask entry (N = r = 1) and p = 1/2 -- and is strict for n >= 2."""
+    X, Y, W, A, B = make_problem(21, N=1, d_in=3, d_out=2, r=1)
+    p = 0.5
+    masks, probs = enumerate_masks(1, p)
+    t = [torch.tensor(v, dtype=torch.float64) for v in (X, Y, W, A, B)]
+    L = np.array([float(one_mask_loss(*t, torch.tensor(m.reshape(1, 1)), "bottleneck", 1.0)) for m in masks])
+    mu, std = float(probs @ L), math.sqrt(dr.loss_variance(X, Y, W, A, B, p))
+    assert mu == pytest.approx(dr.expected_loss(X, Y, W, A, B, p), rel=1e-13)
+    assert float(probs @ np.abs(L - mu)) == pytest.approx(float(dr.deviation_bound(std, 1)), rel=1e-13)
+    # n = 2: all 4 pairs of independent realisations; strictly below the bound (ratio 1/sqrt 2)
+    pairs = [(li, pi) for li, pi in zip(L, probs, strict=True)]
+    dev2 = sum(pi * pj * abs((li + lj) / 2 - mu) for li, pi in pairs for lj, pj in pairs)
+    assert dev2 / float(dr.deviation_bound(std, 2)) == pytest.approx(1 / math.sqrt(2), rel=1e-12)
+    # a p != 1/2 makes the two points asymmetric: strict already at n = 1
+    m2, pr2 = enumerate_masks(1, 0.2)
+    L2 = np.array([float(one_mask_loss(*t, torch.tensor(m.reshape(1, 1)), "bottleneck", 1.0)) for m in m2])
+    mu2 = float(pr2 @ L2)
+    assert float(pr2 @ np.abs(L2 - mu2)) < 0.9 * math.sqrt(dr.loss_variance(X, Y, W, A, B, 0.2))
+
+
+def test_two_point_deviation_ratio_by_enumeration_and_its_sqrt_2_over_pi_limit():
+    """D7: the ratio E|mean_n - mu| / (Std/sqrt n) for a symmetric two-point law, by enumerating all 2^n sign
+    sequences, is 1 at n = 1 and tends to sqrt(2/pi) = 0.798 (asymptotic looseness sqrt(pi/2) = 1.25)."""
+    for n in range(1, 13):
+        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=n)))
+        brute = np.abs(signs.mean(axis=1)).mean() * math.sqrt(n)
+        assert dr.two_point_deviation_ratio(n) == pytest.approx(brute, rel=1e-12)
+    assert dr.two_point_deviation_ratio(1) == 1.0
+    ns = np.array([10, 100, 10_000, 1_000_000])
+    gap = np.abs(dr.two_point_deviation_ratio(ns) - math.sqrt(2 / math.pi))
+    assert np.all(np.diff(gap) < 0) and gap[-1] < 1e-6  # converges (even n: ratio = sqrt(2/pi)(1 - 1/(4n) + ...))
+    assert gap[0] > 1e-3
+    with pytest.raises(ValueError, match="n must be an integer"):
+        dr.two_point_deviation_ratio(0)
+
+
+def test_printed_std_of_the_linear_loss_is_not_the_bounds_std():
+    """D8: the text after the bound names "Std[||Y - (XW) o V||^2]" (the linear model's loss). With the frozen
+    W = 0 that Std is exactly 0, so "E|mean_n - E L| <= 0" would have to hold for eq. 1's loss -- it does not."""
+    X, Y, _, A, B = make_problem(22, N=2, d_in=3, d_out=2, r=2)
+    W = np.zeros((2, 3))
+    p = 0.3
+    masks, probs = enumerate_masks(4, p)
+    t = [torch.tensor(v, dtype=torch.float64) for v in (X, Y, W, A, B)]
+    L = np.array([float(one_mask_loss(*t, torch.tensor(m.reshape(2, 2)), "bottleneck", 1.0)) for m in masks])
+    mu = float(probs @ L)
+    printed_std = 0.0  # (X W) o V = 0 for every mask V: the linear loss is the constant ||Y||^2
+    lin = [float(((Y - (X @ W.T) * m.reshape(2, 2)) ** 2).sum()) for m in masks]
+    assert np.ptp(lin) == 0.0
+    deviation = float(probs @ np.abs(L - mu))
+    assert deviation > 0.1 * mu and deviation > printed_std
+    assert deviation <= math.sqrt(dr.loss_variance(X, Y, W, A, B, p)) * (1 + 1e-12)  # the right Std bounds it
+
+
+def test_sec32_rows_of_B_are_channels_only_in_the_sec31_shapes():
+    """D9: sec. 3.2's diag(||B_{1,:}||^2, ..., ||B_{r,:}||^2) is per channel only with sec. 3.1's B (R x C);
+    with Definition 1's (and listing 1's) B in R^{n1 x r} -- our lora_B -- rows are output units, and the
+    abstract's "W + AB" is not even defined for n1 != n2."""
+    X, _, _, A, B = make_problem(23, N=7, d_in=5, d_out=4, r=3)
+    p = 0.25
+    v = p / (1 - p)
+    on_A, _ = dr.penalty_strengths(X, A, B, p)
+    B_sec31 = B.T  # (R, C)
+    np.testing.assert_allclose(v * np.array([B_sec31[i] @ B_sec31[i] for i in range(3)]), on_A, rtol=1e-13)
+    B_def1 = B  # (n1, r) = (d_out, r)
+    rows_def1 = v * np.array([B_def1[i] @ B_def1[i] for i in range(3)])
+    assert np.max(np.abs(rows_def1 - on_A)) > 0.1 * np.max(on_A)
+    # abstract "W + AB" with Definition 1's A (r x n2), B (n1 x r), n1 = 4 != n2 = 5
+    with pytest.raises(ValueError, match="matmul"):
+        A @ B
+    # square case n1 = n2 = r: AB is defined and has the right shape, but it is not BA
+    rng = np.random.default_rng(default_seed() + 13)
+    As, Bs = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    assert np.linalg.norm(As @ Bs - Bs @ As) > 0.5 * np.linalg.norm(Bs @ As)
