@@ -1,8 +1,8 @@
-"""Shared helpers of the figure modules: style, confidence intervals, data-set choice, verdict rules."""
+"""Shared helpers of the figure modules: style, data-set choice, the shared fine-tuning setup. The statistics
+(intervals, tests, verdict rules) live in :mod:`figures.criteria`; ``mean_ci`` / ``ci_dict`` are re-exported here."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import matplotlib
@@ -10,10 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # figures are files; never require a screen
 
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
-from scipy import stats  # noqa: E402
 
+from figures.criteria import ci_dict, mean_ci  # noqa: E402,F401  (re-exported: figures not yet migrated)
 from toymodels import data as datasets  # noqa: E402
 
 PALETTE = "colorblind"
@@ -28,24 +27,6 @@ def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: fl
 
 def colors(n: int) -> list:
     return sns.color_palette(PALETTE, n)
-
-
-def mean_ci(values, confidence: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and t-based confidence interval over ``axis`` (seeds). With one value the interval is [v, v]."""
-    v = np.asarray(values, dtype=np.float64)
-    m = v.mean(axis=axis)
-    n = v.shape[axis]
-    if n < 2:
-        return m, m, m
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(axis=axis, ddof=1) / math.sqrt(n)
-    return m, m - half, m + half
-
-
-def ci_dict(values, confidence: float = 0.95) -> dict:
-    """``{"mean", "ci_low", "ci_high", "n"}`` of a 1-D sample (seeds), JSON-ready."""
-    m, lo, hi = mean_ci(np.asarray(values, dtype=np.float64).ravel(), confidence)
-    return {"mean": float(m), "ci_low": float(lo), "ci_high": float(hi), "n": int(np.size(values)),
-            "confidence": confidence}
 
 
 def real_datasets(prefer: Sequence[str] = ("mnist", "cifar10")) -> tuple[list[str], dict[str, str]]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import figures
-from figures import FIDELITIES, Context, Result
+from figures import FIDELITIES, Context, Result, holds_count
 from toymodels.cache import atomic_write_bytes
 
 
@@ -38,6 +38,13 @@ def _jsonable(obj):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)  # the package's one atomic write (toymodels.cache)
+
+
+def _legacy_protocol(result: Result) -> dict:
+    """The one protocol record of a figure not yet declared with a criterion (rule still in its code)."""
+    return {"name": "as run", "protocol": {}, "primary": True, "paper": False, "verdict": result.verdict,
+            "summary": result.summary, "key": {},
+            "note": "not yet declared: one protocol, the rule is in the figure's code (see the summary)"}
 
 
 def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
@@ -67,7 +74,11 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
         "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "image": f"{fig_id}.png" if result.figure is not None else None,
+        "robustness": bool(ctx.robustness),
+        "criterion": result.criterion,
+        "protocols": result.protocols if result.protocols is not None else [_legacy_protocol(result)],
     }
+    record["holds"] = holds_count(record["protocols"])
     out.mkdir(parents=True, exist_ok=True)
     if result.figure is not None:
         import matplotlib.pyplot as plt
@@ -82,34 +93,107 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
     return record
 
 
+def _robustness_cell(r: dict) -> str:
+    h = r.get("holds") or holds_count(r.get("protocols") or [])
+    if not r.get("criterion"):
+        return "not declared"
+    if h["n"] <= 1:
+        return "primary protocol only"
+    return f"{h['reproduced']}/{h['n']} (partially {h['partially reproduced']})"
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(figure's defaults)"
+
+
+def _key_text(key: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return "; ".join(f"{k} {fmt(v)}" for k, v in key.items())
+
+
+def _protocol_map(r: dict) -> list[str]:
+    """The claim x protocol map of one figure (one row per protocol run)."""
+    lines = ["| protocol | settings | paper's | verdict | key numbers |", "|---|---|---|---|---|"]
+    for p in r["protocols"]:
+        name = f"**{p['name']}** (primary)" if p.get("primary") else p["name"]
+        lines.append(f"| {name} | {_settings_text(p.get('protocol') or {})} | {'yes' if p.get('paper') else ''} | "
+                     f"{p['verdict']} | {_key_text(p.get('key') or {})} |")
+    return lines
+
+
+_METHODS_INTRO = [
+    "## Methods",
+    "",
+    "Every declared figure states its criterion as data (`figures/criteria.py`): the quantity measured per seed,",
+    "the direction and margin of the test (and why that margin), the test (one-sample t over seeds, bootstrap of",
+    "the mean, z on a known-error estimate, exact comparison, or sign test), the family-wise level, and the rule",
+    "mapping the tests to a verdict. The prose of each criterion is rendered from that declaration. Claims of",
+    "\"no change\" or \"same order\" are tested for equivalence with a margin declared up front (two one-sided",
+    "tests), never by \"the interval includes 0\". Several claim tests of one figure are corrected with Holm's",
+    "step-down procedure. Rows marked *sanity* are reported but do not count. Intervals are two-sided at 1 - 2",
+    "alpha (90% for alpha = 0.05), so a one-sided test passes exactly when its interval clears the margin before",
+    "the multiplicity correction. The headline verdict is the one at the paper's protocol where the paper states",
+    "it, otherwise at the figure's declared primary protocol; the robustness column counts the protocols where the",
+    "claim is reproduced (`lora-theory figures --robustness` runs the grid).",
+]
+
+
 def write_gallery(out: Path) -> Path:
-    """Rebuild ``<out>/README.md`` from every ``<id>.json`` in ``out`` (contract order)."""
+    """Rebuild ``<out>/README.md`` from every ``<id>.json`` in ``out`` (contract order): the top table (with a
+    robustness column), per figure its criterion (rendered from the declaration), "holds in k of n protocols"
+    and the claim x protocol map, and a Methods section with every recalibrated rule."""
     records = []
     for fig_id in figures.FIGURE_MODULES:
         path = out / f"{fig_id}.json"
         if path.exists():
-            records.append(json.loads(path.read_text()))
+            r = json.loads(path.read_text())
+            r.setdefault("protocols", [_legacy_protocol(Result(r["verdict"], r["summary"]))])
+            r.setdefault("criterion", None)
+            r["holds"] = holds_count(r["protocols"])
+            records.append(r)
     lines = [
         "# Figure gallery",
         "",
         "Regenerated by `lora-theory figures` (the README's main command); every number below comes from the run",
-        "that drew the figure (see each `<id>.json` for seeds, configuration and measured values). Runtime is this",
-        "figure's wall time in that regeneration: training runs shared between figures are paid by the first figure",
-        "that needs them and come from the run cache afterwards. Verdicts follow the rule stated in each summary.",
+        "that drew the figure (see each `<id>.json` for seeds, configuration, the declared criterion, per-protocol",
+        "verdicts and measured values). Runtime is this figure's wall time in that regeneration: training runs",
+        "shared between figures are paid by the first figure that needs them and come from the run cache",
+        "afterwards. How verdicts are decided: see [Methods](#methods).",
         "",
-        "| figure | paper | verdict | fidelity | runtime (s) |",
-        "|---|---|---|---|---|",
+        "| figure | paper | verdict | robustness (reproduced in k/n protocols) | seeds | fidelity | runtime (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{r['verdict']}** | {r['fidelity']} | "
-                     f"{r['runtime_s']} |")
+        lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{r['verdict']}** | {_robustness_cell(r)} | "
+                     f"{len(r['seeds'])} | {r['fidelity']} | {r['runtime_s']} |")
     for r in records:
         lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
                   f"**Verdict: {r['verdict']}.** {r['summary']}", ""]
+        crit = r.get("criterion")
+        if crit:
+            lines += ["**Criterion.** " + crit["description"].replace("\n", "  \n"), ""]
+            h = r["holds"]
+            lines += [f"**Holds in {h['reproduced']} of {h['n']} protocol{'s' if h['n'] != 1 else ''}** "
+                      f"(partially in {h['partially reproduced']}, not in {h['not reproduced']}, unavailable in "
+                      f"{h['unavailable']}).", ""]
+            lines += _protocol_map(r) + [""]
         if r.get("image"):
             lines += [f"![{r['id']}]({r['image']})", ""]
         lines.append(f"Data: {', '.join(r['datasets']) or 'none (closed form / synthetic)'}; seeds "
                      f"{r['seeds']}; fidelity {r['fidelity']}; {r['runtime_s']} s on {r['device']}.")
+    lines += [""] + _METHODS_INTRO + ["", "### Recalibrated rules", ""]
+    recal = [(r["id"], c) for r in records for c in ((r.get("criterion") or {}).get("recalibrations") or [])]
+    if recal:
+        lines += ["| figure | old rule | new rule | why |", "|---|---|---|---|"]
+        lines += [f"| [{fid}](#{fid}) | {c['old']} | {c['new']} | {c['why']} |" for fid, c in recal]
+    else:
+        lines.append("None recorded in these JSONs.")
+    legacy = [r["id"] for r in records if not r.get("criterion")]
+    if legacy:
+        lines += ["", "Figures whose rule is not yet declared as data (the rule is stated in their summary): "
+                  + ", ".join(legacy) + "."]
     path = out / "README.md"
     _atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
@@ -122,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     fid = parser.add_mutually_exclusive_group()
     fid.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few steps")
     fid.add_argument("--large", action="store_true", help="closer to the papers' sizes (slow)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 10, quick: 2)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="run every declared protocol of each figure (the robustness grid), not only the "
+                             "primary one")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--out", type=Path, default=figures.DEFAULT_OUT, help="output directory")
     parser.add_argument("--threads", type=int, default=1,
@@ -150,14 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure ids {unknown}; see --list")
     fidelity = "quick" if args.quick else "large" if args.large else "default"
     assert fidelity in FIDELITIES
-    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    n_seeds = args.seeds if args.seeds is not None else (2 if args.quick else 10)
     if n_seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = Context(fidelity=fidelity, seeds=tuple(range(n_seeds)), device=device, workers=args.workers,
-                  executor=args.executor)
+                  executor=args.executor, robustness=args.robustness)
     ids = args.ids or list(all_specs)
     total = time.perf_counter()
     for i, fig_id in enumerate(ids, 1):

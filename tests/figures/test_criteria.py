@@ -1,0 +1,362 @@
+"""figures.criteria (declared criteria: tests, TOST, Holm, rule -> verdict) and the declared-figure mechanics of
+figures/__init__.py and figures/cli.py (protocols, headline verdict, JSON contract, gallery).
+
+Every criterion type is made to pass AND to fail on synthetic numbers; p-values are recomputed by hand from the
+t / normal / binomial distributions of scipy.stats (statsmodels is not a dependency), Holm from its definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from figures import Context, Measurement, Protocol, Spec, run_figure
+from figures.cli import write_gallery
+from figures.criteria import Criterion, Estimate, Recalibration, Rule, Test, ci_dict, holm, mean_ci, tost_t
+
+# a fixed, symmetric pattern (mean 0, sd 1 exactly) scaled per test: deterministic, no Monte-Carlo noise
+_PATTERN = np.array([-1.5, -1.0, -0.5, -0.25, 0.0, 0.0, 0.25, 0.5, 1.0, 1.5])
+_PATTERN = _PATTERN / _PATTERN.std(ddof=1)
+
+
+def _sample(mean: float, sd: float) -> np.ndarray:
+    return mean + sd * _PATTERN
+
+
+def _one(test: Test, value, alpha: float = 0.05):
+    return Criterion(tests=(test,), rule=Rule(reproduced=(test.name,)), alpha=alpha).evaluate({test.name: value})
+
+
+def _t_p(x, margin, direction):
+    x = np.asarray(x, dtype=float)
+    n = x.size
+    tstat = (x.mean() - margin) / (x.std(ddof=1) / math.sqrt(n))
+    return stats.t.sf(tstat, n - 1) if direction == "greater" else stats.t.cdf(tstat, n - 1)
+
+
+# ------------------------------------------------------------------------------------------- each test type
+
+
+@pytest.mark.parametrize("direction", ["greater", "less"])
+def test_t_one_sided_passes_and_fails_with_hand_p(direction):
+    sign = 1 if direction == "greater" else -1
+    good, bad = _sample(sign * 0.5, 1.0), _sample(sign * 0.1, 1.0)  # t = 1.58 (p 0.074) and 0.32
+    for x in (good, bad):  # p 0.074 and 0.38: both fail at alpha 0.05
+        out = _one(Test("q", "a quantity", direction, margin=0.0), x)
+        row = out.test("q")
+        assert row["p"] == pytest.approx(_t_p(x, 0.0, direction), rel=1e-12)
+        assert row["p_adjusted"] == row["p"]  # one test: Holm is the identity
+        assert not row["passed"] and out.verdict == "not reproduced"
+    strong = _sample(sign * 1.0, 1.0)  # t = 3.16, p = 0.0058
+    out = _one(Test("q", "a quantity", direction), strong)
+    assert out.verdict == "reproduced" and out.test("q")["p"] < 0.01
+
+
+def test_t_margin_shifts_the_null():
+    x = _sample(0.5, 0.1)
+    assert _one(Test("q", "x", "greater", margin=0.4), x).verdict == "reproduced"
+    assert _one(Test("q", "x", "greater", margin=0.5), x).verdict == "not reproduced"
+    assert _one(Test("q", "x", "less", margin=0.6), x).verdict == "reproduced"
+
+
+def test_t_interval_is_one_minus_two_alpha():
+    x = _sample(2.0, 1.0)
+    row = _one(Test("q", "x", "greater"), x, alpha=0.05).test("q")
+    m, lo, hi = mean_ci(x, confidence=0.90)
+    assert row["ci"] == pytest.approx([lo, hi]) and row["estimate"] == pytest.approx(m)
+    assert row["confidence"] == pytest.approx(0.90)
+
+
+def test_tost_passes_inside_and_fails_when_interval_crosses_a_margin():
+    inside = _sample(0.02, 0.1)  # 90% CI ~ [-0.04, 0.08] inside (-0.1, 0.1)
+    crossing = _sample(0.06, 0.1)  # 90% CI ~ [0.002, 0.12] crosses 0.1
+    t = Test("eq", "slope", "equivalent", margin=0.1, why="10% per e-fold is 'same order'")
+    ok, bad = _one(t, inside), _one(t, crossing)
+    assert ok.verdict == "reproduced" and bad.verdict == "not reproduced"
+    for x, out in ((inside, ok), (crossing, bad)):
+        row = out.test("eq")
+        p_lo, p_hi = _t_p(x, -0.1, "greater"), _t_p(x, 0.1, "less")
+        assert row["p_low"] == pytest.approx(p_lo, rel=1e-12) and row["p_high"] == pytest.approx(p_hi, rel=1e-12)
+        assert row["p"] == pytest.approx(max(p_lo, p_hi), rel=1e-12)
+        assert tost_t(x, -0.1, 0.1)[0] == pytest.approx(row["p"], rel=1e-12)
+
+
+def test_tost_is_not_passed_by_a_wide_interval_around_zero():
+    """The old "CI includes 0" rule passes this (mean 0, huge spread); an equivalence test must not."""
+    x = _sample(0.0, 2.0)
+    lo, hi = mean_ci(x)[1:]
+    assert lo < 0 < hi
+    assert _one(Test("eq", "slope", "equivalent", margin=0.2), x).verdict == "not reproduced"
+
+
+def test_tost_asymmetric_margin():
+    x = _sample(0.5, 0.05)
+    assert _one(Test("eq", "x", "equivalent", margin=(0.4, 0.7)), x).verdict == "reproduced"
+    assert _one(Test("eq", "x", "equivalent", margin=(0.45, 0.52)), x).verdict == "not reproduced"
+
+
+def test_z_test_on_known_error_estimate():
+    t = Test("z", "fitted exponent", "equivalent", margin=(-0.1, 0.1), method="z")
+    out = _one(t, Estimate(0.03, 0.02))
+    row = out.test("z")
+    p_lo, p_hi = stats.norm.sf((0.03 + 0.1) / 0.02), stats.norm.cdf((0.03 - 0.1) / 0.02)
+    assert row["p"] == pytest.approx(max(p_lo, p_hi), rel=1e-12) and out.verdict == "reproduced"
+    assert _one(t, Estimate(0.08, 0.02)).verdict == "not reproduced"
+    g = Test("g", "x", "greater", method="z")
+    assert _one(g, Estimate(0.1, 0.05)).test("g")["p"] == pytest.approx(stats.norm.sf(2.0), rel=1e-12)
+    with pytest.raises(ValueError, match="Estimate"):
+        _one(g, 0.3)
+
+
+def test_exact_comparison():
+    t = Test("e", "closed-form exponent error", "less", margin=0.01, method="exact")
+    assert _one(t, 0.005).verdict == "reproduced"
+    assert _one(t, 0.02).verdict == "not reproduced"
+    assert _one(t, math.nan).verdict == "not reproduced"
+
+
+def test_sign_test_with_binomial_p():
+    t = Test("s", "log spike ratio", "greater", method="sign")
+    x = np.array([0.3, 1.2, 0.1, 5.0, 0.2, 0.4, 2.0, 0.05, 0.6, 0.9])  # 10 of 10 above 0
+    row = _one(t, x).test("s")
+    assert row["p"] == pytest.approx(0.5**10) and row["passed"]
+    y = np.array([0.3, -1.2, 0.1, 5.0, -0.2, 0.4, -2.0, 0.05, -0.6, 0.9])  # 6 of 10
+    row = _one(t, y).test("s")
+    assert row["p"] == pytest.approx(stats.binom.sf(5, 10, 0.5)) and not row["passed"]
+
+
+def test_bootstrap_passes_and_fails_and_is_seeded():
+    t = Test("b", "gap", "greater", method="bootstrap")
+    strong, weak = _sample(1.0, 1.0), _sample(0.05, 1.0)
+    out = _one(t, strong)
+    row = out.test("b")
+    assert out.verdict == "reproduced" and row["ci"][0] > 0
+    assert _one(t, weak).verdict == "not reproduced"
+    assert _one(t, strong).test("b")["ci"] == row["ci"]  # explicit seed: identical resamples
+    # percentile interval vs the t-interval on a symmetric sample: same centre, comparable width
+    m, lo, hi = mean_ci(strong, confidence=0.90)
+    assert abs((row["ci"][0] + row["ci"][1]) / 2 - m) < 0.15 * (hi - lo)
+    assert 0.6 < (row["ci"][1] - row["ci"][0]) / (hi - lo) < 1.2
+
+
+def test_non_finite_values_are_excluded_and_counted():
+    x = np.append(_sample(1.0, 1.0), [math.nan, math.inf])
+    row = _one(Test("q", "x", "greater"), x).test("q")
+    assert row["n"] == 10 and row["n_excluded"] == 2
+
+
+def test_one_value_is_unavailable_not_a_verdict():
+    out = _one(Test("q", "x", "greater"), [1.0])
+    assert out.verdict == "unavailable" and "q" in out.reason
+
+
+def test_constant_values_decide_without_sampling_error():
+    assert _one(Test("q", "x", "greater"), [1.0, 1.0, 1.0]).verdict == "reproduced"
+    assert _one(Test("q", "x", "less"), [1.0, 1.0, 1.0]).verdict == "not reproduced"
+
+
+# ------------------------------------------------------------------------------------------------- Holm
+
+
+def test_holm_against_hand_worked_example():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5]
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+    assert holm([math.nan, 0.01]) == pytest.approx([1.0, 0.02])
+    with pytest.raises(ValueError, match="pvalues"):
+        holm([1.5])
+
+
+def _holm_closed_testing(p, alpha):
+    """Holm as the step-down procedure written out: reject p_(1) if <= alpha/m, then p_(2) if <= alpha/(m-1),
+    ... and stop at the first acceptance."""
+    order = np.argsort(p, kind="stable")
+    rejected = np.zeros(len(p), bool)
+    for k, i in enumerate(order):
+        if p[i] <= alpha / (len(p) - k):
+            rejected[i] = True
+        else:
+            break
+    return rejected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), st.sampled_from([0.01, 0.05, 0.1]))
+def test_holm_properties(p, alpha):
+    adj = np.array(holm(p))
+    raw = np.array(p)
+    assert np.all(adj >= raw - 1e-15) and np.all(adj <= 1.0)
+    reject = adj <= alpha
+    assert not np.any(reject & ~(raw <= alpha))  # never rejects more than the unadjusted tests
+    assert np.all(reject >= (raw * len(p) <= alpha))  # never fewer than Bonferroni
+    assert np.array_equal(reject, _holm_closed_testing(raw, alpha))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-1.0, 1.0), st.floats(0.01, 1.0), st.floats(0.05, 1.0))
+def test_tost_passes_iff_interval_inside_margins(mean, sd, margin):
+    x = _sample(mean, sd)
+    out = _one(Test("eq", "x", "equivalent", margin=margin), x)
+    lo, hi = mean_ci(x, confidence=0.90)[1:]
+    gap = min(abs(lo + margin), abs(hi - margin))
+    if gap > 1e-9:  # away from the exact boundary
+        assert (out.verdict == "reproduced") == (-margin < lo and hi < margin)
+
+
+def test_holm_in_a_criterion_and_sanity_rows_do_not_count():
+    crit = Criterion(
+        tests=(Test("a", "x", "greater"), Test("b", "y", "greater"),
+               Test("s", "pipeline check", "greater", role="sanity")),
+        rule=Rule(reproduced=("a", "b"), partially=(("a",), ("b",))))
+    a = _sample(1.0, 1.0)  # p 0.0058
+    b = _sample(0.75, 1.0)  # p 0.021, second in Holm's order: adjusted max(2 pa, pb) = 0.021
+    out = crit.evaluate({"a": a, "b": b, "s": _sample(-1.0, 1.0)})
+    pa, pb = _t_p(a, 0, "greater"), _t_p(b, 0, "greater")
+    assert out.test("a")["p_adjusted"] == pytest.approx(2 * pa) and out.test("b")["p_adjusted"] == pytest.approx(
+        max(2 * pa, pb))
+    assert not out.test("s")["passed"] and out.test("s")["role"] == "sanity"
+    assert out.verdict == "reproduced"  # the failing sanity row does not count
+    weak_b = _sample(0.3, 1.0)
+    assert crit.evaluate({"a": a, "b": weak_b, "s": a}).verdict == "partially reproduced"
+    assert crit.evaluate({"a": weak_b, "b": weak_b, "s": a}).verdict == "not reproduced"
+    # Holm can turn a nominal pass into a fail: three tests with raw p just under alpha
+    trio = Criterion(tests=tuple(Test(n, "x", "greater") for n in "xyz"), rule=Rule(reproduced=("x", "y", "z")))
+    x = _sample(0.62, 1.0)
+    assert _t_p(x, 0, "greater") < 0.05
+    res = trio.evaluate({"x": x, "y": x, "z": x})
+    assert res.verdict == "not reproduced"
+    none = Criterion(tests=trio.tests, rule=trio.rule, correction="none").evaluate({"x": x, "y": x, "z": x})
+    assert none.verdict == "reproduced"
+
+
+# ------------------------------------------------------------------------------------------ declaration
+
+
+def test_bad_declarations_name_the_argument():
+    with pytest.raises(ValueError, match="direction"):
+        Test("a", "x", "bigger")
+    with pytest.raises(ValueError, match="method"):
+        Test("a", "x", "greater", method="anova")
+    with pytest.raises(ValueError, match="margin"):
+        Test("a", "x", "equivalent", margin=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        Test("a", "x", "equivalent", margin=(0.2, 0.1))
+    with pytest.raises(ValueError, match="role"):
+        Test("a", "x", "greater", role="extra")
+    sanity = Test("s", "x", "greater", role="sanity")
+    with pytest.raises(ValueError, match="rule"):
+        Criterion(tests=(Test("a", "x", "greater"), sanity), rule=Rule(reproduced=("a", "s")))
+    with pytest.raises(ValueError, match="unique"):
+        Criterion(tests=(Test("a", "x", "greater"), Test("a", "y", "less")), rule=Rule(reproduced=("a",)))
+    with pytest.raises(ValueError, match="alpha"):
+        Criterion(tests=(Test("a", "x", "greater"),), rule=Rule(reproduced=("a",)), alpha=0.7)
+    crit = Criterion(tests=(Test("a", "x", "greater"),), rule=Rule(reproduced=("a",)))
+    with pytest.raises(ValueError, match="lacks"):
+        crit.evaluate({})
+
+
+def test_as_dict_is_json_and_describe_renders_the_declaration():
+    crit = Criterion(
+        tests=(Test("rs", "slope of ln loss vs ln r, rsLoRA", "less", why="a direction"),
+               Test("flat", "slope of ln loss vs ln r, LoRA", "equivalent", margin=0.1, why="under 10% per e-fold"),
+               Test("s", "initial loss finite", "greater", method="exact", role="sanity")),
+        rule=Rule(reproduced=("rs", "flat"), partially=(("rs",),)),
+        recalibrations=(Recalibration("CI includes 0", "TOST, margin 0.1", "accepting the null"),))
+    d = json.loads(json.dumps(crit.as_dict()))
+    assert [t["name"] for t in d["tests"]] == ["rs", "flat", "s"] and d["tests"][1]["margin"] == [-0.1, 0.1]
+    assert d["recalibrations"][0]["new"] == "TOST, margin 0.1"
+    text = crit.describe()
+    for piece in ("slope of ln loss vs ln r, rsLoRA", "under 10% per e-fold", "TOST", "Holm", "Sanity",
+                  "reproduced if `rs` and `flat` pass", "partially reproduced if `rs` pass"):
+        assert piece in text, piece
+    out = crit.evaluate({"rs": _sample(-1.0, 1.0), "flat": _sample(0.0, 0.05), "s": 1.0})
+    assert out.verdict == "reproduced"
+    assert json.loads(json.dumps(out.as_dict()))["tests"][0]["name"] == "rs"
+    assert "PASS" in out.describe()
+
+
+def test_ci_dict_is_the_t_interval():
+    x = _sample(1.0, 2.0)
+    d = ci_dict(x)
+    half = stats.t.ppf(0.975, 9) * 2.0 / math.sqrt(10)
+    assert d["mean"] == pytest.approx(1.0) and d["ci_high"] - d["mean"] == pytest.approx(half)
+    from figures._common import ci_dict as legacy
+
+    assert legacy is ci_dict
+
+
+# ------------------------------------------------------------------------------------ protocols / gallery
+
+
+_CRIT = Criterion(tests=(Test("gap", "gap (per seed)", "greater", why="a direction"),),
+                  rule=Rule(reproduced=("gap",)),
+                  recalibrations=(Recalibration("mean > 0", "one-sided t", "a mean alone is not evidence"),))
+_PROTS = (Protocol("adam", {"optimizer": "adam"}, primary=True, paper=True),
+          Protocol("sgd", {"optimizer": "sgd"}), Protocol("broken", {"optimizer": "sgd", "lr": 9.0}))
+
+
+def _measure(ctx, protocol):
+    if protocol.name == "broken":
+        raise RuntimeError("boom")
+    mean = 1.0 if protocol.name == "adam" else 0.0
+    return Measurement(samples={"gap": _sample(mean, 1.0)}, measured={"gap": mean}, summary=f"gap {mean}",
+                       key={"gap": mean}, datasets=["synthetic"], plot=None)
+
+
+def _spec():
+    return Spec("rslora-fig2-loss-vs-rank", "paper", "claim", lambda ctx: None, _CRIT, _PROTS, _measure)
+
+
+def test_run_figure_primary_only_and_robustness_grid(capsys):
+    res = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1)))
+    assert res.verdict == "reproduced" and len(res.protocols) == 1 and res.protocols[0]["protocol"] == {
+        "optimizer": "adam"}
+    assert res.criterion["rule"]["reproduced"] == ["gap"]
+    grid = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1), robustness=True))
+    assert [p["name"] for p in grid.protocols] == ["adam", "sgd", "broken"]
+    assert [p["verdict"] for p in grid.protocols] == ["reproduced", "not reproduced", "unavailable"]
+    assert grid.verdict == "reproduced" and "1 of 3 protocols" in grid.summary
+    assert "boom" in grid.protocols[2]["summary"]
+
+
+def test_protocol_declarations_are_checked():
+    from figures import figure
+
+    with pytest.raises(ValueError, match="exactly one primary"):
+        figure("rslora-fig2-loss-vs-rank", paper="p", claim="c", criterion=_CRIT,
+               protocols=(Protocol("a", primary=True), Protocol("b", primary=True)))
+    with pytest.raises(ValueError, match="paper"):
+        figure("rslora-fig2-loss-vs-rank", paper="p", claim="c", criterion=_CRIT,
+               protocols=(Protocol("a", primary=True), Protocol("b", paper=True)))
+    with pytest.raises(ValueError, match="unknown figure id"):
+        figure("no-such-id", paper="p", claim="c")
+
+
+def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):
+    from figures.cli import regenerate  # noqa: F401  (the JSON writer; the record is built as it would be)
+
+    grid = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1), robustness=True))
+    from figures import holds_count
+
+    rec = {"id": "rslora-fig2-loss-vs-rank", "paper": "rsLoRA fig. 2", "claim": "c", "verdict": grid.verdict,
+           "summary": grid.summary, "datasets": [], "seeds": [0, 1], "fidelity": "quick", "runtime_s": 1.0,
+           "device": "cpu", "image": None, "criterion": grid.criterion, "protocols": grid.protocols,
+           "holds": holds_count(grid.protocols)}
+    legacy = {"id": "allora-fig1-dropout-mc", "paper": "ALLoRA fig. 1", "claim": "c", "verdict": "reproduced",
+              "summary": "legacy rule", "datasets": [], "seeds": [0], "fidelity": "quick", "runtime_s": 1.0,
+              "device": "cpu", "image": None}
+    (tmp_path / "rslora-fig2-loss-vs-rank.json").write_text(json.dumps(rec))
+    (tmp_path / "allora-fig1-dropout-mc.json").write_text(json.dumps(legacy))
+    text = write_gallery(tmp_path).read_text()
+    assert "**Holds in 1 of 3 protocols**" in text
+    assert "| 1/3 (partially 0) |" in text and "| not declared |" in text
+    assert "| **adam** (primary) | optimizer=adam | yes | reproduced |" in text
+    assert "## Methods" in text and "| mean > 0 | one-sided t | a mean alone is not evidence |" in text
+    assert "gap (per seed)" in text  # the criterion's prose comes from the declaration
