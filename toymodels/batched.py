@@ -7,7 +7,7 @@ sequential run, step for step:
 
 - same pretrained model, data subsets and LoRA initialisation: taken from :func:`train.build_finetune_model`
   and :func:`train.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
-- same mini-batches: :func:`train._batches` with a generator seeded ``seed + 3``;
+- same mini-batches: :func:`train.minibatches` with a generator seeded ``seed + 3``;
 - same dropout masks: the sequential engine seeds the global RNG with ``seed + 2`` and draws, at every step, one
   mask per LoRA layer in layer order (``empty_like(input).bernoulli_(1 - p).div_(1 - p)``: what
   ``nn.Dropout`` does on CPU), shape (batch, d_in) for the input placement, (batch, r) for the bottleneck. Here
@@ -70,7 +70,7 @@ MASKS = ("exact", "fast")
 FAST_MASKS = "pcg64-u32-v1"  # part of the cache key of fast-mask runs: change it when the scheme changes
 VARYING = ("seed", "dropout", "lr", "scaling")
 RECORDERS = ("loss", "norms", "rows", "channels", "grads")
-_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as train._optimizer uses them
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as train.make_optimizer uses them
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -79,7 +79,7 @@ _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults
 def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
     """The configs as a list if :func:`finetune_many` can run them together; else ValueError naming the field.
 
-    Each config must use method "lora" without expected-loss training, LoRA+ or LoWR, and record only
+    Each config must use method "lora" in float32 without expected-loss training, LoRA+ or LoWR, and record only
     :data:`RECORDERS` ("moments" and "grad_std" are not implemented here); every field other than seed,
     dropout, lr and scaling must be the same in all configs.
     """
@@ -100,6 +100,8 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
             raise ValueError(f"lora_plus_ratio must be None for the batched engine, got {c.lora_plus_ratio!r}")
         if c.lowr is not None:
             raise ValueError(f"lowr must be None for the batched engine, got {c.lowr!r}")
+        if c.dtype != "float32":
+            raise ValueError(f"dtype must be 'float32' for the batched engine, got {c.dtype!r}")
         bad = [r for r in c.recorders if r not in RECORDERS]
         if bad:
             raise ValueError(f"recorders must be among {RECORDERS} for the batched engine, got {bad}")
@@ -578,7 +580,7 @@ class _Batch:
             if "loss" in rec:
                 for split_name in ("train", "test"):
                     logits, y = self._logits(k, "finetune" if split_name == "train" else split_name)
-                    hk.setdefault(f"{split_name}_loss", []).append(train._loss_fn(self.cfg.loss, logits, y).item())
+                    hk.setdefault(f"{split_name}_loss", []).append(train.loss_fn(self.cfg.loss, logits, y).item())
                     hk.setdefault(f"{split_name}_acc", []).append((logits.argmax(1) == y).double().mean().item())
             if "norms" in rec:
                 hk.setdefault("norm_A", []).append(list(norms[0][k]))
@@ -599,7 +601,7 @@ class _Batch:
         n = self.splits["finetune"][2].shape[1]
         hist: list[dict[str, list]] = [{"step": [], "batch_loss": []} for _ in range(self.K)]
         self.record(hist, 0, grads=False)
-        streams = [train._batches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
+        streams = [train.minibatches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
         losses = torch.empty(cfg.steps, self.K, device=self.dev)
         if self.mask_threads > 1 and len(self.dropped) > 1:
             self.pool = ThreadPoolExecutor(min(self.mask_threads, len(self.dropped)))

@@ -1,21 +1,30 @@
-"""Pretraining and LoRA fine-tuning of the toy MLP, with recorders and a resumable on-disk cache.
+"""Pretraining and LoRA fine-tuning of the toy MLP: the one training loop, its callbacks, and the run cache.
 
 One :class:`FinetuneConfig` describes one run completely (data protocol, model, adapter, optimizer, seed,
 recorders); :func:`finetune` returns its history as numpy arrays and caches it under the SHA-256 of the
-config, so a sweep (:func:`run_sweep`) interrupted at any point resumes where it stopped. Data are tensors on
-the device (no DataLoader); mini-batches are drawn from a seeded generator; dropout masks from the global torch
-RNG seeded per run, so the same config gives the same numbers on CPU.
+config (plus the keys of any custom callbacks), so a sweep (:func:`run_sweep`) interrupted at any point resumes
+where it stopped. Data are tensors on the device (no DataLoader); every random stream of a run is derived from
+its seed by :class:`SeedStreams`, so the same config gives the same bits on CPU.
+
+What a run measures is done by callbacks (:class:`Callback`): the recorders named in ``cfg.recorders``
+("loss", "norms", ...) are built-in callbacks (:mod:`toymodels.callbacks`); a figure that needs more (weight
+snapshots, closed-form quantities of the live model, captured layer inputs and output gradients, an init
+transform) passes its own callbacks to :func:`finetune`: their :meth:`Callback.key` enters the cache key and
+their :meth:`Callback.result` is cached with the run's history.
 
 ``expected_loss=True`` trains LoRA on the last (linear) layer with MSE on the exact expected loss over dropout
 masks (ALLoRA fig. 4), a torch transcription of :func:`analysis.dropout.expected_loss` (tested against it).
+``dtype="float64"`` runs the whole fine-tuning (pretrained weights, LoRA init, data) in double precision
+(LoWR Prop. 4.1's lock-step check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -45,9 +54,72 @@ class TrainingDiverged(FloatingPointError):
         super().__init__(f"non-finite loss at step {step} for {cfg}")
         self.step = step
         self.cfg = cfg
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("ce", "mse")
 RECORDERS = ("loss", "norms", "rows", "grads", "channels", "moments", "grad_std")
+DTYPES = ("float32", "float64")
+ON_DIVERGE = ("raise", "return")
+
+
+# ---------------------------------------------------------------------------------------------- seed streams
+
+
+class SeedStreams:
+    """The one place where a run's random streams are derived from its seed.
+
+    Stream ``name`` is seeded ``seed + SeedStreams.OFFSETS[name]``: "pretrain" (+0: the pretrained MLP's init,
+    its batches and the data subsets), "init" (+1: the LoRA initialisation, a CPU generator), "masks" (+2: the
+    global torch RNG that draws the dropout masks), "batches" (+3: the mini-batch permutations), "probe" (+4:
+    the probe mini-batch of the recorders), "grad_std" (+5: the masks of the grad_std recorder, drawn from a
+    forked RNG). A callback that draws random numbers must not touch the training streams: it uses
+    :meth:`fork` (a forked global RNG seeded ``seed + offset``, restored afterwards) or its own generator.
+    """
+
+    OFFSETS = MappingProxyType({"pretrain": 0, "init": 1, "masks": 2, "batches": 3, "probe": 4, "grad_std": 5})
+
+    def __init__(self, seed: int):
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.base = int(seed)
+
+    def __repr__(self) -> str:
+        return f"SeedStreams({self.base})"
+
+    def seed(self, stream: str) -> int:
+        """The integer seed of ``stream`` (one of :attr:`OFFSETS`)."""
+        if stream not in self.OFFSETS:
+            raise ValueError(f"stream must be one of {tuple(self.OFFSETS)}, got {stream!r}")
+        return self.base + self.OFFSETS[stream]
+
+    def generator(self, stream: str) -> torch.Generator:
+        """A fresh CPU generator seeded for ``stream`` (CPU draws give the same numbers on every device)."""
+        return torch.Generator(device="cpu").manual_seed(self.seed(stream))
+
+    def seed_global(self, stream: str) -> None:
+        """Seed torch's global RNG (CPU and CUDA) for ``stream``: the dropout masks are drawn from it."""
+        torch.manual_seed(self.seed(stream))
+
+    @contextlib.contextmanager
+    def fork(self, offset: int | str, device: torch.device | str | None = None) -> Iterator[None]:
+        """Run the block with the global RNG seeded ``seed + offset`` (``offset`` an int or a stream name) and
+        restore the training RNG afterwards (so a Monte Carlo inside a callback leaves the run unchanged)."""
+        off = self.OFFSETS[offset] if isinstance(offset, str) and offset in self.OFFSETS else offset
+        if isinstance(off, str) or isinstance(off, bool) or not isinstance(off, int | np.integer):
+            raise ValueError(f"offset must be an integer or one of {tuple(self.OFFSETS)}, got {offset!r}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(self.base + int(off))
+            yield
+
+    def probe_indices(self, n: int, size: int | None) -> torch.Tensor:
+        """The probe mini-batch: the first ``size`` (all if None) of a permutation of ``range(n)`` drawn from the
+        "probe" stream (the same rows at every record of a run)."""
+        return torch.randperm(n, generator=self.generator("probe"))[: size or n]
+
+
+# ---------------------------------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
@@ -84,6 +156,7 @@ class FinetuneConfig:
     expected_loss: bool = False
     lora_plus_ratio: float | None = None
     lowr: tuple[float, float, int] | None = None  # (tau, alpha, every)
+    dtype: str = "float32"  # "float64": the whole fine-tuning in double precision
     # recording
     seed: int = 0
     record_every: int = 10
@@ -112,6 +185,8 @@ class FinetuneConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         unknown = set(self.recorders) - set(RECORDERS)
         if unknown:
             raise ValueError(f"recorders must be among {RECORDERS}, got {sorted(unknown)}")
@@ -139,10 +214,27 @@ class FinetuneConfig:
     def replace(self, **changes) -> FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def streams(self) -> SeedStreams:
+        """The run's random streams (:class:`SeedStreams` of ``seed``)."""
+        return SeedStreams(self.seed)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def record_steps(self) -> list[int]:
+        """The steps at which the recorders record: 0, every ``record_every`` steps, and the last step."""
+        return sorted(set(range(0, self.steps + 1, self.record_every)) | {self.steps})
+
     def as_dict(self) -> dict:
         """The cache key's content: every field, the engine version and torch's CPU thread count (float
-        reductions, hence the last bits of a run, depend on it; the figures CLI and the tests use 1 thread)."""
+        reductions, hence the last bits of a run, depend on it; the figures CLI and the tests use 1 thread).
+        Fields added after version 1 enter only when they differ from their default (old keys stay valid)."""
         d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **dataclasses.asdict(self)}
+        for name, default in _LATE_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         if "grad_std" in self.recorders:
             d["grad_std_rng"] = "forked"  # since the grad_std masks stopped consuming the training RNG
         return d
@@ -154,15 +246,18 @@ class FinetuneConfig:
                 **{k: getattr(self, k) for k in keys}}
 
 
+_LATE_FIELDS = {"dtype": "float32"}  # fields added after the first cached runs, and their defaults
+
+
 def datasets_input_dim(name: str) -> int:
     return {"mnist": 784, "fashion-mnist": 784, "cifar10": 3072}.get(name, -1)
 
 
-# --------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- public helpers
 
 
 def protocol_data(cfg: FinetuneConfig, device: torch.device) -> datasets.FinetuneData:
-    """The pretrain / fine-tune / test tensors of the run (ALLoRA sec. 3.4 protocol)."""
+    """The pretrain / fine-tune / test tensors of the run (ALLoRA sec. 3.4 protocol), in float32."""
     kwargs = dict(n_pretrain=cfg.n_pretrain, n_finetune=cfg.n_finetune, seed=cfg.seed, task_shift=cfg.task_shift,
                   device=device)
     if cfg.n_test is not None:
@@ -172,23 +267,30 @@ def protocol_data(cfg: FinetuneConfig, device: torch.device) -> datasets.Finetun
     return datasets.finetune_protocol(cfg.dataset, **kwargs)
 
 
-def _loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch-mean loss: "ce" = cross-entropy; "mse" = mean over samples of ||logits - one_hot(y)||^2."""
     if kind == "ce":
         return nn.functional.cross_entropy(logits, y)
+    if kind != "mse":
+        raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
     target = nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
     return ((logits - target) ** 2).sum(dim=1).mean()
 
 
-def _optimizer(name: str, groups, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """torch.optim.SGD / Adam / AdamW (default betas and eps) over ``groups`` (parameters or param groups)."""
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"name must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def _batches(n: int, batch: int | None, steps: int, generator: torch.Generator) -> Iterable[torch.Tensor | None]:
-    """Indices of each step's mini-batch: reshuffled epochs; ``None`` for full batch."""
+def minibatches(n: int, batch: int | None, steps: int, generator: torch.Generator) -> Iterable[torch.Tensor | None]:
+    """Indices of each step's mini-batch: reshuffled epochs (``torch.randperm(n, generator)``, the last partial
+    batch of an epoch dropped); ``None`` at every step for full batch (``batch`` None or >= n)."""
     if batch is None or batch >= n:
         for _ in range(steps):
             yield None
@@ -203,21 +305,49 @@ def _batches(n: int, batch: int | None, steps: int, generator: torch.Generator) 
             done += 1
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, split: datasets.Split, loss_kind: str) -> tuple[float, float]:
+    """(loss, accuracy) of ``model`` on a whole split, dropout off (eval mode; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    logits = model(split.x)
+    loss = loss_fn(loss_kind, logits, split.y).item()
+    acc = (logits.argmax(1) == split.y).double().mean().item()
+    model.train(was_training)
+    return loss, acc
+
+
+def layer_inputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every layer of the MLP for input ``x`` (layer i gets the ReLU of layer i-1's output)."""
+    inputs = []
+    for i, layer in enumerate(model.layers):
+        inputs.append(x)
+        x = layer(x)
+        if i < len(model.layers) - 1:
+            x = torch.relu(x)
+    return inputs
+
+
+def adapter_output(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's contribution to the layer's output (call in eval mode: no dropout), for every method."""
+    return layer(x) - layer.base(x)
+
+
 # ----------------------------------------------------------------------------------------------- pretraining
 
 
 def pretrain(cfg: FinetuneConfig, device: torch.device | None = None, *, use_cache: bool = True) -> MLP:
-    """The pretrained MLP of the run's protocol (full weights, Adam, cross-entropy), cached on disk."""
+    """The pretrained MLP of the run's protocol (full weights, Adam, cross-entropy, float32), cached on disk."""
     device = auto_device(device)
+    streams = cfg.streams
 
     def compute():
-        torch.manual_seed(cfg.seed)
+        streams.seed_global("pretrain")
         data = protocol_data(cfg, device)
-        model = MLP(cfg.widths, seed=cfg.seed, device=device)
+        model = MLP(cfg.widths, seed=streams.seed("pretrain"), device=device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
-        gen = torch.Generator().manual_seed(cfg.seed)
         x, y = data.pretrain
-        for idx in _batches(len(y), cfg.pretrain_batch, cfg.pretrain_steps, gen):
+        for idx in minibatches(len(y), cfg.pretrain_batch, cfg.pretrain_steps, streams.generator("pretrain")):
             xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(xb), yb).backward()
@@ -255,164 +385,255 @@ def expected_mse(layer: LoRALinear, h: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def build_finetune_model(cfg: FinetuneConfig, device: torch.device | None = None) -> MLP:
-    """The pretrained MLP with LoRA injected on ``cfg.targets`` (all else frozen)."""
+    """The pretrained MLP (in ``cfg.dtype``) with LoRA injected on ``cfg.targets`` (all else frozen); the
+    adapters are initialised on the CPU from the "init" stream (identical numbers on every device)."""
     device = auto_device(device)
     model = pretrain(cfg, device)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
     adapter = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, dropout_placement=cfg.placement, method=cfg.method,
                    eta=cfg.eta, init=cfg.init, rank_scaled_init=cfg.rank_scaled_init)
     if cfg.scaling is not None:
         adapter["scaling"] = cfg.scaling
-    # initialise on CPU from a CPU generator (identical numbers on every device), then move
-    model.cpu()
-    inject_lora(model, list(cfg.targets), generator=gen, **adapter)
+    model.cpu().to(cfg.torch_dtype)
+    inject_lora(model, list(cfg.targets), generator=cfg.streams.generator("init"), **adapter)
     return model.to(device)
 
 
-@torch.no_grad()
-def _evaluate(model: MLP, split: datasets.Split, loss_kind: str) -> tuple[float, float]:
-    was_training = model.training
-    model.eval()
-    logits = model(split.x)
-    loss = _loss_fn(loss_kind, logits, split.y).item()
-    acc = (logits.argmax(1) == split.y).double().mean().item()
-    model.train(was_training)
-    return loss, acc
+class TrainState:
+    """What a :class:`Callback` sees: the live run.
+
+    Attributes: ``cfg``, ``device``, ``streams`` (:class:`SeedStreams`), ``model`` (the MLP with LoRA),
+    ``layers`` / ``layer_names`` (its LoRALinear modules, in order, and their names), ``data``
+    (:class:`toymodels.data.FinetuneData` in the run's dtype), ``optimizer``, ``step`` (0 before training, then
+    the 1-based number of the step just taken or about to be taken), ``batch`` (the step's (x, y)), ``loss``
+    (the step's loss tensor, after the forward pass), ``record`` (True at the record steps of
+    :meth:`FinetuneConfig.record_steps`), ``diverged_step`` (None, or the step whose loss was non-finite).
+    """
+
+    def __init__(self, cfg: FinetuneConfig, device: torch.device, model: MLP, data: datasets.FinetuneData,
+                 optimizer: torch.optim.Optimizer):
+        self.cfg = cfg
+        self.device = device
+        self.streams = cfg.streams
+        self.model = model
+        self.layers = lora_modules(model)
+        self.layer_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        self.data = data
+        self.optimizer = optimizer
+        self.step = 0
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.record = True
+        self.diverged_step: int | None = None
+        self._probe: torch.Tensor | None = None
+
+    @property
+    def probe(self) -> torch.Tensor:
+        """Indices (on the device) of the probe mini-batch of the fine-tune set (:meth:`SeedStreams.probe_indices`
+        with the run's batch size)."""
+        if self._probe is None:
+            n = len(self.data.finetune.y)
+            self._probe = self.streams.probe_indices(n, self.cfg.batch_size).to(self.device)
+        return self._probe
 
 
-def _adapter_output(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's contribution to the layer's output (call in eval mode: no dropout), for every method."""
-    return layer(x) - layer.base(x)
+class Callback:
+    """A measurement (or an intervention) run inside :func:`finetune`'s loop.
+
+    Hooks (all optional, called with the :class:`TrainState`; callbacks are called in the order given, the
+    built-in recorders of ``cfg.recorders`` last):
+
+    - ``on_train_begin``: the model is built and initialised, step 0, before any update;
+    - ``on_step_begin``: the step's batch is chosen, before the forward pass;
+    - ``on_after_backward``: the gradients of the step are in ``.grad`` (before the optimizer step);
+    - ``on_step_end``: the optimizer (and LoWR) have updated the weights (a callback that changes the model does
+      it here; put it before the callbacks that measure it);
+    - ``on_record``: at the record steps (0, every ``record_every``, the last), after every ``on_step_end``;
+    - ``on_train_end``: after the last step, or after the step whose loss was non-finite (``state.diverged_step``).
+
+    A callback must not draw from the global torch RNG (it holds the dropout masks of the next steps): use
+    ``state.streams.fork(offset)``. :meth:`key` (JSON-able) enters the run-cache key together with the class's
+    qualified name and :attr:`version`; :meth:`result` (name -> array) is merged into the run's history and
+    cached with it (a name that another callback or the engine already uses raises ValueError). A callback
+    object is used for one run: :func:`finetune` calls :meth:`reset` before a run.
+    """
+
+    version: int = 0  # bump when what the callback computes changes (it is part of the cache key)
+
+    def key(self) -> dict:
+        """The parameters that change what the callback computes (JSON-able)."""
+        return {}
+
+    def reset(self) -> None:
+        """Forget the results of a previous run."""
+
+    def result(self) -> Mapping[str, np.ndarray]:
+        return {}
+
+    def on_train_begin(self, state: TrainState) -> None: ...
+
+    def on_step_begin(self, state: TrainState) -> None: ...
+
+    def on_after_backward(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_record(self, state: TrainState) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+    def full_key(self) -> dict:
+        """What enters the cache key: the class (module and qualified name), :attr:`version` and :meth:`key`."""
+        cls = type(self)
+        return {"callback": f"{cls.__module__}.{cls.__qualname__}", "version": self.version, **self.key()}
 
 
-def _layer_inputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
-    inputs = []
-    for i, layer in enumerate(model.layers):
-        inputs.append(x)
-        x = layer(x)
-        if i < len(model.layers) - 1:
-            x = torch.relu(x)
-    return inputs
+def recorder_callbacks(cfg: FinetuneConfig) -> list[Callback]:
+    """The built-in callbacks of ``cfg.recorders`` (:mod:`toymodels.callbacks`), in :data:`RECORDERS` order."""
+    from toymodels import callbacks as builtin  # the callbacks module imports this one
+
+    return [builtin.RECORDER_CLASSES[name]() for name in RECORDERS if name in cfg.recorders]
 
 
-def _grad_std(model: MLP, cfg: FinetuneConfig, xb: torch.Tensor, yb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-entry std of the gradients of one layer's (A, B) over ``grad_std_masks`` dropout masks, one batch."""
-    layer = dict(model.named_modules())[cfg.grad_std_layer]
-    grads_A, grads_B = [], []
-    was_training = model.training
-    model.train()
-    # masks from a forked RNG: switching the recorder on must not change the training run's own masks
-    with torch.random.fork_rng(devices=[xb.device] if xb.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 5)  # the same masks at every record: epochs compare like with like
-        for _ in range(cfg.grad_std_masks):
-            loss = _loss_fn(cfg.loss, model(xb), yb)
-            gA, gB = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
-            grads_A.append(gA.flatten())
-            grads_B.append(gB.flatten())
-    model.train(was_training)
-    return (torch.stack(grads_A).std(0).cpu().numpy(), torch.stack(grads_B).std(0).cpu().numpy())
+def _frozen_prefix(cfg: FinetuneConfig) -> int:
+    """Number of leading layers that are frozen (no LoRA): their output on the full batch is computed once."""
+    return min(int(t.split(".")[1]) for t in cfg.targets)
 
 
-def _train(cfg: FinetuneConfig, device: torch.device) -> dict[str, np.ndarray]:
-    data = protocol_data(cfg, device)
+def _forward_from(model: MLP, start: int, h: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` given ``h``, the ReLU output of layer ``start - 1`` (the input of layer ``start``): the same
+    operations as :meth:`MLP.forward` from there on."""
+    last = len(model.layers) - 1
+    for i in range(start, last):
+        h = torch.relu(model.layers[i](h))
+    return model.layers[last](h)
+
+
+def _in_dtype(data: datasets.FinetuneData, dtype: torch.dtype) -> datasets.FinetuneData:
+    if dtype == torch.float32:
+        return data
+    cast = {k: datasets.Split(getattr(data, k).x.to(dtype), getattr(data, k).y) for k in ("pretrain", "finetune",
+                                                                                          "test")}
+    return dataclasses.replace(data, **cast)
+
+
+def _train(cfg: FinetuneConfig, device: torch.device, callbacks: Sequence[Callback] = ()) -> dict[str, np.ndarray]:
+    """The training loop (one run, no cache): returns the history, the callbacks' results merged in."""
+    streams = cfg.streams
+    data = _in_dtype(protocol_data(cfg, device), cfg.torch_dtype)
     model = build_finetune_model(cfg, device)
-    layers = lora_modules(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if cfg.lora_plus_ratio is not None:
         groups = lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio)
     else:
         groups = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
-    lowr = LoWR(layers, tau=cfg.lowr[0], alpha=cfg.lowr[1], every=int(cfg.lowr[2])) if cfg.lowr else None
-    torch.manual_seed(cfg.seed + 2)  # dropout masks
-    gen = torch.Generator().manual_seed(cfg.seed + 3)  # mini-batches
+    opt = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
+    state = TrainState(cfg, device, model, data, opt)
+    lowr = LoWR(state.layers, tau=cfg.lowr[0], alpha=cfg.lowr[1], every=int(cfg.lowr[2])) if cfg.lowr else None
+    cbs = [*callbacks, *recorder_callbacks(cfg)]
+    for cb in cbs:
+        cb.reset()
+    streams.seed_global("masks")
+    gen = streams.generator("batches")
     x, y = data.finetune
-    probe = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 4))[: cfg.batch_size or len(y)]
-    probe = probe.to(device)
-    hist: dict[str, list] = {k: [] for k in ("step", "batch_loss")}
-    rec = set(cfg.recorders)
-
-    def record(step: int, grads: list[tuple[float, float]] | None) -> None:
-        hist["step"].append(step)
-        if "loss" in rec:
-            for split_name, split in (("train", data.finetune), ("test", data.test)):
-                loss, acc = _evaluate(model, split, cfg.loss)
-                hist.setdefault(f"{split_name}_loss", []).append(loss)
-                hist.setdefault(f"{split_name}_acc", []).append(acc)
-        with torch.no_grad():
-            if "norms" in rec:
-                hist.setdefault("norm_A", []).append([m.lora_A.norm().item() for m in layers])
-                hist.setdefault("norm_B", []).append([m.lora_B.norm().item() for m in layers])
-            if "rows" in rec:
-                hist.setdefault("row_norm_BA", []).append(
-                    [(m.scaling * m.lora_B @ m.lora_A).norm(dim=1).mean().item() for m in layers])
-            if "channels" in rec:
-                hist.setdefault("channel_a", []).append([m.lora_A.norm(dim=1).cpu().numpy() for m in layers])
-                hist.setdefault("channel_b", []).append([m.lora_B.norm(dim=0).cpu().numpy() for m in layers])
-            if "moments" in rec:
-                model.eval()
-                ins = _layer_inputs(model, x)
-                outs = [_adapter_output(m, ins[int(n.split(".")[1])]) for m, n in zip(layers, names, strict=True)]
-                model.train()
-                hist.setdefault("out_mean", []).append([o.mean().item() for o in outs])
-                hist.setdefault("out_second", []).append([(o**2).mean().item() for o in outs])
-        if "grads" in rec:
-            g = grads if grads is not None else [(math.nan, math.nan)] * len(layers)
-            hist.setdefault("grad_norm_A", []).append([a for a, _ in g])
-            hist.setdefault("grad_norm_B", []).append([b for _, b in g])
-        if "grad_std" in rec:
-            sA, sB = _grad_std(model, cfg, x[probe], y[probe])
-            hist.setdefault("grad_std_A", []).append(sA)
-            hist.setdefault("grad_std_B", []).append(sB)
+    full_batch = cfg.batch_size is None or cfg.batch_size >= len(y)
+    start = _frozen_prefix(cfg) if full_batch and not cfg.expected_loss else 0
+    if start:
+        with torch.no_grad():  # the frozen layers' output on the full batch: the same numbers at every step
+            h_frozen = x
+            for i in range(start):
+                h_frozen = torch.relu(model.layers[i](h_frozen))
+    hist: dict[str, list] = {"step": [], "batch_loss": []}
+    record_steps = set(cfg.record_steps())
+    last = state.layers[-1]
 
     model.train()
-    record(0, None)
-    last = layers[-1]
-    for step, idx in enumerate(_batches(len(y), cfg.batch_size, cfg.steps, gen), start=1):
+    for cb in cbs:
+        cb.on_train_begin(state)
+    hist["step"].append(0)
+    for cb in cbs:
+        cb.on_record(state)
+    for step, idx in enumerate(minibatches(len(y), cfg.batch_size, cfg.steps, gen), start=1):
+        state.step, state.record = step, step in record_steps
         xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
+        state.batch, state.loss = (xb, yb), None
+        for cb in cbs:
+            cb.on_step_begin(state)
         opt.zero_grad(set_to_none=True)
         if cfg.expected_loss:
             with torch.no_grad():
                 h = model.features(xb)
             loss = expected_mse(last, h, yb)
+        elif start:
+            loss = loss_fn(cfg.loss, _forward_from(model, start, h_frozen), yb)
         else:
-            loss = _loss_fn(cfg.loss, model(xb), yb)
+            loss = loss_fn(cfg.loss, model(xb), yb)
+        state.loss = loss
         if not torch.isfinite(loss):  # stop, and keep what was recorded (cached: a diverging run is not retrained)
-            hist["diverged_step"] = [step]
+            state.diverged_step = step
             break
         loss.backward()
-        grads = [(m.lora_A.grad.norm().item(), m.lora_B.grad.norm().item()) for m in layers] if "grads" in rec \
-            else None
+        for cb in cbs:
+            cb.on_after_backward(state)
         opt.step()
         if lowr is not None:
             lowr.step()
         hist["batch_loss"].append(loss.item())
-        if step % cfg.record_every == 0 or step == cfg.steps:
-            record(step, grads)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
+        for cb in cbs:
+            cb.on_step_end(state)
+        if state.record:
+            hist["step"].append(step)
+            for cb in cbs:
+                cb.on_record(state)
+    for cb in cbs:
+        cb.on_train_end(state)
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
+    if state.diverged_step is not None:
+        out["diverged_step"] = np.asarray([state.diverged_step], dtype=np.float64)
+    for cb in cbs:
+        for name, value in cb.result().items():
+            if name in out:
+                raise ValueError(f"callback {type(cb).__qualname__} returns {name!r}, a name already in the history")
+            out[name] = np.asarray(value)
+    return out
 
 
-def finetune(cfg: FinetuneConfig, *, device: str | torch.device | None = None, use_cache: bool = True,
-             refresh: bool = False, on_diverge: str = "raise") -> dict[str, np.ndarray]:
+def run_key(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> dict:
+    """The run-cache key of ``cfg`` trained with ``callbacks``: ``cfg.as_dict()``, plus the callbacks' keys
+    (:meth:`Callback.full_key`) when there are any (so a run without custom callbacks keeps its key)."""
+    d = cfg.as_dict()
+    if callbacks:
+        d["callbacks"] = [cb.full_key() for cb in callbacks]
+    return d
+
+
+def finetune(cfg: FinetuneConfig, *, callbacks: Sequence[Callback] = (), device: str | torch.device | None = None,
+             use_cache: bool = True, refresh: bool = False, on_diverge: str = "raise") -> dict[str, np.ndarray]:
     """Run (or load from the cache) one fine-tuning run; returns its history as numpy arrays.
 
     Keys: ``step`` (record steps), ``batch_loss`` (every step) and, per recorder, ``train_loss``, ``test_loss``,
     ``train_acc``, ``test_acc`` ("loss"); ``norm_A``, ``norm_B`` (records x layers, "norms"); ``row_norm_BA``
     (mean row norm of s BA, "rows"); ``grad_norm_A``, ``grad_norm_B`` ("grads"); ``channel_a``, ``channel_b``
     (records x layers x r, "channels"); ``out_mean``, ``out_second`` (adapter output moments, "moments");
-    ``grad_std_A``, ``grad_std_B`` (records x entries, "grad_std").
+    ``grad_std_A``, ``grad_std_B`` (records x entries, "grad_std"); plus what each of ``callbacks`` returns
+    (:meth:`Callback.result`). The callbacks' keys enter the cache key (:func:`run_key`).
 
-    A run whose loss becomes non-finite stops there; its history (up to the last finite step) is cached with
-    the key ``diverged_step``. ``on_diverge="raise"`` (default) then raises :class:`TrainingDiverged` (with
-    ``.step``), ``"return"`` returns the truncated history.
+    Divergence, the one policy: a run whose loss becomes non-finite at step k stops there; its history (steps
+    before k: ``batch_loss`` has k - 1 entries, the records and callback results up to step k - 1) is cached
+    with ``diverged_step = [k]`` (a diverging run is computed once). ``on_diverge="raise"`` (default) then
+    raises :class:`TrainingDiverged` (``.step`` = k), ``"return"`` returns that truncated history: the caller
+    tests ``"diverged_step" in hist``.
     """
-    if on_diverge not in ("raise", "return"):
+    if on_diverge not in ON_DIVERGE:
         raise ValueError(f"on_diverge must be 'raise' or 'return', got {on_diverge!r}")
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise ValueError(f"callbacks must be Callback objects, got {type(cb).__name__}")
     dev = auto_device(device)
-    if use_cache:
-        hist = run_cache.cached("finetune", cfg.as_dict(), lambda: _train(cfg, dev), refresh=refresh)
-    else:
-        hist = _train(cfg, dev)
+
+    def compute():
+        return _train(cfg, dev, callbacks) if callbacks else _train(cfg, dev)
+
+    hist = run_cache.cached("finetune", run_key(cfg, callbacks), compute, refresh=refresh) if use_cache else compute()
     if "diverged_step" in hist and on_diverge == "raise":
         raise TrainingDiverged(int(hist["diverged_step"][0]), cfg)
     return hist
