@@ -639,20 +639,19 @@ def finetune(cfg: FinetuneConfig, *, callbacks: Sequence[Callback] = (), device:
     return hist
 
 
-def run_sweep(configs: Sequence[FinetuneConfig], *, device: str | torch.device | None = None,
-              progress: bool | None = None, use_cache: bool = True,
-              on_diverge: str = "raise") -> list[dict[str, np.ndarray]]:
-    """Run many configurations (seeds x settings), skipping cached ones; an interrupted sweep resumes.
+def run_sweep(configs: Sequence[FinetuneConfig], *, executor="local", workers: int | None = None,
+              device: str | torch.device | None = None, progress: bool | None = None, use_cache: bool = True,
+              on_diverge: str = "raise", **options) -> list[dict[str, np.ndarray]]:
+    """Run many configurations (seeds x settings), in parallel, skipping cached ones; an interrupted sweep resumes.
 
-    All configurations are validated before the first run starts. Progress is shown on a terminal only.
+    Batchable groups go to :func:`toymodels.batched.finetune_many`, the rest to :func:`finetune`; tasks run on
+    ``executor`` ("local" processes, ``workers`` of them (None: one per core; 1: in-process), "ray", "slurm"
+    or a ``concurrent.futures.Executor``); each worker writes its finished runs to the run cache. Histories come
+    back in the order of ``configs``, the same bits whatever the executor and worker count. Progress is shown
+    on a terminal only. ``options``: ``batched``, ``max_batch``, ``threads``, ``retries``, ``executor_options``
+    (see :func:`toymodels.sweep.run_sweep`, the implementation).
     """
-    from tqdm.auto import tqdm
+    from toymodels.sweep import run_sweep as sweep  # lazy: toymodels.sweep imports this module
 
-    configs = list(configs)
-    for c in configs:
-        if not isinstance(c, FinetuneConfig):
-            raise ValueError(f"configs must be FinetuneConfig objects, got {type(c).__name__}")
-    out = []
-    for c in tqdm(configs, desc="runs", disable=None if progress is None else not progress, leave=False):
-        out.append(finetune(c, device=device, use_cache=use_cache, on_diverge=on_diverge))
-    return out
+    return sweep(configs, executor=executor, workers=workers, device=device, progress=progress,
+                 use_cache=use_cache, on_diverge=on_diverge, **options)

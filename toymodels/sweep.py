@@ -1,0 +1,550 @@
+"""Sweeps of many fine-tuning runs: routed to the batched engine or the loop, run in parallel processes, on Ray
+or on SLURM, with the run cache as the join point. The public entry is :func:`toymodels.train.run_sweep`,
+which delegates to :func:`run_sweep` here.
+
+How a sweep runs:
+
+1. **Plan** (:func:`plan`, a deterministic function of the list of configs, never of the worker count): the
+   distinct configs that :func:`toymodels.batched.check_batchable` accepts are grouped by everything but
+   (seed, dropout, lr, scaling); a group of two or more becomes batched tasks of at most ``max_batch`` runs
+   (the group sorted by :func:`toymodels.batched.canonical_batch`, cut into consecutive chunks of nearly equal
+   size, so the runs of a seed stay together), each trained by :func:`toymodels.batched.finetune_many`; every
+   other config is a sequential task (:func:`toymodels.train.finetune`).
+2. **Cache probe** in the calling process: tasks whose runs are all cached are loaded, not sent anywhere (a
+   rerun of a finished sweep starts no worker).
+3. **Execute** the other tasks (:func:`run_task`) on ``executor``: "local" (worker processes started with
+   ``spawn``, ``workers`` of them, default one per CPU core; ``workers=1``, or a single task, runs in-process),
+   "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with ``ray.init(num_cpus=workers)``),
+   "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds ``folder``, ``cluster`` ("slurm",
+   "local", "debug") and any ``update_parameters`` keyword), or any ``concurrent.futures.Executor``.
+   Each worker writes each finished run to the run cache itself (atomic rename,
+   :func:`toymodels.cache.atomic_write`), so the cache must be a file system every worker sees
+   (``$LORA_THEORY_CACHE``; its path is sent with each task). Two sweeps, or two workers, finishing the same
+   run write the same bytes under the same name: the last rename wins and no reader sees a partial file.
+4. **Join**: histories come back in the order of ``configs``; a diverged run is cached with its
+   ``diverged_step`` and raised (``on_diverge="raise"``) only after every other run is done.
+
+Bit-for-bit equality whatever the executor and the worker count: each run's randomness comes from its own seed
+(the engines' streams), every task runs with the same torch thread count ``threads`` (default 1; recorded in the
+cache key by :meth:`FinetuneConfig.as_dict`), and the batched engine's numbers depend only on its batch's set of
+configs (:func:`toymodels.batched.canonical_batch`), which the plan fixes. tests/toymodels/test_sweep.py checks
+``np.array_equal`` on every history array across in-process, local processes, Ray and submitit.
+
+Failures: a task whose worker dies (killed, out of memory, ``os._exit``) or that raises is retried ``retries``
+times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task (cached) and raises
+:class:`SweepError`, which names each failed config and why. A killed worker loses only the task it was running
+(one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers and prints how many runs are
+cached and that the same command resumes; it raises :class:`SweepInterrupted` (a ``KeyboardInterrupt``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_connections
+
+import numpy as np
+import torch
+
+from analysis._inputs import positive_int
+from toymodels import batched as batched_engine
+from toymodels import cache as run_cache
+from toymodels import train
+from toymodels.train import FinetuneConfig
+
+EXECUTORS = ("local", "ray", "slurm")
+KINDS = ("batched", "sequential")
+#: test hook: a local worker process (never the calling process) running a task that holds the config whose
+#: sequential cache key (``config_key(cfg.as_dict())``) is this variable's value exits at once with code 3
+KILL_HOOK = "LORA_THEORY_SWEEP_TEST_EXIT"
+_IN_WORKER = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of work: ``configs`` trained together by the batched engine, or one config by the loop."""
+
+    kind: str
+    configs: tuple[FinetuneConfig, ...]
+
+
+class SweepError(RuntimeError):
+    """Some tasks of a sweep failed after their retries; ``failures`` lists (config, reason) per failed run.
+    Every other run finished and is cached: rerunning the sweep recomputes only the failed ones."""
+
+    def __init__(self, failures: list[tuple[FinetuneConfig, str]], total: int):
+        self.failures = failures
+        lines = [f"{len(failures)} of {total} runs failed (the others are cached; a rerun retries only these):"]
+        for cfg, why in failures:
+            lines.append(f"  - {_short(cfg)}: {why.strip().splitlines()[-1] if why.strip() else why}")
+        super().__init__("\n".join(lines))
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the workers were stopped; ``cached`` of ``total`` runs are in the cache."""
+
+    def __init__(self, cached: int, total: int):
+        super().__init__(f"sweep interrupted: {cached} of {total} runs are cached; run it again to resume")
+        self.cached, self.total = cached, total
+
+
+# ------------------------------------------------------------------------------------------------- planning
+
+
+def plan(configs: Sequence[FinetuneConfig], *, batched: bool = True, max_batch: int = 16) -> list[Task]:
+    """The tasks of a sweep (each distinct config in exactly one task): a deterministic function of the list
+    of configs. Batchable configs sharing every field but seed/dropout/lr/scaling, two or more of them, form
+    batched tasks of at most ``max_batch`` runs; the rest are sequential tasks of one config. Batched tasks
+    come first (largest first: better load balance), then the sequential ones in the order of ``configs``."""
+    max_batch = positive_int("max_batch", max_batch)
+    unique = list(dict.fromkeys(configs))
+    groups: dict[str, list[FinetuneConfig]] = {}
+    alone: list[FinetuneConfig] = []
+    for c in unique:
+        if batched and _batchable(c):
+            groups.setdefault(_batch_signature(c), []).append(c)
+        else:
+            alone.append(c)
+    tasks = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members = batched_engine.canonical_batch(members)
+        n_chunks = math.ceil(len(members) / max_batch)
+        bounds = [round(i * len(members) / n_chunks) for i in range(n_chunks + 1)]
+        tasks += [Task("batched", tuple(members[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    tasks.sort(key=lambda t: -len(t.configs))  # stable: ties keep the plan's order
+    single = {c for members in groups.values() if len(members) < 2 for c in members}
+    tasks += [Task("sequential", (c,)) for c in unique if c in single or c in alone]
+    return tasks
+
+
+def _batchable(cfg: FinetuneConfig) -> bool:
+    try:
+        batched_engine.check_batchable([cfg])
+    except ValueError:
+        return False
+    return True
+
+
+def _batch_signature(cfg: FinetuneConfig) -> str:
+    fixed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in batched_engine.VARYING}
+    return run_cache.config_key(fixed)
+
+
+def _short(cfg: FinetuneConfig) -> str:
+    """The fields of a config that differ from the defaults (what names it in a report)."""
+    default = FinetuneConfig()
+    diff = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(default, f.name)]
+    return "FinetuneConfig(" + ", ".join(diff) + ")"
+
+
+# ------------------------------------------------------------------------------------------------ execution
+
+
+@contextlib.contextmanager
+def _pinned_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, threads: int = 1,
+             cache_root: str | None = None) -> list[dict[str, np.ndarray]]:
+    """Train (or load) the runs of one task with ``threads`` torch threads; each finished run is written to the
+    run cache at ``cache_root`` (default: this process's) by this process. Diverged runs are returned (cached
+    with ``diverged_step``), never raised. This is what every executor calls."""
+    if cache_root is not None and str(run_cache.cache_root()) != cache_root:
+        os.environ["LORA_THEORY_CACHE"] = cache_root
+    if _IN_WORKER and os.environ.get(KILL_HOOK):
+        keys = {run_cache.config_key(c.as_dict()) for c in task.configs}
+        if os.environ[KILL_HOOK] in keys:
+            os._exit(3)
+    with _pinned_threads(threads):
+        if task.kind == "batched":
+            return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
+                                                on_diverge="return")
+        return [train.finetune(c, device=device, use_cache=use_cache, on_diverge="return") for c in task.configs]
+
+
+def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
+    """The task's histories if every run is cached (read in this process, nothing trained), else None."""
+    with _pinned_threads(threads):
+        if task.kind == "batched":
+            batch = batched_engine.canonical_batch(task.configs)
+            entries = [batched_engine.cache_entry(c, "exact", batch) for c in task.configs]
+        else:
+            entries = [("finetune", c.as_dict()) for c in task.configs]
+    out = []
+    for namespace, key_dict in entries:
+        hit = run_cache.load(run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz")
+        if hit is None:
+            return None
+        out.append(hit)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- backends
+
+
+class _Failed:
+    def __init__(self, reason: str, retry: bool = True):
+        self.reason, self.retry = reason, retry
+
+
+def _worker_main(fd: int, threads: int) -> None:
+    """A local worker (``python -c``, started by :class:`_LocalPool`): receives (id, task, kwargs) on the socket
+    ``fd``, sends back ("done", id, histories) or ("error", id, reason)."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    torch.set_num_threads(threads)
+    conn = Connection(fd)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        ident, task, kwargs = msg
+        try:
+            conn.send(("done", ident, run_task(task, **kwargs)))
+        except Exception as exc:  # noqa: BLE001  (reported to the parent, by config)
+            conn.send(("error", ident, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class _LocalPool:
+    """``workers`` worker processes (fresh interpreters: ``python -c``, so a caller's script is never re-imported,
+    unlike multiprocessing's spawn), one task each at a time over a socket pair. A worker that dies fails only
+    the task it held and is replaced (unlike ProcessPoolExecutor, where one death breaks the whole pool)."""
+
+    def __init__(self, workers: int, threads: int):
+        self.threads = threads
+        self.capacity = workers
+        self.idle: list = []
+        self.busy: dict = {}  # handle -> (process, conn)
+        self.results: dict = {}
+        self.workers: list = []
+
+    def _start(self):
+        ours, theirs = socket.socketpair()
+        code = f"from toymodels.sweep import _worker_main; _worker_main({theirs.fileno()}, {self.threads})"
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        worker = (proc, Connection(ours.detach()))
+        self.workers.append(worker)
+        return worker
+
+    def submit(self, task: Task, kwargs: dict):
+        worker = self.idle.pop() if self.idle else self._start()
+        handle = _Handle()
+        try:
+            worker[1].send((id(handle), task, kwargs))
+        except OSError as exc:
+            self.results[handle] = _Failed(f"worker unreachable: {exc}")
+            self._retire(worker)
+            return handle
+        self.busy[handle] = worker
+        return handle
+
+    def _retire(self, worker) -> None:
+        proc, conn = worker
+        with contextlib.suppress(Exception):
+            conn.close()
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def wait(self, handles, timeout: float):
+        done = [h for h in handles if h in self.results]
+        if done:
+            return done
+        waiting = {h: w for h, w in self.busy.items() if h in handles}
+        ready = set(wait_connections([w[1] for w in waiting.values()], timeout=timeout))
+        for h, (proc, conn) in waiting.items():
+            if conn not in ready:
+                continue
+            try:
+                status, _, payload = conn.recv()
+            except (EOFError, OSError):  # the socket closed: the worker died
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                self.results[h] = _Failed(f"worker process died (exit code {proc.returncode})")
+                self._retire(self.busy.pop(h))
+                continue
+            self.results[h] = payload if status == "done" else _Failed(payload)
+            self.idle.append(self.busy.pop(h))
+        return [h for h in handles if h in self.results]
+
+    def result(self, handle):
+        return self.results.pop(handle)
+
+    def close(self, cancel: bool = False) -> None:
+        for proc, conn in self.workers:
+            if not cancel and proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    conn.send(None)
+        for worker in self.workers:
+            proc = worker[0]
+            if not cancel:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+            self._retire(worker)
+        self.workers, self.idle, self.busy = [], [], {}
+
+
+class _Handle:
+    """A task in flight on the local pool (hashable by identity)."""
+
+
+class _FuturesBackend:
+    """Any ``concurrent.futures.Executor`` (the caller's; not shut down here)."""
+
+    def __init__(self, executor: cf.Executor, workers: int | None):
+        self.executor = executor
+        self.capacity = workers or getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+
+    def submit(self, task: Task, kwargs: dict):
+        return self.executor.submit(run_task, task, **kwargs)
+
+    def wait(self, handles, timeout: float):
+        return list(cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED).done)
+
+    def result(self, handle):
+        try:
+            return handle.result()
+        except Exception as exc:  # noqa: BLE001
+            return _Failed(f"{type(exc).__name__}: {exc}")
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class _RayBackend:
+    """Ray tasks on the cluster at ``$RAY_ADDRESS``, an already initialised one, or a local one started here
+    (``ray.init(num_cpus=workers)``, kept for the rest of the process: later sweeps reuse it)."""
+
+    def __init__(self, workers: int | None, threads: int, options: dict):
+        import ray
+
+        self.ray = ray
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address=os.environ["RAY_ADDRESS"], **options)
+            else:
+                ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, **options)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.capacity = workers or max(1, cpus // threads)
+        self.remote = ray.remote(num_cpus=threads, max_retries=0)(run_task)  # retries are the sweep's
+
+    def submit(self, task: Task, kwargs: dict):
+        return self.remote.remote(task, **kwargs)
+
+    def wait(self, handles, timeout: float):
+        ready, _ = self.ray.wait(list(handles), num_returns=1, timeout=timeout)
+        return ready
+
+    def result(self, handle):
+        try:
+            return self.ray.get(handle)
+        except Exception as exc:  # noqa: BLE001  (RayTaskError, WorkerCrashedError, ...)
+            return _Failed(f"{type(exc).__name__}: {exc}")
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+    def cancel(self, handles) -> None:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(h, force=True)
+
+
+class _SubmititBackend:
+    """One submitit job per task (``AutoExecutor``: SLURM where available, or ``cluster="local"|"debug"``)."""
+
+    def __init__(self, workers: int | None, threads: int, options: dict):
+        import submitit
+
+        options = dict(options)
+        folder = options.pop("folder", None) or str(run_cache.cache_root() / "submitit" / "%j")
+        cluster = options.pop("cluster", None)
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        params = {"timeout_min": 60, "cpus_per_task": threads}
+        if self.executor.cluster == "slurm":
+            params["slurm_array_parallelism"] = workers or 256
+        params.update(options)
+        self.executor.update_parameters(**params)
+        self.capacity = workers or (os.cpu_count() or 1 if self.executor.cluster != "slurm" else 256)
+
+    def submit(self, task: Task, kwargs: dict):
+        return self.executor.submit(run_task, task, **kwargs)
+
+    def wait(self, handles, timeout: float):
+        end = time.monotonic() + timeout
+        while True:
+            done = [h for h in handles if h.done()]
+            if done or time.monotonic() >= end:
+                return done
+            time.sleep(0.05)
+
+    def result(self, handle):
+        try:
+            return handle.result()
+        except Exception as exc:  # noqa: BLE001  (FailedJobError, UncompletedJobError: the job's stderr)
+            return _Failed(f"{type(exc).__name__}: {exc}")
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+    def cancel(self, handles) -> None:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                h.cancel(check=False)
+
+
+# ----------------------------------------------------------------------------------------------------- sweep
+
+
+def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor = "local",
+              workers: int | None = None, device: str | torch.device | None = None, progress: bool | None = None,
+              use_cache: bool = True, on_diverge: str = "raise", batched: bool = True, max_batch: int = 16,
+              threads: int = 1, retries: int = 1, executor_options: dict | None = None
+              ) -> list[dict[str, np.ndarray]]:
+    """Run many configurations; one history per config, in order (see the module docstring for the whole story).
+
+    ``executor``: "local", "ray", "slurm" or a ``concurrent.futures.Executor``; ``workers``: parallel tasks
+    (None: one per CPU core locally, every CPU of a Ray cluster; 1: in-process for "local"). ``batched``: route
+    batchable groups to the batched engine (False: every run through the loop). ``threads``: torch threads per
+    task (part of each run's cache key). ``retries``: new attempts for a failed task. ``executor_options``:
+    keywords of ``ray.init`` ("ray") or ``folder`` / ``cluster`` / ``update_parameters`` keywords ("slurm").
+    """
+    configs = list(configs)
+    for c in configs:
+        if not isinstance(c, FinetuneConfig):
+            raise ValueError(f"configs must be FinetuneConfig objects, got {type(c).__name__}")
+    if on_diverge not in ("raise", "return"):
+        raise ValueError(f"on_diverge must be 'raise' or 'return', got {on_diverge!r}")
+    if not isinstance(executor, cf.Executor) and executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS} or a concurrent.futures.Executor, got {executor!r}")
+    if workers is not None:
+        workers = positive_int("workers", workers)
+    threads = positive_int("threads", threads)
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
+    tasks = plan(configs, batched=batched, max_batch=max_batch)
+    total = sum(len(t.configs) for t in tasks)
+    found: dict[FinetuneConfig, dict[str, np.ndarray]] = {}
+    pending: list[Task] = []
+    for t in tasks:
+        hit = _probe(t, threads) if use_cache else None
+        if hit is None:
+            pending.append(t)
+        else:
+            found.update(zip(t.configs, hit, strict=True))
+    kwargs = dict(device=None if device is None else str(device), use_cache=use_cache, threads=threads,
+                  cache_root=str(run_cache.cache_root().resolve()))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - sum(len(t.configs) for t in pending), desc="runs", unit="run",
+               disable=None if progress is None else not progress, leave=False)
+    failures: list[tuple[FinetuneConfig, str]] = []
+    try:
+        if pending:
+            local_workers = min(workers or os.cpu_count() or 1, len(pending))
+            if executor == "local" and local_workers == 1:
+                _run_in_process(pending, kwargs, found, failures, bar)
+            else:
+                _run_distributed(pending, kwargs, found, failures, bar, executor, workers, threads, retries,
+                                 local_workers, executor_options or {})
+    except KeyboardInterrupt:
+        bar.close()
+        cached = len(found) if use_cache else 0
+        print(f"\nsweep interrupted: workers stopped; {cached} of {total} runs are cached"
+              + ("; run the same command again to resume (cached runs are not recomputed)" if use_cache else ""),
+              file=sys.stderr, flush=True)
+        raise SweepInterrupted(cached, total) from None
+    bar.close()
+    if failures:
+        raise SweepError(failures, total)
+    out, given = [], set()
+    for c in configs:  # a config listed twice gets its own copy
+        hist = found[c]
+        out.append({k: v.copy() for k, v in hist.items()} if id(hist) in given else hist)
+        given.add(id(hist))
+    if on_diverge == "raise":
+        for c, hist in zip(configs, out, strict=True):
+            if "diverged_step" in hist:
+                raise train.TrainingDiverged(int(hist["diverged_step"][0]), c)
+    return out
+
+
+def _run_in_process(pending, kwargs, found, failures, bar) -> None:
+    for task in pending:
+        try:
+            hists = run_task(task, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001  (reported by config with the others)
+            why = traceback.format_exc()
+            failures.extend((c, why) for c in task.configs)
+            continue
+        found.update(zip(task.configs, hists, strict=True))
+        bar.update(len(task.configs))
+
+
+def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, threads, retries, local_workers,
+                     options) -> None:
+    if isinstance(executor, cf.Executor):
+        backend = _FuturesBackend(executor, workers)
+    elif executor == "local":
+        backend = _LocalPool(local_workers, threads)
+    elif executor == "ray":
+        backend = _RayBackend(workers, threads, options)
+    else:
+        backend = _SubmititBackend(workers, threads, options)
+    queue = list(pending)
+    attempts: dict[Task, int] = {}
+    running: dict = {}  # handle -> task
+    try:
+        while queue or running:
+            while queue and len(running) < backend.capacity:
+                task = queue.pop(0)
+                attempts[task] = attempts.get(task, 0) + 1
+                running[backend.submit(task, kwargs)] = task
+            for handle in backend.wait(list(running), timeout=0.5):
+                task = running.pop(handle)
+                res = backend.result(handle)
+                if isinstance(res, _Failed):
+                    if attempts[task] <= retries:
+                        queue.append(task)
+                    else:
+                        failures.extend((c, res.reason) for c in task.configs)
+                    continue
+                found.update(zip(task.configs, res, strict=True))
+                bar.update(len(task.configs))
+    except BaseException:
+        if hasattr(backend, "cancel"):
+            backend.cancel(list(running))
+        backend.close(cancel=True)
+        raise
+    backend.close()
