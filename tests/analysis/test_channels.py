@@ -294,3 +294,102 @@ def test_bad_input():
         equivalent_modules(A, B, 0.0)
     with pytest.raises(ValueError, match="A"):
         channel_norms(np.ones(3), B)
+
+
+# ----------------------------------------------------------- ERRATA channels 2, 4, 7: the printed statements
+
+
+def test_eq_10_second_order_size_depends_on_the_layer_and_vanishes_at_b_zero():
+    """Item 2 (an announced approximation): ||second-order|| / ||first-order|| is linear in lr AND in the scale of
+    the output gradient, invariant under (A, B) -> (cA, cB), changed by (nA, B/n), and exactly 0 at B = 0."""
+    rng = np.random.default_rng(SEED)
+    A, B, X, G, _ = problem(rng, N=8, d_in=6, r=3, d_out=5)
+
+    def ratio(A_, B_, G_, lr=1e-2):
+        u = one_step_update(A_, B_, X, G_, lr)
+        return np.linalg.norm(u["second_order"]) / np.linalg.norm(u["a_term"] + u["b_term"])
+
+    base = ratio(A, B, G)
+    assert ratio(A, B, G, lr=2e-2) == pytest.approx(2 * base, rel=1e-12)
+    assert ratio(A, B, 3 * G) == pytest.approx(3 * base, rel=1e-12)
+    assert ratio(5 * A, 5 * B, G) == pytest.approx(base, rel=1e-12)
+    assert abs(ratio(*equivalent_modules(A, B, 2.0), G) / base - 1) > 0.1
+    assert ratio(A, np.zeros_like(B), G) == 0.0  # LoRA's start: grad_A = B^T g = 0
+    # rank 1, one sample: closed form lr |a.x||b.g| |g||x| / sqrt((a.x)^2|g|^2|a|^2 + (b.g)^2|b|^2|x|^2
+    #                                                              + 2 (a.x)^2 (b.g)^2)
+    a, b, x, g = A[0], B[:, 0], X[0], G[0]
+    ax, bg = a @ x, b @ g
+    want = 1e-2 * abs(ax * bg) * np.linalg.norm(g) * np.linalg.norm(x) / np.sqrt(
+        ax**2 * (g @ g) * (a @ a) + bg**2 * (b @ b) * (x @ x) + 2 * ax**2 * bg**2)
+    u = one_step_update(a[None], b[:, None], x[None], g[None], 1e-2)
+    got = np.linalg.norm(u["second_order"]) / np.linalg.norm(u["a_term"] + u["b_term"])
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_contributions_bullet_b_on_the_right_is_false():
+    """Item 4: "LoRA-B (the matrix on the right acting as the output gradient proxy)". In W + BA the output-
+    gradient proxy (gradient along dL/dy) is the LEFT factor B; the right factor A gets gradients along x. Read
+    literally ("W + AB", B on the right): undefined for the paper's shapes A (r, n), B (m, r) unless m = n, and
+    in the square case m = n = r it is another model whose right factor B gets gradients along x, i.e. B would
+    then be the input proxy."""
+    rng = np.random.default_rng(SEED)
+    m = n = r = 4
+    A, B, x, W = (rng.standard_normal((r, n)), rng.standard_normal((m, r)), rng.standard_normal(n),
+                  rng.standard_normal((m, n)))
+    y_target = rng.standard_normal(m)
+
+    def grads(product):
+        At = torch.tensor(A, requires_grad=True)
+        Bt = torch.tensor(B, requires_grad=True)
+        y = (torch.tensor(W) + product(At, Bt)) @ torch.tensor(x)
+        yv = y.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(0.5 * ((yv - torch.tensor(y_target)) ** 2).sum(), yv)
+        gA, gB = torch.autograd.grad(0.5 * ((y - torch.tensor(y_target)) ** 2).sum(), (At, Bt))
+        return gA.numpy(), gB.numpy(), g.numpy()
+
+    def off_span(M, u, axis):
+        """Relative residual of the columns (axis=0) or rows (axis=1) of M after projection on u."""
+        P = np.outer(u, u) / (u @ u)
+        R = P @ M if axis == 0 else M @ P
+        return np.linalg.norm(M - R) / np.linalg.norm(M)
+
+    gA, gB, g = grads(lambda A_, B_: B_ @ A_)  # the paper's W + BA (eq. 1)
+    assert off_span(gB, g, axis=0) < 1e-13  # columns of grad_B along dL/dy: B (left) is the output proxy
+    assert off_span(gA, x, axis=1) < 1e-13  # rows of grad_A along x: A (right) is the input proxy
+    gA2, gB2, _ = grads(lambda A_, B_: A_ @ B_)  # literal reading: B on the right
+    assert off_span(gB2, x, axis=1) < 1e-13 and off_span(gB2, g, axis=0) > 0.1  # B would be the input proxy
+    assert np.linalg.norm(A @ B - B @ A) > 0.5 * np.linalg.norm(B @ A)
+    with pytest.raises(ValueError, match="matmul"):
+        rng.standard_normal((2, 5)) @ rng.standard_normal((4, 2))  # A (r, n) @ B (m, r), m = 4 != n = 5
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_prop_4_1_condition_n_neq_1_admits_n_minus_1(optimizer):
+    """Item 7: the proof takes "n != 1"; n = -1 ((-A, -B), same BA) gives the SAME trajectory of BA at every
+    step, for SGD and Adam alike (both are odd in the gradient), while n = 2 does not."""
+    rng = np.random.default_rng(SEED)
+    A, B, X, Y, W = problem(rng)
+
+    def trajectory(A0, B0, steps=15):
+        At = torch.tensor(A0, dtype=T64, requires_grad=True)
+        Bt = torch.tensor(B0, dtype=T64, requires_grad=True)
+        opt = (torch.optim.SGD([At, Bt], lr=2e-3) if optimizer == "sgd" else torch.optim.Adam([At, Bt], lr=1e-2))
+        out = []
+        for _ in range(steps):
+            opt.zero_grad()
+            y = torch.tensor(X) @ torch.tensor(W).T + torch.tensor(X) @ At.T @ Bt.T
+            loss_t(y, torch.tensor(Y)).backward()
+            opt.step()
+            out.append((Bt @ At).detach().numpy().copy())
+        return np.array(out)
+
+    base = trajectory(A, B)
+    minus = trajectory(*equivalent_modules(A, B, -1.0))
+    two = trajectory(*equivalent_modules(A, B, 2.0))
+    scale = np.linalg.norm(base - B @ A)
+    assert np.linalg.norm(minus - base) <= 1e-13 * np.linalg.norm(base)
+    assert np.linalg.norm(two - base) > 1e-2 * scale
+    assert np.all(np.isfinite(base)) and scale > 1e-3 * np.linalg.norm(B @ A)
+    G = rng.standard_normal((6, 4))
+    diff = equivalent_update_difference(A, B, X, G, 0.1, -1.0)  # (n^2 - 1) a_term + (1/n^2 - 1) b_term = 0
+    assert np.linalg.norm(diff) <= 1e-14 * np.linalg.norm(one_step_update(A, B, X, G, 0.1)["total"])

@@ -557,3 +557,106 @@ def test_other_bad_inputs():
     with pytest.raises(ValueError, match=r"^samples\["):
         rs.mc_summary({k: np.ones((1, 2)) for k in ("out", "sq_out", "grad_in", "sq_grad_in")})
     assert math.isinf(rs.dropped_term_ratio(np.array([1.0, 0.0]), np.array([0.0, 1.0]), r=3)["second_out"])
+
+
+# --------------------------------------------- ERRATA rank_scaling 8-11: conditions of Thm. 3.2's statement
+
+
+def test_erratum_additive_constant_breaks_rank_stabilization():
+    """Item 8: "the only setting of gamma_r (modulo an additive constant)": gamma_r = alpha/sqrt(r) + c, c != 0,
+    violates the hypothesis gamma_r -> 0 and makes the first moment (exactly proportional to gamma^2 r) grow
+    like r; a multiplicative constant (3 / sqrt(r)) keeps it exactly constant."""
+    x0, v0, x, v = vectors(default_seed() + 31, d=5, d_out=3)
+    ranks = np.array([1, 10**6, 10**7, 10**8])
+
+    def first_moment(g_of_r):
+        return np.array([np.linalg.norm(rs.one_step_moments(x0[0], v0[0], x, v, r=int(r), gamma=g_of_r(r),
+                                                            lr=0.1)["mean_out"]) for r in ranks])
+
+    mult = first_moment(lambda r: 3.0 / math.sqrt(r))
+    np.testing.assert_allclose(mult / mult[0], 1.0, rtol=1e-12)
+    c = 0.1
+    add = first_moment(lambda r: 1.0 / math.sqrt(r) + c)
+    np.testing.assert_allclose(add / add[0], (1 + c * np.sqrt(ranks)) ** 2 / (1 + c) ** 2, rtol=1e-12)
+    slope, _, _ = rs.fit_exponent(ranks[1:], add[1:])
+    # derivative of log((1 + c sqrt r)^2) in log r is c sqrt(r) / (1 + c sqrt r) in [0.990, 0.9999] here
+    assert 0.990 <= slope <= 1.0
+    assert add[-1] / add[0] > 8e5
+
+
+def test_erratum_step_zero_of_the_trajectory_is_not_rank_stabilized():
+    """Item 9: "the above holds at any point in the learning trajectory": at n = 0 (B0 = 0) the adapter's output
+    and its input gradient are exactly 0 for every gamma_r and r, so no scaling gives Theta_r(1) moments; from
+    n = 1 on, rsLoRA's first moment is exactly r-independent (gamma^2 r = alpha^2)."""
+    rng = np.random.default_rng(default_seed() + 32)
+    x0, v0, x, v = vectors(default_seed() + 33, d=4, d_out=2)
+    for r in (4, 64):
+        A0 = torch.tensor(rng.normal(size=(r, 4)), dtype=torch.float64)
+        B0 = torch.zeros((2, r), dtype=torch.float64)
+        xt = torch.tensor(x, requires_grad=True)
+        for g in (rs.gamma(r, kind="rslora"), rs.gamma(r, kind="lora"), 1.0):
+            f = g * B0 @ (A0 @ xt)
+            (gx,) = torch.autograd.grad((f * torch.tensor(v)).sum(), xt)
+            assert torch.all(f == 0) and torch.all(gx == 0)
+    means = [rs.sgd_moments(x0, v0, x, v, r=r, gamma=rs.gamma(r, kind="rslora"), lr=0.1)["mean_out"]
+             for r in (4, 64)]
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-12)
+    assert np.linalg.norm(means[0]) > 0
+
+
+def torch_adam_first_step(A0s, x0, v0, x, v, *, gamma, lr):
+    """Oracle: one torch.optim.Adam step on (A, B0 = 0), linear loss v0 . f(x0), batched over A0s (D, r, d).
+    Adam is entrywise, so one batched parameter equals D separate runs. eps = 1e-30 (-> 0): grad_A is exactly
+    0 at B0 = 0 and stays 0 / eps = 0; |grad_B| >> eps."""
+    A = torch.tensor(A0s, dtype=torch.float64, requires_grad=True)
+    D, r, d = A.shape
+    B = torch.zeros((D, v0.shape[0], r), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([A, B], lr=lr, eps=1e-30)
+    f0 = gamma * torch.einsum("bor,brk,k->bo", B, A, torch.tensor(x0))
+    (f0 @ torch.tensor(v0)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        f = gamma * torch.einsum("bor,brk,k->bo", B, A, torch.tensor(x))
+        gx = gamma * torch.einsum("brk,bor,o->bk", A, B, torch.tensor(v))
+    return f.numpy(), gx.numpy()
+
+
+def test_erratum_thm32_is_for_sgd_adam_first_step_needs_lora_scaling():
+    """Item 10: Thm. 3.2 is proved for SGD (app. A; app. B.1 says so) but stated without the optimizer, and the
+    main experiments use AdamW. After one Adam step the first moment is Theta(gamma_r r): rsLoRA's grows like
+    sqrt(r); LoRA's alpha/r keeps it constant. Exact formula vs a real torch.optim.Adam step (Monte Carlo)."""
+    x0, v0, x, v = vectors(default_seed() + 34, d=6, d_out=3)
+    x0, v0 = x0[0], v0[0]
+    rng = np.random.default_rng(default_seed() + 35)
+    r, n, s2, lr = 8, 20_000, 0.5, 0.01
+    g = rs.gamma(r, kind="rslora")
+    f, gx = torch_adam_first_step(rng.normal(size=(n, r, 6)) * math.sqrt(s2), x0, v0, x, v, gamma=g, lr=lr)
+    ex = rs.adam_first_step_moments(x0, v0, x, v, r=r, gamma=g, lr=lr, sigma2=s2)
+    for got, want in ((f, ex["mean_out"]), (gx, ex["mean_grad_in"])):
+        z = (got.mean(axis=0) - want) / (got.std(axis=0, ddof=1) / math.sqrt(n))
+        assert np.abs(z).max() <= Z_MAX, z
+    for got, want in ((np.sum(f**2, axis=1), ex["second_out"]), (np.sum(gx**2, axis=1), ex["second_grad_in"])):
+        assert abs(got.mean() - want) <= Z_MAX * got.std(ddof=1) / math.sqrt(n)
+    # the exponents: r = 4 -> 2048 (ratio 512)
+    def mean_norm(moments, kind, r_):
+        return np.linalg.norm(moments(x0, v0, x, v, r=r_, gamma=rs.gamma(r_, kind=kind), lr=lr)["mean_out"])
+
+    adam_rs = mean_norm(rs.adam_first_step_moments, "rslora", 2048) / mean_norm(rs.adam_first_step_moments, "rslora", 4)
+    adam_lora = mean_norm(rs.adam_first_step_moments, "lora", 2048) / mean_norm(rs.adam_first_step_moments, "lora", 4)
+    sgd_rs = mean_norm(rs.one_step_moments, "rslora", 2048) / mean_norm(rs.one_step_moments, "rslora", 4)
+    assert adam_rs == pytest.approx(math.sqrt(512), rel=1e-12)  # 22.6: grows like sqrt(r) under Adam
+    assert adam_lora == pytest.approx(1.0, rel=1e-12)
+    assert sgd_rs == pytest.approx(1.0, rel=1e-12)  # the theorem's claim, true for SGD
+
+
+def test_erratum_sec21_and_thm32_swap_d1_and_d2():
+    """Item 11: sec. 2.1 has W in R^{d2 x d1} (input x in R^{d1}), A in R^{r x d1}, B in R^{d2 x r}; Thm. 3.2
+    has B in R^{d1 x r}, A in R^{r x d2}. With d1 != d2, sec. 2.1's W plus Thm. 3.2's BA is undefined."""
+    rng = np.random.default_rng(default_seed() + 36)
+    d1, d2, r = 5, 3, 2
+    W = rng.normal(size=(d2, d1))  # sec. 2.1
+    B_thm, A_thm = rng.normal(size=(d1, r)), rng.normal(size=(r, d2))  # Thm. 3.2
+    with pytest.raises(ValueError, match="broadcast"):
+        W + B_thm @ A_thm
+    B_21, A_21 = rng.normal(size=(d2, r)), rng.normal(size=(r, d1))  # sec. 2.1's shapes (= PEFT's)
+    assert (W + B_21 @ A_21).shape == (d2, d1)
