@@ -44,8 +44,9 @@ from analysis._inputs import dropout_rate, finite_scalar, positive_int
 METHODS = ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
 ADAPTIVE_METHODS = ("allora", "allora+d", "allora_od", "asf")  # ALLoRA sec. 4: no scaling factor
 SCALINGS = ("lora", "rslora")
-INITS = ("kaiming", "gaussian", "zero_a")
+INITS = ("kaiming", "gaussian", "zero_a", "pissa", "olora")
 PLACEMENTS = ("input", "bottleneck")
+DECOMPOSITION_INITS = ("pissa", "olora")  # set A and B from the SVD / QR of W (LoWR table 2)
 LORA_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 
 
@@ -164,7 +165,8 @@ class LoRALinear(nn.Module):
             sec. 3.2, "if A is zero-initialised instead": A = 0 and B's entries iid U(-1/sqrt(d_in), 1/sqrt(d_in)),
             the law of PEFT's A entries, so E[B B^T] = E[A^T A]-scale r/(3 d_in) I and the first SGD step's
             expected product update equals the usual init's; ``rank_scaled_init`` then scales B, b_init_std
-            must be 0).
+            must be 0), or "pissa" / "olora" (PEFT's PiSSA and OLoRA: A and B from the SVD / QR of W, the frozen
+            weight replaced by the residual W - s BA; see :meth:`_decomposition_init`).
         rank_scaled_init: multiply A's initial values by 1/sqrt(r) (rsLoRA app. B.3), with any scaling.
         b_init_std: B's initial entries are N(0, b_init_std^2); 0 (default) gives LoRA's B = 0.
         generator: torch.Generator for the initialisation (default: the global RNG).
@@ -230,11 +232,13 @@ class LoRALinear(nn.Module):
                 nn.init.uniform_(self.lora_B, -bound, bound, generator=generator)
                 if rank_scaled_init:
                     self.lora_B.mul_(1.0 / math.sqrt(self.r))
+            elif self.init in DECOMPOSITION_INITS:
+                self._decomposition_init(b_init_std, rank_scaled_init)
             elif self.init == "kaiming":
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
             else:
                 nn.init.normal_(self.lora_A, std=1.0 / self.r, generator=generator)
-            if self.init != "zero_a":
+            if self.init in ("kaiming", "gaussian"):
                 if rank_scaled_init:
                     self.lora_A.mul_(1.0 / math.sqrt(self.r))
                 if b_init_std > 0:
@@ -244,6 +248,43 @@ class LoRALinear(nn.Module):
         if self.method == "dora":
             self.lora_magnitude = nn.Parameter(torch.empty(d_out, **factory))
             self.reset_magnitude()
+
+    def _decomposition_init(self, b_init_std: float, rank_scaled_init: bool) -> None:
+        """PiSSA / OLoRA (the initialisations of LoWR table 2), as HF PEFT's ``pissa_init`` / ``olora_init``:
+
+        - "pissa" (Meng et al. 2024): W = U diag(S) V^T (SVD, S descending); A = diag(sqrt(S_r / s)) V_r^T (r, d_in),
+          B = U_r diag(sqrt(S_r / s)) (d_out, r), so s B A = U_r diag(S_r) V_r^T is the top-r SVD part of W;
+        - "olora" (Buyukakyuz 2024): W = Q R (reduced QR); B = Q[:, :r] (orthonormal columns), A = R[:r, :]
+          (upper trapezoidal), so s B A = s Q_r R_r;
+
+        and the frozen base weight becomes the residual W - s B A (in place, as PEFT), so the layer's function is
+        unchanged at initialisation. Deterministic (no generator). Needs r <= min(d_out, d_in); computed in float64.
+        """
+        if self.method == "asf":
+            raise ValueError(f"init={self.init!r} needs a layer linear in BA (the residual W - s BA must restore W); "
+                             "method 'asf' is not")
+        if b_init_std > 0 or rank_scaled_init:
+            raise ValueError(f"init={self.init!r} sets both factors from W: b_init_std must be 0 and "
+                             f"rank_scaled_init False, got {b_init_std}, {rank_scaled_init}")
+        d_out, d_in = self.base.weight.shape
+        if self.r > min(d_out, d_in):
+            raise ValueError(f"r must be <= min(d_out, d_in) = {min(d_out, d_in)} for init={self.init!r}, "
+                             f"got {self.r}")
+        W = self.base.weight.detach().to(torch.float64)
+        s = float(self.scaling)
+        if not s > 0:
+            raise ValueError(f"init={self.init!r} needs a scaling > 0, got {s}")
+        if self.init == "pissa":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            root = torch.sqrt(S[: self.r] / s)
+            A = root.unsqueeze(1) * Vh[: self.r]
+            B = U[:, : self.r] * root.unsqueeze(0)
+        else:
+            Q, R = torch.linalg.qr(W)
+            A, B = R[: self.r], Q[:, : self.r]
+        self.lora_A.copy_(A.to(self.lora_A.dtype))
+        self.lora_B.copy_(B.to(self.lora_B.dtype))
+        self.base.weight.copy_((W - s * (B @ A)).to(self.base.weight.dtype))
 
     @property
     def in_features(self) -> int:
