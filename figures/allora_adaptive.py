@@ -3,21 +3,50 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import math
+
 import numpy as np
 
 from analysis import adaptive
-from figures import Context, Result, figure
+from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure
+from figures.criteria import Criterion, Recalibration, Rule, Test
+
+SANITY_NOTE = ("Sanity check, not a test of an empirical claim: the figure evaluates a closed form (or a "
+               "construction that attains a proved bound), so its test cannot fail short of a code bug.")
+
+
+def _sweep(ctx: Context, configs, **kwargs):
+    """``toymodels.train.run_sweep`` with the context's device, executor and workers (where supported)."""
+    from toymodels.train import run_sweep
+
+    if "executor" in inspect.signature(run_sweep).parameters:
+        kwargs.update(executor=ctx.executor, workers=ctx.workers)
+    return run_sweep(list(configs), device=ctx.device, progress=False, **kwargs)
+
+
+FIG6_CRITERION = Criterion(
+    tests=(Test("identity_error", "SANITY: max |error| of f(0) = eta and f(3/eta^2) = eta/2 over eta^2 in {1, 2, "
+                "4}, plus 1 if f is not strictly decreasing on x >= 0", "less", margin=1e-12, method="exact",
+                why="a closed-form identity: float64 rounding only"),),
+    rule=Rule(reproduced=("identity_error",)), note=SANITY_NOTE,
+    recalibrations=(Recalibration(old="reproduced if the identities hold", new="same test, labelled a sanity check",
+                                  why="a closed form evaluated on a grid cannot fail: it is not evidence for a "
+                                      "claim about training"),))
 
 
 @figure("allora-fig6-adaptive-fn", paper="ALLoRA fig. 6",
-        claim="1/sqrt(|x| + 1/eta^2) equals eta at x = 0 and tapers off as |x| grows (eta^2 in {1, 2, 4})")
-def adaptive_fn(ctx: Context) -> Result:
+        claim="1/sqrt(|x| + 1/eta^2) equals eta at x = 0 and tapers off as |x| grows (eta^2 in {1, 2, 4})",
+        criterion=FIG6_CRITERION,
+        protocols=(Protocol("closed form", {}, primary=True, note="sanity check: no training, no seeds"),))
+def adaptive_fn(ctx: Context, protocol: Protocol) -> Measurement:
     x = np.linspace(-4, 4, 801)
     fig, axes = new_figure()
     ax = axes[0, 0]
     measured = {}
-    ok = True
+    err = 0.0
     for color, eta2 in zip(colors(3), (1.0, 2.0, 4.0), strict=True):
         eta = np.sqrt(eta2)
         y = adaptive.adaptive_function(x, eta)
@@ -26,14 +55,15 @@ def adaptive_fn(ctx: Context) -> Result:
         # halving point: |x| where the rate is eta/2, i.e. |x| + 1/eta^2 = 4/eta^2 -> |x| = 3/eta^2
         half = float(adaptive.adaptive_function(3.0 / eta2, eta))
         measured[f"eta2={eta2:g}"] = {"value_at_0": peak, "eta": float(eta), "value_at_3/eta^2": half}
-        ok &= abs(peak - eta) < 1e-12 and abs(half - eta / 2) < 1e-12 and bool(np.all(np.diff(y[x >= 0]) < 0))
+        err = max(err, abs(peak - eta), abs(half - eta / 2)) + (0.0 if np.all(np.diff(y[x >= 0]) < 0) else 1.0)
     ax.set_xlabel("x (row norm ||(BA)_i,:|| or output |f_i|)")
     ax.set_ylabel("adaptive factor 1/sqrt(|x| + 1/eta^2)")
     ax.legend()
     summary = ("At x = 0 the factor equals eta for every eta^2 (max error "
                f"{max(abs(v['value_at_0'] - v['eta']) for v in measured.values()):.1e}), it halves at |x| = 3/eta^2 "
                "and decreases strictly with |x|: it decays like |x|^-1/2, not like 1/|x| (see ERRATA.md).")
-    return Result("reproduced" if ok else "not reproduced", summary, measured, [], {"x_range": [-4, 4]}, fig)
+    return Measurement(samples={"identity_error": err}, measured=measured, summary=summary,
+                       key={"identity_error": err}, datasets=[], config={"x_range": [-4, 4]}, plot=lambda: fig)
 
 
 # ------------------------------------------------------------------------------------------------- shared helpers
@@ -84,147 +114,148 @@ def _escape_configs(base, optimizer: str, lr: float, eta: float, seed: int) -> d
     }
 
 
+FIG5_ETA2 = 4.0  # listing 1: 1/eta^2 = 1/4
+FIG5_TAU_FRAC, FIG5_LATE_FROM = 0.25, 0.5
+
+FIG5_CRITERION = Criterion(
+    tests=(
+        Test("escape_as_fast", "log(steps of ALLoRA / steps of LoRA at eta l_b) to reach 0.25 x ALLoRA's final "
+             "mean row norm of s BA (per seed; a run that never reaches it counts at the horizon)", "equivalent",
+             margin=math.log(1.25),
+             why="eta = 2 puts the two LoRA references log 2 = 0.69 apart; +-log 1.25 = 0.22 is a third of that"),
+        Test("lora_lb_slower", "log(steps of LoRA at l_b / steps of ALLoRA) (per seed, censored at the horizon)",
+             "greater", margin=0.0, why="the claim is a direction ('much more slowly'); censoring is conservative"),
+        Test("tapers_off", "late log-log growth exponent of the row norm (steps >= half the horizon), ALLoRA minus "
+             "LoRA at eta l_b (per seed)", "less", margin=0.0, why="the claim is a direction: ALLoRA's growth slows"),
+        Test("step1_closed_form", "SANITY: |log(step-1 row norm of ALLoRA / the LoRA run its closed form predicts)| "
+             "(SGD: LoRA at eta l_b; Adam: LoRA at l_b, Adam cancels the common factor eta)", "less", margin=0.01,
+             why="analysis.adaptive.allora_grads at B = 0: equal up to float32 rounding", role="sanity"),
+    ),
+    rule=Rule(reproduced=("escape_as_fast", "lora_lb_slower", "tapers_off"),
+              partially=(("escape_as_fast",), ("tapers_off",))),
+    note="The paper never names its optimizer. Its argument (a common gradient factor eta acts as a learning rate) "
+         "is the SGD one: under Adam the factor cancels (step-1 sanity row), so Adam is shown as a protocol whose "
+         "failure is predicted by the closed form, not as the headline.",
+    recalibrations=(
+        Recalibration(old="reproduced only if SGD AND Adam reproduce; escape if the geometric-mean ratio <= 1.25",
+                      new="headline at SGD, Adam and learning rates x1/3, x3 as protocols; 'as fast as' by TOST "
+                          "within +-log 1.25; Holm over the 3 claim tests",
+                      why="our own closed form shows Adam cancels eta, so requiring Adam tests the optimizer, not "
+                          "the claim; a point estimate below 1.25 is not evidence of equivalence"),))
+
+_FIG5_BASE_LR = {"sgd": 0.03, "adam": 1e-3}
+FIG5_PROTOCOLS = tuple(
+    Protocol(f"{opt} lr x{tag}", {"optimizer": opt, "l_b": round(_FIG5_BASE_LR[opt] * f, 6)},
+             primary=(opt == "sgd" and f == 1.0),
+             note=("SGD: the setting of the paper's argument (primary; the paper names no optimizer)" if opt == "sgd"
+                   else "Adam: cancels ALLoRA's factor eta (closed form), so the escape claim is expected to fail")
+             + ("" if f == 1.0 else f"; base rate x{tag}"))
+    for opt in ("sgd", "adam") for f, tag in ((1.0, "1"), (1 / 3, "1/3"), (3.0, "3")))
+
+
 @figure("allora-fig5-escape", paper="ALLoRA fig. 5 (right)",
         claim="ALLoRA (base lr l_b) escapes BA = 0 as fast as LoRA at lr eta*l_b, then its row norms taper off; "
-              "LoRA at l_b gets there much more slowly")
-def escape(ctx: Context) -> Result:
-    from toymodels.train import run_sweep
-
-    eta2 = 4.0  # listing 1: 1/eta^2 = 1/4
-    eta = float(np.sqrt(eta2))
+              "LoRA at l_b gets there much more slowly",
+        criterion=FIG5_CRITERION, protocols=FIG5_PROTOCOLS)
+def escape(ctx: Context, protocol: Protocol) -> Measurement:
+    eta = float(np.sqrt(FIG5_ETA2))
     steps = ctx.pick(quick=60, default=400)
+    opt, lr = protocol.settings["optimizer"], float(protocol.settings["l_b"])
     base = base_config(ctx, "mnist", steps=steps, record_every=1, recorders=("rows",))
-    # (optimizer, l_b): SGD is what the paper's argument is about (a constant gradient scale is a learning rate);
-    # Adam normalises each parameter's gradient, so ALLoRA's common factor eta cancels there.
-    main_settings = [("sgd", 0.03), ("adam", base.lr)]
-    extra = ctx.pick(quick=[], default=[("sgd", 0.01), ("sgd", 0.1)])
-    settings = main_settings + extra
-    tau_frac, late_from = 0.25, 0.5
-    configs, keys = [], []
-    for opt, lr in settings:
-        for seed in ctx.seeds:
-            for name, cfg in _escape_configs(base, opt, lr, eta, seed).items():
-                configs.append(cfg)
-                keys.append((opt, lr, seed, name))
-    runs = dict(zip(keys, run_sweep(configs, device=ctx.device), strict=True))
+    keys, configs = [], []
+    for seed in ctx.seeds:
+        for name, cfg in _escape_configs(base, opt, lr, eta, seed).items():
+            keys.append((seed, name))
+            configs.append(cfg)
+    runs = dict(zip(keys, _sweep(ctx, configs), strict=True))
 
     def curve(h):  # mean over LoRA layers of the mean row norm of s BA
         return h["step"], h["row_norm_BA"].mean(axis=1)
 
-    measured: dict = {"eta2": eta2, "threshold": f"{tau_frac} x ALLoRA's final mean row norm (per seed)",
-                      "late_phase": f"steps >= {late_from} x {steps}"}
-    per_setting = {}
-    for opt, lr in settings:
-        t_cross = {n: [] for n in _ESCAPE_METHODS}
-        slope = {n: [] for n in _ESCAPE_METHODS}
-        final = {n: [] for n in _ESCAPE_METHODS}
-        first = {n: [] for n in _ESCAPE_METHODS}
-        for seed in ctx.seeds:
-            s_all, v_all = curve(runs[(opt, lr, seed, "ALLoRA (l_b, eta)")])
-            tau = tau_frac * v_all[-1]
-            for name in _ESCAPE_METHODS:
-                s, v = curve(runs[(opt, lr, seed, name)])
-                t_cross[name].append(_first_crossing(s, v, tau))
-                slope[name].append(_loglog_slope(s, v, late_from * steps))
-                final[name].append(v[-1])
-                first[name].append(v[1])  # after one step from B = 0
-        a, hi, lo = (np.asarray(t_cross[n]) for n in _ESCAPE_METHODS)
-        sa, shi, slo = (np.asarray(slope[n]) for n in _ESCAPE_METHODS)
-        f_a, f_hi, f_lo = (np.asarray(first[n]) for n in _ESCAPE_METHODS)
-        ratio_hi = a / hi  # ALLoRA's escape time / high-lr LoRA's
-        ratio_lo = lo / a  # low-lr LoRA's escape time / ALLoRA's
-        escape_ok = bool(np.exp(np.mean(np.log(ratio_hi))) <= 1.25 and ci_dict(np.log(np.minimum(ratio_lo, 1e6)))[
-            "ci_low"] > 0)
-        taper_ok = bool(ci_dict(sa - shi)["ci_high"] < 0)
-        per_setting[(opt, lr)] = dict(t=t_cross, slope=slope, escape_ok=escape_ok, taper_ok=taper_ok)
-        measured[f"{opt} l_b={lr:g}"] = {
-            "escape_step": {n: _paired(t_cross[n]) for n in _ESCAPE_METHODS},
-            "escape_ratio_allora_over_lora_eta_lb": _paired(ratio_hi),
-            "escape_ratio_lora_lb_over_allora": _paired(ratio_lo),
-            "late_loglog_slope": {n: ci_dict(slope[n]) for n in _ESCAPE_METHODS},
-            "late_slope_allora_minus_lora_eta_lb": ci_dict(sa - shi),
-            "late_slope_allora_minus_lora_lb": ci_dict(sa - slo),
-            "final_row_norm": {n: ci_dict(final[n]) for n in _ESCAPE_METHODS},
-            # closed form (analysis.adaptive.allora_grads at B = 0): one SGD step of ALLoRA equals one of LoRA at
-            # eta l_b; one Adam step of ALLoRA equals one of LoRA at l_b (Adam is invariant to the factor eta)
-            "step1_row_norm_ratio_allora_over_lora_eta_lb": ci_dict(f_a / f_hi),
-            "step1_row_norm_ratio_allora_over_lora_lb": ci_dict(f_a / f_lo),
-            "escape_as_fast_as_lora_eta_lb": escape_ok,
-            "tapers_off": taper_ok,
-        }
-
-    def sub_verdict(key):
-        ok = per_setting[key]["escape_ok"] + per_setting[key]["taper_ok"]
-        return ("not reproduced", "partially reproduced", "reproduced")[ok]
-
-    v_sgd, v_adam = sub_verdict(main_settings[0]), sub_verdict(main_settings[1])
-    verdict = v_sgd if v_sgd == v_adam else "partially reproduced"
-    if "not reproduced" == v_sgd == v_adam:
-        verdict = "not reproduced"
-    measured["verdict_sgd"], measured["verdict_adam"] = v_sgd, v_adam
-
-    # --- plot: curves (SGD, Adam), then escape steps for every setting
-    fig, axes = new_figure(3, width=4.3, height=3.5)
-    palette = dict(zip(_ESCAPE_METHODS, colors(3), strict=True))
-    for ax, (opt, lr) in zip(axes[0, :2], main_settings, strict=True):
-        taus = []
+    t_cross, slope, final, first = ({n: [] for n in _ESCAPE_METHODS} for _ in range(4))
+    for seed in ctx.seeds:
+        tau = FIG5_TAU_FRAC * curve(runs[(seed, _ESCAPE_METHODS[0])])[1][-1]
         for name in _ESCAPE_METHODS:
-            vals = np.stack([curve(runs[(opt, lr, seed, name)])[1] for seed in ctx.seeds])
-            s = curve(runs[(opt, lr, ctx.seeds[0], name)])[0]
-            m, lo_, hi_ = (np.exp(v) for v in mean_ci(np.log(vals[:, 1:])))  # geometric mean, CI in log space
-            ax.plot(s[1:], m, color=palette[name], label=name)
-            ax.fill_between(s[1:], lo_, hi_, color=palette[name], alpha=0.25, lw=0)
-            if name == _ESCAPE_METHODS[0]:
-                taus = tau_frac * vals[:, -1]
-        ax.axhline(float(np.mean(taus)), color="0.4", ls=":", lw=1, label=f"threshold ({tau_frac:g} x ALLoRA final)")
-        ax.axvline(late_from * steps, color="0.7", ls="--", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("mean row norm of s BA (mean over layers)\n(geometric mean over seeds, 95% CI)")
-        ax.set_title(f"{opt.upper()}, l_b = {lr:g}, eta^2 = {eta2:g}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    ax = axes[0, 2]
-    labels = [f"{o.upper()} {lr:g}" for o, lr in settings]
-    for j, name in enumerate(_ESCAPE_METHODS):
-        means, lows, highs = [], [], []
-        for key in settings:
-            t = np.minimum(np.asarray(per_setting[key]["t"][name]), steps)  # censored runs drawn at the last step
-            m, lo_, hi_ = mean_ci(t)
-            means.append(m)
-            lows.append(m - lo_)
-            highs.append(hi_ - m)
-        x = np.arange(len(settings)) + (j - 1) * 0.22
-        ax.errorbar(x, means, yerr=[lows, highs], fmt="o", color=palette[name], label=name, capsize=3)
-    ax.set_xticks(np.arange(len(settings)), labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer, base learning rate l_b")
-    ax.set_ylabel("steps to reach the threshold")
-    ax.legend(fontsize=7)
-
-    sgd = measured[f"sgd l_b={main_settings[0][1]:g}"]
-    adam = measured[f"adam l_b={main_settings[1][1]:g}"]
+            s, v = curve(runs[(seed, name)])
+            t_cross[name].append(_first_crossing(s, v, tau))
+            slope[name].append(_loglog_slope(s, v, FIG5_LATE_FROM * steps))
+            final[name].append(v[-1])
+            first[name].append(v[1])  # after one step from B = 0
+    a, hi, lo = (np.asarray(t_cross[n]) for n in _ESCAPE_METHODS)
+    ac, hic, loc = (np.minimum(t, steps) for t in (a, hi, lo))  # censored at the horizon
+    sa, shi, slo = (np.asarray(slope[n]) for n in _ESCAPE_METHODS)
+    f_a, f_hi, f_lo = (np.asarray(first[n]) for n in _ESCAPE_METHODS)
+    step1_ref = f_hi if opt == "sgd" else f_lo
+    samples = {"escape_as_fast": np.log(ac / hic), "lora_lb_slower": np.log(loc / ac), "tapers_off": sa - shi,
+               "step1_closed_form": float(np.max(np.abs(np.log(f_a / step1_ref))))}
+    samples["step1_closed_form"] = float(samples["step1_closed_form"])
+    measured = {
+        "optimizer": opt, "l_b": lr, "eta2": FIG5_ETA2, "steps": steps,
+        "threshold": f"{FIG5_TAU_FRAC} x ALLoRA's final mean row norm (per seed)",
+        "late_phase": f"steps >= {FIG5_LATE_FROM} x {steps}",
+        "escape_step": {n: _paired(t_cross[n]) for n in _ESCAPE_METHODS},
+        "censored_runs": {n: int(np.sum(~np.isfinite(np.asarray(t_cross[n])))) for n in _ESCAPE_METHODS},
+        "escape_ratio_allora_over_lora_eta_lb": ci_dict(ac / hic),
+        "escape_ratio_lora_lb_over_allora": ci_dict(loc / ac),
+        "late_loglog_slope": {n: ci_dict(slope[n]) for n in _ESCAPE_METHODS},
+        "late_slope_allora_minus_lora_eta_lb": ci_dict(sa - shi),
+        "late_slope_allora_minus_lora_lb": ci_dict(sa - slo),
+        "final_row_norm": {n: ci_dict(final[n]) for n in _ESCAPE_METHODS},
+        "step1_row_norm_ratio_allora_over_lora_eta_lb": ci_dict(f_a / f_hi),
+        "step1_row_norm_ratio_allora_over_lora_lb": ci_dict(f_a / f_lo),
+    }
 
     def fmt(d):
         return f"{d['mean']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
 
-    summary = (
-        f"SGD (l_b = {main_settings[0][1]:g}, eta^2 = {eta2:g}): ALLoRA reaches {tau_frac:g} x its final row norm "
-        f"after {fmt(sgd['escape_ratio_allora_over_lora_eta_lb'])} x the steps of LoRA at eta*l_b, and LoRA at l_b "
-        f"needs {fmt(sgd['escape_ratio_lora_lb_over_allora'])} x ALLoRA's; late log-log growth exponent ALLoRA - "
-        f"LoRA(eta l_b) = {fmt(sgd['late_slope_allora_minus_lora_eta_lb'])} -> {v_sgd}. Adam (l_b = "
-        f"{main_settings[1][1]:g}): escape ratio vs LoRA(eta l_b) {fmt(adam['escape_ratio_allora_over_lora_eta_lb'])}, "
-        f"vs LoRA(l_b) {fmt(adam['escape_ratio_lora_lb_over_allora'])} (Adam cancels ALLoRA's common factor eta: "
-        f"step-1 norm ratio to LoRA(l_b) {adam['step1_row_norm_ratio_allora_over_lora_lb']['mean']:.4f}), late "
-        f"exponent gap {fmt(adam['late_slope_allora_minus_lora_eta_lb'])} -> {v_adam}. Rule: per optimizer, escape "
-        "holds if the geometric-mean time ratio ALLoRA/LoRA(eta l_b) <= 1.25 and the CI of log(LoRA(l_b)/ALLoRA) "
-        "is > 0; taper holds if the CI of the exponent gap is < 0; both -> reproduced, one -> partially; the figure "
-        "is reproduced only if both optimizers reproduce it (95% t-CIs over seeds).")
-    config = {"base": base.as_dict(), "eta2": eta2, "settings": [list(s) for s in settings],
+    summary = (f"{opt.upper()} l_b = {lr:g}, eta^2 = {FIG5_ETA2:g}, {steps} steps, {len(ctx.seeds)} seeds: ALLoRA "
+               f"reaches {FIG5_TAU_FRAC:g} x its final row norm after "
+               f"{fmt(measured['escape_ratio_allora_over_lora_eta_lb'])} x the steps of LoRA at eta l_b; LoRA at "
+               f"l_b needs {fmt(measured['escape_ratio_lora_lb_over_allora'])} x ALLoRA's; late growth exponent "
+               f"ALLoRA - LoRA(eta l_b) {fmt(measured['late_slope_allora_minus_lora_eta_lb'])}; step-1 norm ratio "
+               f"ALLoRA / LoRA(eta l_b) {measured['step1_row_norm_ratio_allora_over_lora_eta_lb']['mean']:.4f}, / "
+               f"LoRA(l_b) {measured['step1_row_norm_ratio_allora_over_lora_lb']['mean']:.4f}.")
+    key = {"time_ratio_vs_lora_eta_lb": measured["escape_ratio_allora_over_lora_eta_lb"]["mean"],
+           "time_ratio_lora_lb_vs_allora": measured["escape_ratio_lora_lb_over_allora"]["mean"],
+           "late_exponent_gap": measured["late_slope_allora_minus_lora_eta_lb"]["mean"]}
+
+    def plot():
+        fig, axes = new_figure(2, width=4.3, height=3.5)
+        palette = dict(zip(_ESCAPE_METHODS, colors(3), strict=True))
+        ax = axes[0, 0]
+        taus = []
+        for name in _ESCAPE_METHODS:
+            vals = np.stack([curve(runs[(seed, name)])[1] for seed in ctx.seeds])
+            s = curve(runs[(ctx.seeds[0], name)])[0]
+            m, lo_, hi_ = (np.exp(v) for v in mean_ci(np.log(vals[:, 1:])))  # geometric mean, CI in log space
+            ax.plot(s[1:], m, color=palette[name], label=name)
+            ax.fill_between(s[1:], lo_, hi_, color=palette[name], alpha=0.25, lw=0)
+            if name == _ESCAPE_METHODS[0]:
+                taus = FIG5_TAU_FRAC * vals[:, -1]
+        ax.axhline(float(np.mean(taus)), color="0.4", ls=":", lw=1,
+                   label=f"threshold ({FIG5_TAU_FRAC:g} x ALLoRA final)")
+        ax.axvline(FIG5_LATE_FROM * steps, color="0.7", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("mean row norm of s BA (mean over layers)\n(geometric mean over seeds, 95% CI)")
+        ax.set_title(f"{opt.upper()}, l_b = {lr:g}, eta^2 = {FIG5_ETA2:g}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax = axes[0, 1]
+        for j, (name, t) in enumerate(zip(_ESCAPE_METHODS, (ac, hic, loc), strict=True)):
+            m, lo_, hi_ = mean_ci(t)
+            ax.errorbar([j], [m], yerr=[[m - lo_], [hi_ - m]], fmt="o", color=palette[name], capsize=3)
+        ax.set_xticks(range(3), _ESCAPE_METHODS, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("steps to reach the threshold (censored at the horizon)")
+        return fig
+
+    config = {"base": base.as_dict(), "eta2": FIG5_ETA2, "optimizer": opt, "l_b": lr, "seeds": list(ctx.seeds),
               "runs": {"ALLoRA (l_b, eta)": "method=allora, lr=l_b, eta", "LoRA (eta l_b)":
                        "method=lora, scaling=1.0, lr=eta*l_b", "LoRA (l_b)": "method=lora, scaling=1.0, lr=l_b"},
-              "dropout": 0.0, "threshold_fraction": tau_frac, "late_phase_from": late_from}
-    return Result(verdict, summary, measured, ["mnist"], config, fig)
+              "dropout": 0.0, "threshold_fraction": FIG5_TAU_FRAC, "late_phase_from": FIG5_LATE_FROM}
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
+                       config=config, plot=plot)
 
 
 # ------------------------------------------------------------------------------------------------- Prop. 1
@@ -260,10 +291,24 @@ def _prefix_terms(Ws, As, Bs, x, eta: float) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-@figure("allora-prop1-ripple", paper="ALLoRA Prop. 1 (sec. 3.3)",
+PROP1_CRITERION = Criterion(
+    tests=(Test("tight_rate_error", "SANITY: max relative error of the tight instance's fitted log-growth rates "
+                "(normalised output and amplification) and of its bounds, against log(1 + eta m)", "less",
+                margin=1e-9, method="exact", why="a construction that attains the bound: float64 rounding only"),
+           Test("bound_excess", "SANITY: max relative excess of any random chain over the product / AM-GM bounds",
+                "less", margin=1e-9, method="exact", why="a proved inequality: float64 rounding only")),
+    rule=Rule(reproduced=("tight_rate_error", "bound_excess")), correction="none", note=SANITY_NOTE,
+    recalibrations=(Recalibration(old="reproduced if the tight rates match and no chain exceeds the bounds",
+                                  new="same tests, labelled sanity checks",
+                                  why="an identity and a theorem evaluated numerically cannot fail: they check the "
+                                      "corrected rate (1 + eta m_bar, ERRATA.md), not training"),))
+
+
+@figure("allora-prop1-ripple", paper="ALLoRA Prop. 1 (sec. 3.3)", criterion=PROP1_CRITERION,
+        protocols=(Protocol("closed form", {}, primary=True, note="sanity check: synthetic chains, no training"),),
         claim="with a constant scaling eta the output norm ||f_L(x)|| can grow exponentially in depth L, at rate "
               "(1 + eta m_bar) per layer in the worst case")
-def ripple_depth(ctx: Context) -> Result:
+def ripple_depth(ctx: Context, protocol: Protocol) -> Measurement:
     from analysis import ripple
 
     L_max = ctx.pick(quick=8, default=16)
@@ -327,7 +372,6 @@ def ripple_depth(ctx: Context) -> Result:
         "log(1+eta m)": float(np.log1p(eta_r * m)),
         "max_relative_excess_over_bounds": max_excess,  # <= 0 up to rounding if the corrected chain holds
     }
-    ok = worst_rate_err < 1e-9 and worst_gap < 1e-9 and max_excess < 1e-9
     measured["tight_max_rel_rate_error"] = worst_rate_err
     measured["tight_max_rel_gap"] = worst_gap
 
@@ -381,12 +425,13 @@ def ripple_depth(ctx: Context) -> Result:
         f" below the AM-GM bound at L = {L_max} (log shortfall {rnd['log_shortfall_per_layer']['mean']:.3f} per "
         f"layer); their amplification by the adapters grows at log-rate "
         f"{rnd['fitted_log_rate_amplification']['mean']:.3f} per layer vs the worst case "
-        f"{rnd['log(1+eta m)']:.3f}. Rule: reproduced if the tight rates (normalised output and amplification) "
-        "match log(1 + eta m) to 1e-9 and no instance exceeds the bounds.")
+        f"{rnd['log(1+eta m)']:.3f}.")
     config = {"depths": [1, L_max], "d": d, "r": r, "m": m, "etas": list(etas), "tight_seed": ctx.seeds[0],
               "random": {"n": n_random, "eta": eta_r, "rng": "numpy default_rng([seed, k]), k < n",
                          "W": "N(0, 1/d)", "A": "N(0, 1/d)", "B": "Gaussian rescaled to m_l = m U(0.5, 1.5)"}}
-    return Result("reproduced" if ok else "not reproduced", summary, measured, [], config, fig)
+    samples = {"tight_rate_error": float(max(worst_rate_err, worst_gap)), "bound_excess": float(max_excess)}
+    return Measurement(samples=samples, measured=measured, summary=summary, key=samples, datasets=[],
+                       config=config, plot=lambda: fig)
 
 
 # ------------------------------------------------------------------------------------------------- tables 1, 2, 4
@@ -409,18 +454,9 @@ def _variant_config(base, name: str, r: int, eta: float, l_b: float, seed: int, 
     return base.replace(method=method, eta=float(eta), lr=l_b, dropout=p if name == "ALLoRA+D" else 0.0, **common)
 
 
-def _final_accuracy(cfg, device) -> float:
-    """Final test accuracy (%) of one run, NaN if it diverged (non-finite loss)."""
-    from toymodels.train import finetune
-
-    try:
-        return 100.0 * float(finetune(cfg, device=device)["test_acc"][-1])
-    except FloatingPointError:
-        return float("nan")
-
-
 def _variants_table(acc: dict, cells: list, ranks, eta2s) -> dict:
-    """Per-method accuracy, ranking and paired differences ALLoRA - X of one optimizer's grid.
+    """Per-method accuracy, ranking and paired differences ALLoRA - X of one optimizer's grid (the verdict is
+    :data:`VARIANTS_CRITERION`'s).
 
     ``acc[name]`` is (seeds, cells) final test accuracy in %, diverged runs already replaced by chance (10%).
     The CI is over seeds (the independent unit: each seed has its own pretrained model and data split) of the
@@ -438,12 +474,6 @@ def _variants_table(acc: dict, cells: list, ranks, eta2s) -> dict:
                                 for e2 in eta2s}
     sig_better = [n for n in others if diffs[n]["ci_low"] > 0]
     rank = order.index("ALLoRA") + 1
-    if rank == 1 and len(sig_better) == len(others):
-        verdict = "reproduced"
-    elif rank == 1 or len(sig_better) >= len(others) / 2:
-        verdict = "partially reproduced"
-    else:
-        verdict = "not reproduced"
     return {
         "accuracy_pct": per_method,
         "ranking": order,
@@ -456,50 +486,94 @@ def _variants_table(acc: dict, cells: list, ranks, eta2s) -> dict:
         "accuracy_by_eta2_pct": {n: {f"eta2={e2:g}": ci_dict(np.mean([acc[n][:, cells.index((r, e2))]
                                                                        for r in ranks], axis=0)) for e2 in eta2s}
                                  for n in _VARIANTS},
-        "verdict": verdict,
     }
 
 
+_OTHERS = tuple(n for n in _VARIANTS if n not in ("ALLoRA", "ALLoRA+D"))
+_BEATS = {n: "beats_" + n.replace(" x ", "_x_").replace("-", "_").replace(" ", "_") for n in _OTHERS}
+
+VARIANTS_CRITERION = Criterion(
+    tests=tuple(Test(_BEATS[n], f"ALLoRA - {n}: grid-mean final test accuracy (pp), paired by seed", "greater",
+                     margin=0.0, why="the paper's claim is a direction (ALLoRA better on average)") for n in _OTHERS)
+    + (Test("comparable_ALLoRA_D", "ALLoRA - ALLoRA+D: grid-mean final test accuracy (pp), paired by seed",
+            "equivalent", margin=1.0,
+            why="the paper calls per-cell gaps of up to 0.69 pp (averages <= 0.41 pp) 'comparable' (table 2 "
+                "right); rounded up to 1 pp, fixed before the 10-seed runs"),),
+    rule=Rule(reproduced=(*_BEATS.values(), "comparable_ALLoRA_D"),
+              partially=tuple(g for g in itertools.combinations(_BEATS.values(), 3))),
+    note="Partially reproduced: ALLoRA beats at least 3 of the 5 other methods (Holm-corrected). The paper's "
+         "optimizer is unnamed (LLM practice: AdamW); Adam is the primary protocol, SGD a protocol.",
+    recalibrations=(Recalibration(
+        old="reproduced if ALLoRA ranks first and every paired CI (incl. ALLoRA+D) is > 0; partially if it ranks "
+            "first or beats half; no multiplicity correction over 12 intervals; figure reproduced only if Adam "
+            "and SGD agree",
+        new="5 one-sided tests ALLoRA - X > 0 and a TOST ALLoRA - ALLoRA+D within +-1 pp, Holm over the 6 per "
+            "protocol; optimizer and learning rate as protocols",
+        why="the paper calls ALLoRA and ALLoRA+D comparable, so demanding that ALLoRA beat it tests the opposite "
+            "claim; 6 intervals at 95% each give a ~26% chance of one false pass"),))
+
+VARIANTS_PROTOCOLS = (
+    Protocol("adam", {"optimizer": "adam", "l_b": 1e-3}, primary=True,
+             note="Adam at the shared base rate (LLM practice; the paper names no optimizer)"),
+    Protocol("sgd", {"optimizer": "sgd", "l_b": 0.03},
+             note="SGD (the setting of the paper's argument; l_b as in allora-fig5-escape)"),
+    Protocol("adam lr x1/3", {"optimizer": "adam", "l_b": round(1e-3 / 3, 8)}, note="base rate x1/3"),
+    Protocol("adam lr x3", {"optimizer": "adam", "l_b": 3e-3}, note="base rate x3"),
+)
+
+
 @figure("allora-tab-variants", paper="ALLoRA tables 1, 2, 4",
-        claim="after short fine-tuning ALLoRA has the best accuracy on average among LoRA, LoRA x eta, ALLoRA+D, "
-              "ALLoRA-OD, ASF-LoRA and DoRA, over ranks and eta^2 in {1, 2, 4}")
-def variants(ctx: Context) -> Result:
+        claim="after short fine-tuning ALLoRA has the best accuracy on average among LoRA, LoRA x eta, ALLoRA-OD, "
+              "ASF-LoRA and DoRA, and is comparable to ALLoRA+D, over ranks and eta^2 in {1, 2, 4}",
+        criterion=VARIANTS_CRITERION, protocols=VARIANTS_PROTOCOLS)
+def variants(ctx: Context, protocol: Protocol) -> Measurement:
     steps = ctx.pick(quick=30, default=100, large=300)
-    ranks = ctx.pick(quick=(4, 16), default=(4, 16, 64), large=(4, 8, 16, 32, 64))
+    # default: a reduced grid so that 10 seeds x 7 methods fit the CPU budget (--large: the paper's grid)
+    ranks = ctx.pick(quick=(4, 16), default=(4, 64), large=(4, 8, 16, 32, 64))
     eta2s = ctx.pick(quick=(4.0,), default=(1.0, 4.0), large=(1.0, 2.0, 4.0))
     p = 0.05
-    base = base_config(ctx, "mnist", steps=steps, record_every=steps, recorders=("loss",))
-    # Adam (the paper's LLM practice; l_b = the shared base rate) and SGD (the setting of the paper's argument; l_b
-    # as in allora-fig5-escape). Adam is invariant to ALLoRA's common gradient factor eta, SGD is not.
-    settings = (("adam", base.lr), ("sgd", 0.03))
+    opt, l_b = protocol.settings["optimizer"], float(protocol.settings["l_b"])
+    base = base_config(ctx, "mnist", steps=steps, record_every=steps, recorders=("loss",), optimizer=opt)
     cells = [(r, e2) for e2 in eta2s for r in ranks]
-    measured: dict = {"grid": {"ranks": list(ranks), "eta2": list(eta2s), "steps": steps,
-                               "n_seeds": len(ctx.seeds)}}
-    for opt, l_b in settings:
-        acc = {n: np.empty((len(ctx.seeds), len(cells))) for n in _VARIANTS}
-        for i, seed in enumerate(ctx.seeds):
-            for j, (r, e2) in enumerate(cells):
-                for n in _VARIANTS:
-                    cfg = _variant_config(base.replace(optimizer=opt), n, r, float(np.sqrt(e2)), l_b, seed, p)
-                    acc[n][i, j] = _final_accuracy(cfg, ctx.device)
-        diverged = {n: int(np.isnan(acc[n]).sum()) for n in _VARIANTS}
-        acc = {n: np.where(np.isnan(a), 10.0, a) for n, a in acc.items()}  # diverged -> chance accuracy
-        table = _variants_table(acc, cells, ranks, eta2s)
-        table["l_b"] = l_b
-        table["diverged_runs"] = diverged
-        measured[opt] = table
-    v_adam, v_sgd = measured["adam"]["verdict"], measured["sgd"]["verdict"]
-    verdict = v_adam if v_adam == v_sgd else "partially reproduced"
+    index, configs = [], []
+    for i, seed in enumerate(ctx.seeds):
+        for j, (r, e2) in enumerate(cells):
+            for n in _VARIANTS:
+                index.append((n, i, j))
+                configs.append(_variant_config(base, n, r, float(np.sqrt(e2)), l_b, seed, p))
+    hists = _sweep(ctx, configs, on_diverge="return")
+    acc = {n: np.empty((len(ctx.seeds), len(cells))) for n in _VARIANTS}
+    for (n, i, j), h in zip(index, hists, strict=True):
+        acc[n][i, j] = math.nan if "diverged_step" in h else 100.0 * float(h["test_acc"][-1])
+    diverged = {n: int(np.isnan(acc[n]).sum()) for n in _VARIANTS}
+    acc = {n: np.where(np.isnan(a), 10.0, a) for n, a in acc.items()}  # diverged -> chance accuracy
+    table = _variants_table(acc, cells, ranks, eta2s)
+    table.update({"optimizer": opt, "l_b": l_b, "diverged_runs": diverged,
+                  "grid": {"ranks": list(ranks), "eta2": list(eta2s), "steps": steps, "n_seeds": len(ctx.seeds)}})
+    samples = {_BEATS[n]: (acc["ALLoRA"] - acc[n]).mean(axis=1) for n in _OTHERS}
+    samples["comparable_ALLoRA_D"] = (acc["ALLoRA"] - acc["ALLoRA+D"]).mean(axis=1)
 
-    fig, axes = new_figure(3, 2, width=4.3, height=3.5)
-    palette = dict(zip(_VARIANTS, colors(len(_VARIANTS)), strict=True))
-    for row, (opt, l_b) in enumerate(settings):
-        table = measured[opt]
-        for ax, (axis_vals, key, label, fmt_key) in zip(
-                axes[row, :2], ((ranks, "accuracy_by_rank_pct", "LoRA rank r", "r={}"),
-                                (eta2s, "accuracy_by_eta2_pct", "eta^2", "eta2={:g}")), strict=True):
+    def fmt(d):
+        return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+    pm = table["accuracy_pct"]
+    div = sum(diverged.values())
+    summary = (f"{opt.upper()} l_b = {l_b:g}, {steps} steps, ranks {list(ranks)} x eta^2 {[float(e) for e in eta2s]}, "
+               f"{len(ctx.seeds)} seeds: ALLoRA ranks {table['allora_rank']} of {len(_VARIANTS)} at "
+               f"{pm['ALLoRA']['mean']:.2f}% (best {table['ranking'][0]} {pm[table['ranking'][0]]['mean']:.2f}%); "
+               "ALLoRA - X (pp, 95% CI): " + "; ".join(f"{n} {fmt(d)}" for n, d in table["allora_minus_other_pp"].items())
+               + (f"; {div} diverged runs counted at chance (10%)" if div else "") + ".")
+    key = {"allora_rank": table["allora_rank"], "best": table["ranking"][0],
+           **{f"ALLoRA - {n} (pp)": d["mean"] for n, d in table["allora_minus_other_pp"].items()}}
+
+    def plot():
+        fig, axes = new_figure(3, width=4.3, height=3.5)
+        palette = dict(zip(_VARIANTS, colors(len(_VARIANTS)), strict=True))
+        for ax, (axis_vals, k, label, fmt_key) in zip(
+                axes[0, :2], ((ranks, "accuracy_by_rank_pct", "LoRA rank r", "r={}"),
+                              (eta2s, "accuracy_by_eta2_pct", "eta^2", "eta2={:g}")), strict=True):
             for j, n in enumerate(_VARIANTS):
-                d = [table[key][n][fmt_key.format(v)] for v in axis_vals]
+                d = [table[k][n][fmt_key.format(v)] for v in axis_vals]
                 x = np.arange(len(axis_vals)) + (j - 3) * 0.06
                 ax.errorbar(x, [v["mean"] for v in d], yerr=[[v["mean"] - v["ci_low"] for v in d],
                                                              [v["ci_high"] - v["mean"] for v in d]],
@@ -507,40 +581,25 @@ def variants(ctx: Context) -> Result:
             ax.set_xticks(np.arange(len(axis_vals)), [f"{v:g}" for v in axis_vals])
             ax.set_xlabel(label)
             ax.set_ylabel(f"test accuracy after {steps} steps (%)")
-        axes[row, 0].set_title(f"{opt.upper()} l_b = {l_b:g}: mean over eta^2 (95% CI, seeds)", fontsize=9)
-        axes[row, 1].set_title(f"{opt.upper()}: mean over ranks (95% CI, seeds)", fontsize=9)
-        ax = axes[row, 2]
+        axes[0, 0].set_title(f"{opt.upper()} l_b = {l_b:g}: mean over eta^2 (95% CI, seeds)", fontsize=9)
+        axes[0, 1].set_title(f"{opt.upper()}: mean over ranks (95% CI, seeds)", fontsize=9)
+        ax = axes[0, 2]
         others = [n for n in _VARIANTS if n != "ALLoRA"]
         for i, n in enumerate(others):
             d = table["allora_minus_other_pp"][n]
             ax.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o",
                         color=palette[n], capsize=3)
         ax.axvline(0.0, color="0.3", lw=1)
+        ax.axvspan(-1.0, 1.0, color="0.85", alpha=0.5, lw=0, label="ALLoRA+D equivalence margin")
         ax.set_yticks(range(len(others)), [f"ALLoRA - {n}" for n in others], fontsize=8)
         ax.set_xlabel("paired accuracy difference (percentage points)")
         ax.set_title(f"{opt.upper()}: grid mean, 95% CI over seeds", fontsize=9)
-    axes[0, 0].legend(fontsize=6.5)
+        ax.legend(fontsize=6)
+        axes[0, 0].legend(fontsize=6.5)
+        return fig
 
-    def fmt(d):
-        return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-
-    def describe(opt):
-        t = measured[opt]
-        pm = t["accuracy_pct"]
-        div = sum(t["diverged_runs"].values())
-        return (f"{opt.upper()} (l_b = {t['l_b']:g}): ALLoRA ranks {t['allora_rank']} of {len(_VARIANTS)} at "
-                f"{pm['ALLoRA']['mean']:.2f}% (best {t['ranking'][0]} {pm[t['ranking'][0]]['mean']:.2f}%); ALLoRA - X "
-                "(pp): " + "; ".join(f"{n} {fmt(d)}" for n, d in t["allora_minus_other_pp"].items())
-                + f"{'; ' + str(div) + ' diverged runs' if div else ''} -> {t['verdict']}")
-
-    summary = (
-        f"Toy tables 1/2/4 on MNIST (permuted-pixel task), {steps} steps, ranks {list(ranks)} x eta^2 "
-        f"{[float(e) for e in eta2s]} (a reduced grid for CPU), {len(ctx.seeds)} seed(s), 95% CIs over seeds. "
-        f"{describe('adam')}. {describe('sgd')}. Rule per optimizer: reproduced if ALLoRA ranks first and every "
-        "paired CI is > 0; partially if it ranks first or beats at least half significantly; else not "
-        "reproduced; the figure is reproduced only if both optimizers agree.")
-    config = {"base": base.as_dict(), "ranks": list(ranks), "eta2": list(eta2s), "dropout": p,
-              "settings": [list(x) for x in settings],
+    config = {"base": base.as_dict(), "ranks": list(ranks), "eta2": list(eta2s), "dropout": p, "optimizer": opt,
+              "l_b": l_b, "seeds": list(ctx.seeds),
               "variants": {
                   "LoRA": "method=lora, scaling=1.0, lr=eta*l_b, dropout=p",
                   "LoRA x eta": "method=lora, scaling=eta, lr=l_b, dropout=p",
@@ -550,6 +609,7 @@ def variants(ctx: Context) -> Result:
                   "ASF-LoRA": "method=asf, eta, lr=l_b, dropout=0",
                   "DoRA": "method=dora, scaling=1.0, lr=eta*l_b, dropout=p"},
               "diverged_runs": "counted at chance accuracy (10%)",
-              "reduced_grid": "default fidelity: ranks (4, 16, 64) x eta^2 (1, 4), 100 steps; --large runs the "
-                              "paper's (4, 8, 16, 32, 64) x (1, 2, 4) with 300 steps"}
-    return Result(verdict, summary, measured, ["mnist"], config, fig)
+              "reduced_grid": "default fidelity: ranks (4, 64) x eta^2 (1, 4), 100 steps (CPU budget with 10 seeds); "
+                              "--large runs the paper's (4, 8, 16, 32, 64) x (1, 2, 4) with 300 steps"}
+    return Measurement(samples=samples, measured=table, summary=summary, key=key, datasets=["mnist"],
+                       config=config, plot=plot)
