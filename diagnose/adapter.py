@@ -85,6 +85,11 @@ class Adapter:
     peft_model: object | None = None  # the PeftModel when read from one
 
 
+def natural_order(name: str) -> tuple:
+    """Sort key of a module path with its numeric parts as integers (layers.2 before layers.10)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
 def _get_pattern_key():
     try:
         from peft.utils.other import get_pattern_key
@@ -281,6 +286,7 @@ def _load_folder(folder: Path) -> Adapter:
         for lay in layers:
             lay_note = "target_parameters set: some LoRA weights may act on nn.Parameters (e.g. MoE experts)"
             unsupported.setdefault(lay.name, {"name": lay.name, "kind": "parameter", "reason": lay_note})
+    layers.sort(key=lambda lay: natural_order(lay.name))
     return Adapter(source=str(folder), config=config, layers=layers, unsupported=list(unsupported.values()),
                    other_tensors=sorted(other))
 
@@ -333,6 +339,7 @@ def _load_peft_model(model, adapter_name: str | None) -> Adapter:
             lora_bias=None if bias is None else bias.detach().cpu().double().numpy()))
     if not layers and not unsupported:
         raise DiagnoseError(f"the PeftModel has no LoRA layer for adapter {name!r}")
+    layers.sort(key=lambda lay: natural_order(lay.name))
     return Adapter(source=f"PeftModel({type(model.base_model.model).__name__}, adapter {name!r})", config=config,
                    layers=layers, unsupported=unsupported, adapter_name=name, peft_model=model)
 
