@@ -6,10 +6,8 @@ Placement: the paper's analysis (eq. 1) puts dropout at the bottleneck x A^T; fi
 ``placement="bottleneck"`` (fig. 3 also reports PEFT's "input"); table 5 is the paper's LLM experiment run
 with PEFT, so it uses ``"input"`` (see ERRATA.md D5).
 
-The engine has no recorder for the adapter's weights, so figs. 1-3 use :func:`_custom_train`, a mirror of
-``toymodels.train._train`` (same data, initialisation, seeds, mini-batches, optimizer and sampled dropout) that
-hands the live model to a callback at chosen steps (``tests/figures/test_allora_dropout.py`` checks that it
-reproduces the engine's norms).
+Figs. 1-3 measure closed-form quantities of the live model during the engine's runs: their measurements are
+engine callbacks (:class:`toymodels.callbacks.AtSteps` subclasses), cached with the run's history.
 """
 
 from __future__ import annotations
@@ -24,55 +22,15 @@ from torch import nn
 from analysis import dropout as closed
 from figures import Context, Result, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure, real_datasets
-from toymodels import cache as run_cache
 from toymodels import train as engine
-from toymodels.lora import LoRALinear, lora_modules
-
-_VERSION = 1  # bump to invalidate this module's cached custom runs
-
+from toymodels.callbacks import AtSteps
+from toymodels.lora import LoRALinear
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
 def _steps_per_epoch(cfg) -> int:
     return max(1, cfg.n_finetune // cfg.batch_size) if cfg.batch_size else 1
-
-
-def _custom_train(cfg, device, record_steps, on_record) -> None:
-    """Train ``cfg`` exactly as ``toymodels.train._train`` does (sampled dropout, no expected loss, no LoRA+ /
-    LoWR) and call ``on_record(step, model, data)`` at every step in ``record_steps`` (0 = before training).
-
-    ``on_record`` must not draw from the global torch RNG (it would change the dropout masks of later steps);
-    use :func:`torch.random.fork_rng` for Monte Carlo inside it.
-    """
-    if cfg.expected_loss or cfg.lora_plus_ratio is not None or cfg.lowr is not None:
-        raise ValueError("_custom_train mirrors plain sampled-dropout training only")
-    record_steps = set(record_steps)
-    data = engine.protocol_data(cfg, device)
-    model = engine.build_finetune_model(cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = engine._optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-    torch.manual_seed(cfg.seed + 2)  # dropout masks, as the engine
-    gen = torch.Generator().manual_seed(cfg.seed + 3)  # mini-batches, as the engine
-    x, y = data.finetune
-    model.train()
-    if 0 in record_steps:
-        on_record(0, model, data)
-    for step, idx in enumerate(engine._batches(len(y), cfg.batch_size, cfg.steps, gen), start=1):
-        xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
-        opt.zero_grad(set_to_none=True)
-        loss = engine._loss_fn(cfg.loss, model(xb), yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        loss.backward()
-        opt.step()
-        if step in record_steps:
-            on_record(step, model, data)
-
-
-def _probe_index(cfg, n: int, device) -> torch.Tensor:
-    """The engine's probe mini-batch (same generator as ``toymodels.train._train``)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 4))[: cfg.batch_size or n].to(device)
 
 
 @torch.no_grad()
@@ -86,6 +44,26 @@ def _last_layer_problem(model, layer: LoRALinear, x: torch.Tensor, y: torch.Tens
     Y = nn.functional.one_hot(y, layer.out_features).double().cpu().numpy() - layer.base.bias.double().cpu().numpy()
     return {"X": X, "Y": Y, "W": layer.base.weight.double().cpu().numpy(), "A": layer.lora_A.double().cpu().numpy(),
             "B": layer.lora_B.double().cpu().numpy(), "s": np.float64(layer.scaling)}
+
+
+class _Measure(AtSteps):
+    """A figure's measurement at chosen steps; :meth:`of` returns its part of a run's history, prefix removed."""
+
+    version = 1  # bump when a measurement changes (it is part of the run-cache key)
+
+    @classmethod
+    def of(cls, hist: dict) -> dict[str, np.ndarray]:
+        return {k[len(cls.prefix):]: v for k, v in hist.items() if k.startswith(cls.prefix)}
+
+
+class _ProbeProblem(_Measure):
+    """Fig. 1: the last layer's least-squares problem (:func:`_last_layer_problem`) on the probe batch."""
+
+    prefix = "fig1_"
+
+    def measure(self, state) -> dict[str, np.ndarray]:
+        x, y = state.data.finetune
+        return _last_layer_problem(state.model, state.layers[-1], x[state.probe], y[state.probe])
 
 
 def _log_ratio_ci(num, den) -> dict:
@@ -111,20 +89,8 @@ def _fig1_problem(ctx: Context, dataset: str, seed: int) -> tuple[dict[str, np.n
     cfg = base_config(ctx, dataset, seed=seed, targets=("layers.2",), loss="mse", dropout=0.0,
                       placement="bottleneck", steps=ctx.pick(quick=20, default=200), recorders=())
 
-    def compute():
-        out = {}
-
-        def grab(step, model, data):
-            layer = lora_modules(model)[-1]
-            x, y = data.finetune
-            idx = _probe_index(cfg, len(y), x.device)
-            out.update(_last_layer_problem(model, layer, x[idx], y[idx]))
-
-        _custom_train(cfg, ctx.device, {cfg.steps}, grab)
-        return out
-
-    key = {"figure": "allora-fig1", "version": _VERSION, "cfg": cfg.as_dict()}
-    return run_cache.cached("figures-allora-dropout", key, compute), cfg.as_dict()
+    hist = engine.finetune(cfg, callbacks=[_ProbeProblem([cfg.steps])], device=ctx.device)
+    return {k: v[-1] for k, v in _ProbeProblem.of(hist).items()}, cfg.as_dict()
 
 
 @figure("allora-fig1-dropout-mc", paper="ALLoRA fig. 1",
@@ -219,6 +185,51 @@ def _entry_stats(std: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+class _GradStdExact(_Measure):
+    """Fig. 2's overlay (last layer, MSE, bottleneck dropout), on the probe batch at each epoch: ``epoch`` and the
+    exact per-entry std of the gradients over masks, ``exact_A``, ``exact_B`` (:func:`analysis.dropout.
+    grad_moments`, divided by N: the engine's loss is the batch mean); at ``mc_epochs`` also their Monte Carlo
+    estimate over ``masks`` masks (``mc_A``, ``mc_B``, the standard errors of the variances ``mc_se_var_A``,
+    ``mc_se_var_B``, and ``mc_epoch``), masks from the run's stream forked at offset 10000 + step."""
+
+    prefix = "fig2_"
+
+    def __init__(self, steps, *, spe: int, masks: int, mc_epochs):
+        super().__init__(steps)
+        self.spe, self.masks, self.mc_epochs = int(spe), int(masks), sorted(int(e) for e in mc_epochs)
+
+    def params(self) -> dict:
+        return {"spe": self.spe, "masks": self.masks, "mc_epochs": self.mc_epochs, "rate": FIG2_RATE}
+
+    def measure(self, state) -> dict[str, np.ndarray]:
+        model, layer, step = state.model, state.layers[-1], state.step
+        x, y = state.data.finetune
+        idx = state.probe
+        prob = _last_layer_problem(model, layer, x[idx], y[idx])
+        n = prob["X"].shape[0]
+        _, var_a, _, var_b = closed.grad_moments(prob["X"], prob["Y"], prob["W"], prob["A"], prob["B"],
+                                                 FIG2_RATE, scaling=float(prob["s"]))
+        out = {"epoch": step // self.spe, "exact_A": np.sqrt(var_a).ravel() / n, "exact_B": np.sqrt(var_b).ravel() / n}
+        if step // self.spe not in self.mc_epochs:
+            return out
+        with state.streams.fork(10_000 + step, x.device):
+            h = model.features(x[idx]).detach()
+            target = nn.functional.one_hot(y[idx], layer.out_features).to(h.dtype)
+            gA, gB = [], []
+            for _ in range(self.masks):
+                loss = ((layer(h) - target) ** 2).sum(1).mean()
+                a, b = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
+                gA.append(a.double().flatten())
+                gB.append(b.double().flatten())
+        for name, g in (("A", torch.stack(gA).cpu().numpy()), ("B", torch.stack(gB).cpu().numpy())):
+            var = g.var(axis=0, ddof=1)
+            m4 = ((g - g.mean(axis=0)) ** 4).mean(axis=0)
+            out[f"mc_{name}"] = np.sqrt(var)
+            out[f"mc_se_var_{name}"] = np.sqrt(np.maximum(m4 - var**2, 0.0) / self.masks)
+        out["mc_epoch"] = step // self.spe
+        return out
+
+
 def _fig2_exact(ctx: Context, seed: int, epochs: int) -> tuple[dict, dict]:
     """Last layer, MSE, bottleneck dropout: exact per-entry std (grad_moments) per epoch; MC std at the end."""
     cfg = base_config(ctx, "mnist", seed=seed, targets=("layers.2",), loss="mse", dropout=FIG2_RATE,
@@ -228,46 +239,9 @@ def _fig2_exact(ctx: Context, seed: int, epochs: int) -> tuple[dict, dict]:
     masks = ctx.pick(quick=64, default=400)
     mc_epochs = sorted({0, epochs // 2, epochs})
 
-    def compute():
-        rows: dict[str, list] = {"epoch": [], "exact_A": [], "exact_B": []}
-        mc: dict[str, list] = {"mc_epoch": [], "mc_A": [], "mc_B": [], "mc_se_var_A": [], "mc_se_var_B": []}
-
-        def grab(step, model, data):
-            layer = lora_modules(model)[-1]
-            x, y = data.finetune
-            idx = _probe_index(cfg, len(y), x.device)
-            prob = _last_layer_problem(model, layer, x[idx], y[idx])
-            n = prob["X"].shape[0]
-            _, var_a, _, var_b = closed.grad_moments(prob["X"], prob["Y"], prob["W"], prob["A"], prob["B"],
-                                                     FIG2_RATE, scaling=float(prob["s"]))
-            rows["epoch"].append(step // spe)
-            rows["exact_A"].append(np.sqrt(var_a).ravel() / n)  # the engine's loss is the batch mean: L / n
-            rows["exact_B"].append(np.sqrt(var_b).ravel() / n)
-            if step // spe not in mc_epochs:
-                return
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(10_000 + seed + step)
-                h = model.features(x[idx]).detach()
-                target = nn.functional.one_hot(y[idx], layer.out_features).to(h.dtype)
-                gA, gB = [], []
-                for _ in range(masks):
-                    loss = ((layer(h) - target) ** 2).sum(1).mean()
-                    a, b = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
-                    gA.append(a.double().flatten())
-                    gB.append(b.double().flatten())
-            for name, g in (("A", torch.stack(gA).cpu().numpy()), ("B", torch.stack(gB).cpu().numpy())):
-                var = g.var(axis=0, ddof=1)
-                m4 = ((g - g.mean(axis=0)) ** 4).mean(axis=0)
-                mc[f"mc_{name}"].append(np.sqrt(var))
-                mc[f"mc_se_var_{name}"].append(np.sqrt(np.maximum(m4 - var**2, 0.0) / masks))
-            mc["mc_epoch"].append(step // spe)
-
-        _custom_train(cfg, ctx.device, {e * spe for e in range(epochs + 1)}, grab)
-        return {**{k: np.asarray(v) for k, v in rows.items()}, **{k: np.asarray(v) for k, v in mc.items()}}
-
-    key = {"figure": "allora-fig2-exact", "version": _VERSION, "cfg": cfg.as_dict(), "masks": masks,
-           "mc_epochs": mc_epochs}
-    return run_cache.cached("figures-allora-dropout", key, compute), {**cfg.as_dict(), "mc_masks": masks}
+    hist = engine.finetune(cfg, callbacks=[_GradStdExact([e * spe for e in range(epochs + 1)], spe=spe, masks=masks,
+                                                         mc_epochs=mc_epochs)], device=ctx.device)
+    return _GradStdExact.of(hist), {**cfg.as_dict(), "mc_masks": masks}
 
 
 @figure("allora-fig2-grad-std", paper="ALLoRA fig. 2",
@@ -400,39 +374,41 @@ def grad_std(ctx: Context) -> Result:
 FIG3_RATES = (0.0, 0.1, 0.3, 0.5)
 
 
+class _DecayStrengths(_Measure):
+    """Fig. 3, at the record steps: ``dist_A`` = ||A - A_0|| per layer, and the last layer's closed-form per-channel
+    penalty strengths ``strength_A``, ``strength_B`` (:func:`analysis.dropout.penalty_strengths`, bottleneck
+    formula, dropout-free features X of the whole fine-tune set scaled by 1/sqrt(N): per sample, as the engine's
+    loss is a mean)."""
+
+    prefix = "fig3_"
+
+    def __init__(self):
+        super().__init__(None)
+        self.init: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.init = []
+
+    @torch.no_grad()
+    def measure(self, state) -> dict[str, np.ndarray]:
+        layers = state.layers
+        if not self.init:
+            self.init = [m.lora_A.detach().clone() for m in layers]
+        prob = _last_layer_problem(state.model, layers[-1], *state.data.finetune)
+        X = prob["X"] / math.sqrt(prob["X"].shape[0])
+        on_a, on_b = closed.penalty_strengths(X, prob["A"], prob["B"], state.cfg.dropout, scaling=float(prob["s"]))
+        return {"dist_A": [(m.lora_A - a0).norm().item() for m, a0 in zip(layers, self.init, strict=True)],
+                "strength_A": on_a, "strength_B": on_b}
+
+
 def _fig3_run(ctx: Context, cfg) -> dict[str, np.ndarray]:
-    """Norms of A, B (per layer), their distance from init, train/test loss and the last layer's closed-form
-    per-channel penalty strengths (bottleneck formula, features of the whole fine-tune set, per sample)."""
-
-    def compute():
-        hist: dict[str, list] = {k: [] for k in ("step", "norm_A", "norm_B", "dist_A", "train_loss", "test_loss",
-                                                 "strength_A", "strength_B")}
-        init: list[np.ndarray] = []
-
-        @torch.no_grad()
-        def grab(step, model, data):
-            layers = lora_modules(model)
-            if not init:
-                init.extend(m.lora_A.detach().clone() for m in layers)
-            hist["step"].append(step)
-            hist["norm_A"].append([m.lora_A.norm().item() for m in layers])
-            hist["norm_B"].append([m.lora_B.norm().item() for m in layers])
-            hist["dist_A"].append([(m.lora_A - a0).norm().item() for m, a0 in zip(layers, init, strict=True)])
-            hist["train_loss"].append(engine._evaluate(model, data.finetune, cfg.loss)[0])
-            hist["test_loss"].append(engine._evaluate(model, data.test, cfg.loss)[0])
-            prob = _last_layer_problem(model, layers[-1], *data.finetune)
-            X = prob["X"] / math.sqrt(prob["X"].shape[0])  # per-sample strengths (the engine's loss is a mean)
-            p_eff = cfg.dropout
-            on_a, on_b = closed.penalty_strengths(X, prob["A"], prob["B"], p_eff, scaling=float(prob["s"]))
-            hist["strength_A"].append(on_a)
-            hist["strength_B"].append(on_b)
-
-        steps = set(range(0, cfg.steps + 1, cfg.record_every)) | {cfg.steps}
-        _custom_train(cfg, ctx.device, steps, grab)
-        return {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
-
-    key = {"figure": "allora-fig3", "version": _VERSION, "cfg": cfg.as_dict()}
-    return run_cache.cached("figures-allora-dropout", key, compute)
+    """The run's history (recorders "loss", "norms": norms of A, B per layer, train/test loss) with, from
+    :class:`_DecayStrengths`, the distance of A from its init and the last layer's penalty strengths."""
+    if not {"loss", "norms"} <= set(cfg.recorders):
+        raise ValueError(f"cfg.recorders must include 'loss' and 'norms', got {cfg.recorders}")
+    hist = engine.finetune(cfg, callbacks=[_DecayStrengths()], device=ctx.device)
+    return {**hist, **_DecayStrengths.of(hist)}
 
 
 def _spread(final: np.ndarray) -> np.ndarray:
@@ -446,7 +422,8 @@ def _spread(final: np.ndarray) -> np.ndarray:
 def norms(ctx: Context) -> Result:
     placements = ("bottleneck", "input")
     steps = ctx.pick(quick=30, default=600)
-    base = base_config(ctx, "mnist", steps=steps, record_every=ctx.pick(quick=10, default=25), recorders=())
+    base = base_config(ctx, "mnist", steps=steps, record_every=ctx.pick(quick=10, default=25),
+                       recorders=("loss", "norms"))
     fig, axes = new_figure(2, 2, width=4.6, height=3.3)
     panels = axes.ravel()
     rate_colors = colors(len(FIG3_RATES))

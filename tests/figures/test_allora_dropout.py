@@ -1,5 +1,6 @@
-"""figures.allora_dropout: the custom training loop mirrors the engine; the last-layer problem and the per-entry
-gradient std that figs. 1-3 hand to analysis.dropout use the engine's conventions (bias in Y, loss = mean)."""
+"""figures.allora_dropout: the figures' engine callbacks measure the run's own weights; the last-layer problem and
+the per-entry gradient std that figs. 1-3 hand to analysis.dropout use the engine's conventions (bias in Y, loss =
+mean)."""
 
 from __future__ import annotations
 
@@ -25,29 +26,33 @@ def _cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("placement", ["bottleneck", "input"])
-def test_custom_loop_reproduces_engine_norms_and_losses(placement):
+def test_fig3_measurement_matches_the_runs_weights(placement):
+    """fig. 3's callback: ||A - A0|| and the closed-form strengths equal those computed from the run's weight
+    snapshots at the record steps (same run, same cache entry)."""
+    from toymodels.callbacks import WeightSnapshots
+
     cfg = train.FinetuneConfig(**SMALL, dropout=0.3, placement=placement, recorders=("loss", "norms"))
-    ref = train.finetune(cfg, use_cache=False)
-    got: dict[str, list] = {"step": [], "norm_A": [], "norm_B": [], "test_loss": []}
-
-    def grab(step, model, data):
-        layers = lora_modules(model)
-        got["step"].append(step)
-        got["norm_A"].append([m.lora_A.norm().item() for m in layers])
-        got["norm_B"].append([m.lora_B.norm().item() for m in layers])
-        got["test_loss"].append(train._evaluate(model, data.test, cfg.loss)[0])
-
-    fd._custom_train(cfg, torch.device("cpu"), set(ref["step"].astype(int)), grab)
-    np.testing.assert_array_equal(got["step"], ref["step"])
-    for key in ("norm_A", "norm_B", "test_loss"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-9, err_msg=key)
-    assert ref["norm_B"][-1].min() > 0  # the comparison covers trained, dropout-driven steps
-
-
-def test_custom_loop_rejects_what_it_does_not_mirror():
-    cfg = train.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", expected_loss=True, recorders=())
-    with pytest.raises(ValueError, match="sampled-dropout"):
-        fd._custom_train(cfg, torch.device("cpu"), {0}, lambda *a: None)
+    snaps = WeightSnapshots(cfg.record_steps())
+    hist = train.finetune(cfg, callbacks=[fd._DecayStrengths(), snaps], use_cache=False)
+    got = fd._DecayStrengths.of(hist)
+    np.testing.assert_array_equal(got["step"], hist["step"])
+    n_layers = hist["norm_A"].shape[1]
+    dist = np.array([[np.linalg.norm(hist[f"snapshot_A{i}"][t] - hist[f"snapshot_A{i}"][0]) for i in range(n_layers)]
+                     for t in range(len(hist["step"]))])
+    np.testing.assert_allclose(got["dist_A"], dist, rtol=1e-5, atol=1e-7)
+    assert got["dist_A"][0].max() == 0 and got["dist_A"][-1].min() > 0
+    model = train.build_finetune_model(cfg, torch.device("cpu"))
+    data = train.protocol_data(cfg, torch.device("cpu"))
+    with torch.no_grad():  # the model at the last step, from the snapshots (its features depend on every layer)
+        for i, m in enumerate(lora_modules(model)):
+            m.lora_A.copy_(torch.from_numpy(hist[f"snapshot_A{i}"][-1]))
+            m.lora_B.copy_(torch.from_numpy(hist[f"snapshot_B{i}"][-1]))
+    layer = lora_modules(model)[-1]
+    prob = fd._last_layer_problem(model, layer, *data.finetune)
+    on_a, on_b = dr.penalty_strengths(prob["X"] / math.sqrt(len(prob["X"])), prob["A"], prob["B"], 0.3,
+                                      scaling=float(prob["s"]))
+    np.testing.assert_allclose(got["strength_A"][-1], on_a, rtol=1e-6)
+    np.testing.assert_allclose(got["strength_B"][-1], on_b, rtol=1e-6)
 
 
 def _last_layer_model(p: float, placement: str):
@@ -92,7 +97,7 @@ def test_engine_loss_gradient_std_is_grad_moments_over_n(placement):
     h = model.features(x).detach()
     ga, gb = [], []
     for _ in range(masks):
-        loss = train._loss_fn("mse", layer(h), y)
+        loss = train.loss_fn("mse", layer(h), y)
         a, b = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
         ga.append(a.flatten())
         gb.append(b.flatten())
