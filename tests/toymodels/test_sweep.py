@@ -1,0 +1,266 @@
+"""toymodels.sweep / train.run_sweep with the real engines (no mocks): the plan is deterministic, every executor
+(in-process, local worker processes, a ProcessPoolExecutor, a local Ray cluster, submitit's local executor)
+gives the in-process histories bit for bit, a killed worker loses only its run and a rerun resumes, two sweeps
+share one cache concurrently, a corrupt entry is recomputed, divergence and bad input are handled as documented.
+
+Synthetic data, tiny widths, a few steps: the time goes into starting processes (Ray ~10 s, once per module)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toymodels import batched, sweep, train
+from toymodels import cache as run_cache
+
+TINY = dict(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32, n_test=64,
+            pretrain_steps=5, steps=6, batch_size=8, record_every=3)
+
+
+def cfg(**changes) -> train.FinetuneConfig:
+    return train.FinetuneConfig(**{**TINY, **changes})
+
+
+# a batched group (2 seeds x 2 dropout rates), two runs the batched engine cannot take (loop), one duplicate
+CONFIGS = ([cfg(seed=s, dropout=p) for s in (0, 1) for p in (0.0, 0.3)]
+           + [cfg(method="dora", seed=0), cfg(recorders=("loss", "moments"), seed=1)])
+SWEEP = CONFIGS + [CONFIGS[0]]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process sweep (workers=1): the oracle of every executor."""
+    root = tmp_path_factory.mktemp("reference")
+    mp_env = os.environ.get("LORA_THEORY_CACHE")
+    os.environ["LORA_THEORY_CACHE"] = str(root)
+    try:
+        return train.run_sweep(SWEEP, workers=1, progress=False)
+    finally:
+        if mp_env is None:
+            del os.environ["LORA_THEORY_CACHE"]
+        else:
+            os.environ["LORA_THEORY_CACHE"] = mp_env
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def assert_bitwise_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert set(g) == set(w)
+        for key in w:
+            assert g[key].dtype == w[key].dtype and np.array_equal(g[key], w[key], equal_nan=True), key
+
+
+def entries(root) -> dict[str, int]:
+    """Cached run files -> mtime (ns)."""
+    return {str(p): p.stat().st_mtime_ns for ns in ("finetune", batched.NAMESPACE) for p in (root / ns).glob("*.npz")}
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+
+def test_plan_routes_and_chunks_deterministically():
+    tasks = sweep.plan(SWEEP)
+    assert [(t.kind, len(t.configs)) for t in tasks] == [("batched", 4), ("sequential", 1), ("sequential", 1)]
+    assert {c for t in tasks for c in t.configs} == set(CONFIGS)  # each distinct config once
+    assert sweep.plan(list(reversed(SWEEP)))[0] == tasks[0]  # a batch is a set: canonical order
+    assert all(t.kind == "sequential" for t in sweep.plan(SWEEP, batched=False))
+    grid = [cfg(seed=s, dropout=p) for p in (0.0, 0.1, 0.2) for s in range(5)]  # 15 runs, 5 seeds
+    chunks = sweep.plan(grid, max_batch=4)
+    assert sorted(len(t.configs) for t in chunks) == [3, 4, 4, 4]
+    in_order = sorted(chunks, key=lambda t: batched.canonical_batch(grid).index(t.configs[0]))
+    assert [c for t in in_order for c in t.configs] == batched.canonical_batch(grid)  # consecutive: seeds together
+    lone = sweep.plan([cfg(), cfg(method="dora")])  # a batchable config alone goes to the loop
+    assert [t.kind for t in lone] == ["sequential", "sequential"]
+
+
+# ---------------------------------------------------------------------------------------- bit-for-bit equality
+
+
+def test_reference_matches_the_engines(reference):
+    """The in-process sweep is what each engine gives for its task: the batched group's runs equal
+    finetune_many on the group, the rest equal finetune (and the duplicate is a copy)."""
+    group = CONFIGS[:4]
+    want = batched.finetune_many(group, use_cache=False)
+    assert_bitwise_equal(reference[:4], want)
+    assert_bitwise_equal(reference[4:6], [train.finetune(c, use_cache=False) for c in CONFIGS[4:]])
+    assert_bitwise_equal([reference[-1]], [reference[0]])
+    assert reference[-1] is not reference[0]  # a copy: mutating one leaves the other
+
+
+def test_local_workers_bitwise(reference, cache_dir):
+    got = train.run_sweep(SWEEP, workers=2, progress=False)
+    assert_bitwise_equal(got, reference)
+    assert len(entries(cache_dir)) == len(CONFIGS)  # each run written by the worker that ran it
+    assert_bitwise_equal(train.run_sweep(SWEEP, workers=2, progress=False), reference)  # from the cache
+
+
+def test_executor_instance_bitwise(reference, cache_dir):
+    """Any concurrent.futures.Executor (a thread pool here: cheap to start; every task pins 1 thread)."""
+    with cf.ThreadPoolExecutor(2) as pool:
+        got = train.run_sweep(SWEEP, executor=pool, progress=False)
+    assert_bitwise_equal(got, reference)
+
+
+def test_ray_bitwise(reference, cache_dir, ray_cluster):
+    got = train.run_sweep(SWEEP, executor="ray", workers=2, progress=False)
+    assert_bitwise_equal(got, reference)
+    assert len(entries(cache_dir)) == len(CONFIGS)
+
+
+def test_submitit_local_bitwise(reference, cache_dir, tmp_path):
+    pytest.importorskip("submitit")
+    got = train.run_sweep(SWEEP, executor="slurm", workers=2, progress=False,
+                          executor_options={"cluster": "local", "folder": str(tmp_path / "jobs"), "timeout_min": 5})
+    assert_bitwise_equal(got, reference)
+    assert len(entries(cache_dir)) == len(CONFIGS)
+
+
+# ------------------------------------------------------------------------------------------ failures, resume
+
+
+def test_killed_worker_loses_only_its_run_and_a_rerun_resumes(reference, cache_dir, monkeypatch):
+    victim = CONFIGS[4]  # a sequential task
+    with sweep._pinned_threads(1):
+        monkeypatch.setenv(sweep.KILL_HOOK, run_cache.config_key(victim.as_dict()))
+    with pytest.raises(sweep.SweepError) as info:
+        train.run_sweep(SWEEP, workers=2, progress=False, retries=1)
+    assert [c for c, _ in info.value.failures] == [victim]
+    assert "worker process died (exit code 3)" in info.value.failures[0][1]
+    assert "method='dora'" in str(info.value)  # the report names the config
+    survived = entries(cache_dir)
+    assert len(survived) == len(CONFIGS) - 1
+    monkeypatch.delenv(sweep.KILL_HOOK)
+    got = train.run_sweep(SWEEP, workers=2, progress=False)
+    assert_bitwise_equal(got, reference)
+    after = entries(cache_dir)
+    assert len(after) == len(CONFIGS) and all(after[p] == t for p, t in survived.items())  # not recomputed
+
+
+def test_two_sweeps_share_one_cache_concurrently(reference, cache_dir, tmp_path):
+    """Two processes run the same sweep into one cache at the same time (each with 2 workers): both finish with
+    the reference numbers and every entry in the cache is whole (checksum)."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_sweep import SWEEP
+        from toymodels import train
+        hists = train.run_sweep(SWEEP, workers=2, progress=False)
+        np.savez(sys.argv[1], **{{f"{{i}}/{{k}}": v for i, h in enumerate(hists) for k, v in h.items()}})
+    """)
+    outs = [tmp_path / f"out{i}.npz" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(o)], env={**os.environ}) for o in outs]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    for out in outs:
+        with np.load(out) as data:
+            got = [{k.split("/", 1)[1]: data[k] for k in data.files if k.split("/")[0] == str(i)}
+                   for i in range(len(SWEEP))]
+        assert_bitwise_equal(got, reference)
+    files = list(entries(cache_dir))
+    assert len(files) == len(CONFIGS) and all(run_cache.load(Path(f)) for f in files)
+    assert not list(cache_dir.rglob("*.tmp"))
+
+
+def test_corrupt_entry_is_recomputed(reference, cache_dir):
+    train.run_sweep(SWEEP, workers=1, progress=False)
+    victim = max(entries(cache_dir))  # any one entry
+    path = Path(victim)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="recomputing"):
+        got = train.run_sweep(SWEEP, workers=1, progress=False)
+    assert_bitwise_equal(got, reference)
+    assert run_cache.load(path) is not None
+
+
+def test_divergence_is_cached_then_raised(cache_dir):
+    good = cfg(optimizer="sgd", lr=0.05, method="dora")
+    bad = good.replace(lr=1e8)  # non-finite loss at step 3
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.run_sweep([good, bad, good.replace(seed=3)], workers=1, progress=False)
+    assert info.value.cfg == bad
+    assert len(entries(cache_dir)) == 3  # every run finished and cached before the raise
+    hists = train.run_sweep([good, bad], workers=1, progress=False, on_diverge="return")
+    assert "diverged_step" in hists[1] and "diverged_step" not in hists[0]
+
+
+def test_interrupt_stops_workers_and_says_how_to_resume(cache_dir, tmp_path):
+    """SIGINT (Ctrl-C) to a process running a sweep on 2 workers: it stops them, prints how many runs are
+    cached and that a rerun resumes, and shows no traceback (the script catches SweepInterrupted)."""
+    script = textwrap.dedent("""
+        import sys, torch
+        torch.set_num_threads(1)
+        from toymodels import sweep, train
+        base = train.FinetuneConfig(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32,
+                                    n_test=64, pretrain_steps=5, steps=200000, batch_size=8, method="dora")
+        print("started", flush=True)
+        try:
+            train.run_sweep([base.replace(seed=s) for s in range(4)], workers=2, progress=False)
+        except sweep.SweepInterrupted as exc:
+            sys.exit(130 if exc.total == 4 else 1)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(4)  # let the workers start training
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "0 of 4 runs are cached" in err and "again to resume" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(executor="mpi"), "executor"),
+        (dict(workers=0), "workers"),
+        (dict(threads=0), "threads"),
+        (dict(retries=-1), "retries"),
+        (dict(on_diverge="ignore"), "on_diverge"),
+        (dict(max_batch=0), "max_batch"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train.run_sweep(CONFIGS, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="configs"):
+        train.run_sweep(["not a config"])
+
+
+def test_threads_are_pinned_per_task(cache_dir):
+    """The caller's torch thread count does not leak into the runs (the cache key holds the task's)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hist = train.run_sweep([CONFIGS[4]], workers=1, progress=False)[0]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with sweep._pinned_threads(1):
+        key = run_cache.config_key(CONFIGS[4].as_dict())
+    assert (cache_dir / "finetune" / f"{key}.npz").exists()
+    np.testing.assert_array_equal(run_cache.load(cache_dir / "finetune" / f"{key}.npz")["batch_loss"],
+                                  hist["batch_loss"])
