@@ -76,6 +76,10 @@ FIGURE_MODULES: dict[str, str] = {
     "lowr-effective-rank": "lowr_new",
     "lowr-mechanism": "lowr_new",
     "lowr-plugin-inits": "lowr_new",
+    "allora-ripple-adaptive": "allora_new",
+    "allora-zero-init-a": "allora_new",
+    "allora-tab5-best-epoch": "allora_new",
+    "allora-regularization-like-dropout": "allora_new",
 }
 
 DEFAULT_OUT = Path(__file__).resolve().parent
