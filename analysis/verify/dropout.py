@@ -157,7 +157,35 @@ def paper_discrepancies(seed: int):
     gap = _rel(dr.ridge_minimizer(Xl, Yl, dr.ridge_lambda(c_mean, 0.3)), dr.linear_minimizer(Xl, Yl, 0.3))
     yield row(TOPIC, "... and differs for non-whitened X (c = mean eigenvalue)", gap, "rel. gap > 1e-3",
               gap > 1e-3)
+    # D2: the printed "rate p = 1/(1+lam)" with PyTorch's rate (probability of zeroing)
     lam_r = 0.5
-    printed_rate = 1 / (1 + lam_r)
-    yield row(TOPIC, "printed 'rate p = 1/(1+lam)': ridge_lambda(1, p) for lam=0.5", dr.ridge_lambda(1.0, printed_rate),
-              "!= 0.5: p is keep prob.", abs(dr.ridge_lambda(1.0, printed_rate) - lam_r) > 1e-6)
+    torch_rate = 1 / (1 + lam_r)
+    n_draws = 200_000
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        V = torch.nn.Dropout(torch_rate).train()(torch.ones(n_draws, dtype=torch.float64)).numpy()
+    coef = float((V**2).mean() - 1)
+    se = float((V**2).std() / math.sqrt(n_draws))
+    yield row(TOPIC, "D2 torch.nn.Dropout(p=1/(1+lam)): E[V^2]-1 (lam=0.5; printed reading 0.5)", coef,
+              "= p/(1-p) = 2 (5 SE)", abs(coef - 2.0) <= 5 * se and abs(coef - 0.5) > 100 * se)
+    Q, _ = np.linalg.qr(rng.normal(size=(30, 4)))
+    Yq = rng.normal(size=(30, 2))
+    W_torch = dr.linear_minimizer(Q, Yq, torch_rate)
+    strength = 1.0 / lam_r
+    gap_inv = _rel(W_torch, dr.ridge_minimizer(Q, Yq, strength))
+    yield row(TOPIC, "D2 ... Tikhonov strength of the minimiser (X^T X = I, claimed 0.5)", strength,
+              f"= 1/lam (rel. gap {gap_inv:.1g})", gap_inv < 1e-12 and _rel(W_torch, dr.ridge_minimizer(Q, Yq, lam_r)) > 0.1)
+    # D1: the printed minimiser p (X^T X)^{-1} Y^T X (C = D, keep probability 0.7) is not stationary
+    keep = 0.7
+    Xs, Ys = rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
+    Wp = dr.printed_linear_minimizer(Xs, Ys, keep)
+    grad = 2 * Xs.T @ (Xs @ Wp / keep - Ys)
+    g_rel = float(np.linalg.norm(grad) / np.linalg.norm(2 * Xs.T @ Ys))
+    yield row(TOPIC, "D1 printed 'p (X^T X)^-1 Y^T X', C = D: |grad E L| / |2 X^T Y|", g_rel,
+              "> 0.5 (corrected: 0)", g_rel > 0.5)
+    # D7: the bound is attained at n = 1 by a symmetric two-point law, and tends to sqrt(2/pi) times it
+    r1 = dr.two_point_deviation_ratio(1)
+    yield row(TOPIC, "D7 two-point law: E|mean_1 - mu| / Std at n=1", r1, "= 1 (attained)", r1 == 1.0)
+    r_inf = dr.two_point_deviation_ratio(10**6)
+    yield row(TOPIC, "D7 two-point law: ratio at n=1e6 vs sqrt(2/pi)=0.798", r_inf, "|diff| < 1e-6",
+              abs(r_inf - math.sqrt(2 / math.pi)) < 1e-6)

@@ -148,3 +148,39 @@ def paper_eq8_eq11_errors(seed: int):
     q = float(remainder(1e-2) / remainder(5e-3))
     yield row(TOPIC, "eq.8 remainder R(gamma)/R(gamma/2), 3 steps", q, "16 = O(g^4); paper O(g^3)",
               abs(q - 16.0) <= 16e-3)
+
+
+@check(TOPIC)
+def theorem_conditions(seed: int):
+    x0, v0, x, v = _problem(seed + 7, d=5, d_out=3)
+    x0, v0 = x0[0], v0[0]
+
+    def mean_norm(moments, g, r, **kw):
+        return float(np.linalg.norm(moments(x0, v0, x, v, r=r, gamma=g, lr=0.1, **kw)["mean_out"]))
+
+    add = mean_norm(rs.one_step_moments, 1e-4 + 0.1, 10**8) / mean_norm(rs.one_step_moments, 1.1, 1)
+    yield row(TOPIC, "erratum 'modulo an additive constant': E f(r=1e8)/E f(r=1), gamma=1/sqrt(r)+0.1", add,
+              "= (1+0.1e4)^2/1.1^2 (unbounded)", abs(add / (1001.0**2 / 1.21) - 1) < 1e-9)
+    # Adam's first step: Monte Carlo of a real torch.optim.Adam step vs the closed form, then the exponent
+    import torch
+
+    rng = np.random.default_rng(seed + 8)
+    r, n, lr = 8, 20_000, 0.01
+    g = rs.gamma(r, kind="rslora")
+    A = torch.tensor(rng.normal(size=(n, r, 5)), requires_grad=True)
+    B = torch.zeros((n, 3, r), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([A, B], lr=lr, eps=1e-30)
+    (g * torch.einsum("bor,brk,k->bo", B, A, torch.tensor(x0)) @ torch.tensor(v0)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        f = (g * torch.einsum("bor,brk,k->bo", B, A, torch.tensor(x))).numpy()
+    exact = rs.adam_first_step_moments(x0, v0, x, v, r=r, gamma=g, lr=lr)["mean_out"]
+    z = float(np.max(np.abs(f.mean(axis=0) - exact) / (f.std(axis=0, ddof=1) / math.sqrt(n))))
+    yield row(TOPIC, "erratum Thm 3.2 under Adam: MC E f vs exact first-step formula (max |z|)", z, "|z| <= 5",
+              z <= Z_MAX)
+    grow = (mean_norm(rs.adam_first_step_moments, rs.gamma(2048, kind="rslora"), 2048)
+            / mean_norm(rs.adam_first_step_moments, rs.gamma(4, kind="rslora"), 4))
+    sgd = (mean_norm(rs.one_step_moments, rs.gamma(2048, kind="rslora"), 2048)
+           / mean_norm(rs.one_step_moments, rs.gamma(4, kind="rslora"), 4))
+    yield row(TOPIC, f"erratum Thm 3.2 under Adam: rsLoRA E f(r=2048)/E f(r=4) (SGD: {sgd:.3g})", grow,
+              "= sqrt(512) = 22.6, SGD 1", abs(grow / math.sqrt(512) - 1) < 1e-12 and abs(sgd - 1) < 1e-12)
