@@ -1,4 +1,5 @@
-"""Helpers of figures/lowr.py: the variance share, eq. 12 from channel norms, the captured (X, G) of an SGD step.
+"""Helpers of figures/lowr.py: the variance share, eq. 12 from channel norms, prop41's snapshot steps. (The captured
+(X, G) of an SGD step is tested with the engine's callback in tests/toymodels/test_callbacks.py.)
 
 The figures themselves run in --quick mode in tests/figures/test_figures.py (-k lowr).
 """
@@ -11,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import channels
 from analysis._inputs import default_seed
 from figures import Context
 from figures import lowr as fig
-from toymodels.lora import inject_lora, lora_modules, lowr_gamma
-from toymodels.mlp import MLP
+from toymodels.lora import lowr_gamma
 
 
 def test_b_share_splits_the_log_significance_variance():
@@ -43,24 +42,10 @@ def test_gamma_from_norms_equals_the_layer_rescaling():
         assert np.any(got == 0) and np.any(got > 0)
 
 
-def test_sgd_step_captures_each_layers_input_and_output_gradient():
-    # the captured (X, G) must reproduce the exact change of s BA of every layer (analysis.channels.one_step_update)
-    model = MLP((6, 5, 4, 3), seed=default_seed(), dtype=torch.float64)
-    inject_lora(model, ["layers.0", "layers.1", "layers.2"], r=2, alpha=3.0, b_init_std=0.3,
-                generator=torch.Generator().manual_seed(1))
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (9,), generator=gen)
-    layers = lora_modules(model)
-    before = [(m.lora_A.detach().numpy().copy(), m.lora_B.detach().numpy().copy(), m.scaling) for m in layers]
-    lr = 0.1
-    _, xg = fig._sgd_step(model, x, y, lr, capture=True)
-    assert len(xg) == len(layers)
-    for (A, B, s), (X, G), m in zip(before, xg, layers, strict=True):
-        want = channels.one_step_update(A, B, X, G, lr, s)["total"]
-        got = s * (m.lora_B @ m.lora_A).detach().numpy() - s * B @ A
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
-        assert np.abs(want).max() > 1e-6  # a real update, not 0 == 0
+def test_prop41_snapshot_steps_cover_the_first_steps_and_the_end():
+    got = fig._snapshot_steps(20, 200)
+    assert got[:7] == [20, 21, 22, 23, 24, 25, 26] and got[-1] == 220 and got == sorted(set(got))
+    assert len(got) < 50  # a few MB per cached run at rank 32
 
 
 def test_grids_and_ranks_by_fidelity():
