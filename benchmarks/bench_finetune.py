@@ -5,8 +5,9 @@ Protocol (ALLoRA sec. 3.4, toymodels defaults): MNIST, a pretrained 784-256-256-
 
   (a) the straightforward way: a torch Dataset + DataLoader(batch_size=64, shuffle=True), HF PEFT's
       ``get_peft_model`` on the pretrained MLP, torch.optim.Adam, one configuration at a time;
-  (b) the sequential engine: the loop of ``toymodels.train._train`` (tensors on the device, mini-batches by
-      index, LoRALinear, torch.optim.Adam, ``loss.item()`` every step), one configuration at a time;
+  (b) the sequential engine: ``toymodels.train.TrainingRun``, the one training loop that ``train.finetune``
+      runs (tensors on the device, mini-batches by index, LoRALinear, torch.optim.Adam, ``loss.item()`` every
+      step, callbacks: none with recorders off), one configuration at a time;
   (c) the batched engine ``toymodels.batched`` for K = 1, 4, 16 runs (K lrs of one seed, or 4 seeds x 4 lrs);
       throughput is run-steps/s = K * steps/s;
   (d) the alternative measured for (c): ``torch.func`` — vmap(grad_and_value) of a ``functional_call`` of the
@@ -67,7 +68,7 @@ def peft_dataloader(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
     def run() -> list[float]:
-        torch.manual_seed(cfg.seed + 2)
+        cfg.streams.seed_global("masks")
         model.train()
         losses: list[float] = []
         while len(losses) < cfg.steps:
@@ -85,30 +86,13 @@ def peft_dataloader(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
 
 
 def sequential(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
-    """(b) The training loop of toymodels.train._train (no recorders), verbatim in what it computes."""
-    device = torch.device("cpu")
-    x, y = train.protocol_data(cfg, device).finetune
-    model = train.build_finetune_model(cfg, device)
-    opt = train._optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
-                           cfg.weight_decay)
+    """(b) The engine's training loop (``train.TrainingRun``: what ``train.finetune`` runs, without the cache)."""
+    run = train.TrainingRun(cfg, torch.device("cpu"))
 
-    def run() -> list[float]:
-        torch.manual_seed(cfg.seed + 2)
-        gen = torch.Generator().manual_seed(cfg.seed + 3)
-        model.train()
-        losses = []
-        for idx in train._batches(len(y), cfg.batch_size, cfg.steps, gen):
-            xb, yb = x[idx], y[idx]
-            opt.zero_grad(set_to_none=True)
-            loss = train._loss_fn(cfg.loss, model(xb), yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("non-finite loss")
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+    def loop() -> list[float]:
+        return list(run.train()["batch_loss"])
 
-    return run
+    return loop
 
 
 def batched_engine(configs: list[train.FinetuneConfig], masks: str = "exact") -> Callable[[], list[float]]:
@@ -142,9 +126,9 @@ def torch_func(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]
     step_fn = vmap(grad_and_value(loss_fn), in_dims=(0, None, None))
 
     def run() -> list[float]:
-        gen = torch.Generator().manual_seed(cfg.seed + 3)
+        gen = cfg.streams.generator("batches")
         losses = []
-        for idx in train._batches(len(y), cfg.batch_size, cfg.steps, gen):
+        for idx in train.minibatches(len(y), cfg.batch_size, cfg.steps, gen):
             grads, loss = step_fn(stacked, x[idx], y[idx])
             for n, p in stacked.items():
                 p.grad = grads[n]

@@ -516,84 +516,109 @@ def _in_dtype(data: datasets.FinetuneData, dtype: torch.dtype) -> datasets.Finet
     return dataclasses.replace(data, **cast)
 
 
-def _train(cfg: FinetuneConfig, device: torch.device, callbacks: Sequence[Callback] = ()) -> dict[str, np.ndarray]:
-    """The training loop (one run, no cache): returns the history, the callbacks' results merged in."""
-    streams = cfg.streams
-    data = _in_dtype(protocol_data(cfg, device), cfg.torch_dtype)
-    model = build_finetune_model(cfg, device)
-    if cfg.lora_plus_ratio is not None:
-        groups = lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio)
-    else:
-        groups = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
-    state = TrainState(cfg, device, model, data, opt)
-    lowr = LoWR(state.layers, tau=cfg.lowr[0], alpha=cfg.lowr[1], every=int(cfg.lowr[2])) if cfg.lowr else None
-    cbs = [*callbacks, *recorder_callbacks(cfg)]
-    for cb in cbs:
-        cb.reset()
-    streams.seed_global("masks")
-    gen = streams.generator("batches")
-    x, y = data.finetune
-    full_batch = cfg.batch_size is None or cfg.batch_size >= len(y)
-    start = _frozen_prefix(cfg) if full_batch and not cfg.expected_loss else 0
-    if start:
-        with torch.no_grad():  # the frozen layers' output on the full batch: the same numbers at every step
-            h_frozen = x
-            for i in range(start):
-                h_frozen = torch.relu(model.layers[i](h_frozen))
-    hist: dict[str, list] = {"step": [], "batch_loss": []}
-    record_steps = set(cfg.record_steps())
-    last = state.layers[-1]
+class TrainingRun:
+    """One run of the training loop, set up (data, model, optimizer, callbacks) and ready to :meth:`train`.
 
-    model.train()
-    for cb in cbs:
-        cb.on_train_begin(state)
-    hist["step"].append(0)
-    for cb in cbs:
-        cb.on_record(state)
-    for step, idx in enumerate(minibatches(len(y), cfg.batch_size, cfg.steps, gen), start=1):
-        state.step, state.record = step, step in record_steps
-        xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
-        state.batch, state.loss = (xb, yb), None
-        for cb in cbs:
-            cb.on_step_begin(state)
-        opt.zero_grad(set_to_none=True)
+    :func:`finetune` is the way to run a config (it caches); this class exists so that a benchmark can time the
+    loop apart from the set-up. A TrainingRun trains once.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, device: str | torch.device | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        device = auto_device(device)
+        self.cfg, self.device = cfg, device
+        data = _in_dtype(protocol_data(cfg, device), cfg.torch_dtype)
+        model = build_finetune_model(cfg, device)
+        if cfg.lora_plus_ratio is not None:
+            groups = lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio)
+        else:
+            groups = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
+        self.state = TrainState(cfg, device, model, data, opt)
+        self.lowr = LoWR(self.state.layers, tau=cfg.lowr[0], alpha=cfg.lowr[1], every=int(cfg.lowr[2])) \
+            if cfg.lowr else None
+        self.callbacks = [*callbacks, *recorder_callbacks(cfg)]
+        for cb in self.callbacks:
+            cb.reset()
+        x = data.finetune.x
+        full_batch = cfg.batch_size is None or cfg.batch_size >= len(x)
+        self.start = _frozen_prefix(cfg) if full_batch and not cfg.expected_loss else 0
+        self.h_frozen = x
+        with torch.no_grad():  # the frozen layers' output on the full batch: the same numbers at every step
+            for i in range(self.start):
+                self.h_frozen = torch.relu(model.layers[i](self.h_frozen))
+        self._done = False
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        cfg, model = self.cfg, self.state.model
         if cfg.expected_loss:
             with torch.no_grad():
                 h = model.features(xb)
-            loss = expected_mse(last, h, yb)
-        elif start:
-            loss = loss_fn(cfg.loss, _forward_from(model, start, h_frozen), yb)
-        else:
-            loss = loss_fn(cfg.loss, model(xb), yb)
-        state.loss = loss
-        if not torch.isfinite(loss):  # stop, and keep what was recorded (cached: a diverging run is not retrained)
-            state.diverged_step = step
-            break
-        loss.backward()
+            return expected_mse(self.state.layers[-1], h, yb)
+        if self.start:
+            return loss_fn(cfg.loss, _forward_from(model, self.start, self.h_frozen), yb)
+        return loss_fn(cfg.loss, model(xb), yb)
+
+    def train(self) -> dict[str, np.ndarray]:
+        """Run the loop; returns the history (callbacks' results merged in), truncated if the loss diverged."""
+        if self._done:
+            raise RuntimeError("a TrainingRun trains once: make a new one")
+        self._done = True
+        cfg, state, cbs, device = self.cfg, self.state, self.callbacks, self.device
+        model, opt = state.model, state.optimizer
+        state.streams.seed_global("masks")
+        gen = state.streams.generator("batches")
+        x, y = state.data.finetune
+        hist: dict[str, list] = {"step": [], "batch_loss": []}
+        record_steps = set(cfg.record_steps())
+
+        model.train()
         for cb in cbs:
-            cb.on_after_backward(state)
-        opt.step()
-        if lowr is not None:
-            lowr.step()
-        hist["batch_loss"].append(loss.item())
+            cb.on_train_begin(state)
+        hist["step"].append(0)
         for cb in cbs:
-            cb.on_step_end(state)
-        if state.record:
-            hist["step"].append(step)
+            cb.on_record(state)
+        for step, idx in enumerate(minibatches(len(y), cfg.batch_size, cfg.steps, gen), start=1):
+            state.step, state.record = step, step in record_steps
+            xb, yb = (x, y) if idx is None else (x[idx.to(device)], y[idx.to(device)])
+            state.batch, state.loss = (xb, yb), None
             for cb in cbs:
-                cb.on_record(state)
-    for cb in cbs:
-        cb.on_train_end(state)
-    out = {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
-    if state.diverged_step is not None:
-        out["diverged_step"] = np.asarray([state.diverged_step], dtype=np.float64)
-    for cb in cbs:
-        for name, value in cb.result().items():
-            if name in out:
-                raise ValueError(f"callback {type(cb).__qualname__} returns {name!r}, a name already in the history")
-            out[name] = np.asarray(value)
-    return out
+                cb.on_step_begin(state)
+            opt.zero_grad(set_to_none=True)
+            loss = state.loss = self._loss(xb, yb)
+            if not torch.isfinite(loss):  # stop, keep what was recorded (cached: a diverging run is not retrained)
+                state.diverged_step = step
+                break
+            loss.backward()
+            for cb in cbs:
+                cb.on_after_backward(state)
+            opt.step()
+            if self.lowr is not None:
+                self.lowr.step()
+            hist["batch_loss"].append(loss.item())
+            for cb in cbs:
+                cb.on_step_end(state)
+            if state.record:
+                hist["step"].append(step)
+                for cb in cbs:
+                    cb.on_record(state)
+        for cb in cbs:
+            cb.on_train_end(state)
+        out = {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
+        if state.diverged_step is not None:
+            out["diverged_step"] = np.asarray([state.diverged_step], dtype=np.float64)
+        for cb in cbs:
+            for name, value in cb.result().items():
+                if name in out:
+                    raise ValueError(f"callback {type(cb).__qualname__} returns {name!r}, a name already in the "
+                                     "history")
+                out[name] = np.asarray(value)
+        return out
+
+
+def _train(cfg: FinetuneConfig, device: torch.device, callbacks: Sequence[Callback] = ()) -> dict[str, np.ndarray]:
+    """One run of the training loop, no cache (what :func:`finetune` computes on a cache miss)."""
+    return TrainingRun(cfg, device, callbacks).train()
 
 
 def run_key(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> dict:
