@@ -7,4 +7,7 @@ def run_all(quick: bool = False) -> int:
     from benchmarks import bench_sample_loss
 
     __import__("benchmarks.bench_finetune").bench_finetune.run_isolated(quick=quick)
-    return bench_sample_loss.main(quick=quick)
+    status = bench_sample_loss.main(quick=quick)
+    from benchmarks import bench_sweep
+
+    return bench_sweep.main(["--quick"] if quick else []) or status

@@ -7,11 +7,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from analysis._inputs import default_seed
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the sweep already said what is cached and how to resume; no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _benchmarks_run_all():
+    """``benchmarks.run_all`` from the source checkout: benchmarks/ is not installed with the package (it is not
+    a library); it lies next to this package in a clone. None when it is not there."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__init__.py").is_file():
+        return None
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks import run_all  # type: ignore[import-not-found]
+
+    return run_all
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["data"]:  # its own argument parser lives with the data sources
         from toymodels.data import data_command
@@ -51,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         seed = default_seed() if args.seed is None else args.seed
         return verify.main(args.topics or None, seed)
     if args.command == "bench":
-        from benchmarks import run_all  # type: ignore[import-not-found]
-
+        run_all = _benchmarks_run_all()
+        if run_all is None:
+            print("lora-theory bench: the benchmarks live in the source checkout (benchmarks/ next to lora_theory/), "
+                  f"which is not there ({Path(__file__).resolve().parent.parent}); clone the repository and run it "
+                  "from there (pip install -e .)", file=sys.stderr)
+            return 2
         return run_all(quick=args.quick)
     parser.error(f"unknown command {args.command}")
     return 2
