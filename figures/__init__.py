@@ -271,7 +271,14 @@ def run_figure(spec: Spec, ctx: Context) -> Result:
     where = "the paper's protocol" if headline["paper"] else "the primary protocol (the paper states none)"
     summary = f"At {where} ({headline['name']}): {headline['summary']}"
     if headline["verdict"] != "unavailable":
-        summary += f" Tests: {headline['tests']}."
+        tests = headline["outcome"]["tests"]
+        if len(tests) <= 6:
+            summary += f" Tests: {headline['tests']}."
+        else:  # many tests (e.g. one per fitted exponent): count them, name the failures; statistics in the JSON
+            claims = [t for t in tests if t["role"] == "claim"]
+            failed = [t["name"] for t in tests if not t["passed"]]
+            summary += (f" Tests: {sum(t['passed'] for t in claims)} of {len(claims)} claim tests pass"
+                        + (f"; failing: {', '.join(failed)}" if failed else "") + " (statistics in the JSON).")
     if len(records) > 1:
         summary += (f" Holds (reproduced) in {counts['reproduced']} of {counts['n']} protocols, partially in "
                     f"{counts['partially reproduced']}.")

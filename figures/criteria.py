@@ -19,7 +19,8 @@ Tests (``method``): ``t`` (one-sample t over seeds; pass paired differences for 
 ``bootstrap`` (:func:`scipy.stats.bootstrap` of the mean, percentile interval and the matching bootstrap
 p-value, explicit seed), ``z`` (an :class:`Estimate` with a known standard error, e.g. a Monte-Carlo fit),
 ``exact`` (a closed-form / deterministic number: the inequality holds or not, p is 0 or 1) and ``sign`` (the
-binomial sign test on the median, robust to the heavy tails of spike factors). Intervals are two-sided at
+binomial sign test on the median, robust to the heavy tails of spike factors; +-inf values count, NaN are
+dropped). Other tests drop non-finite values and report how many (``n_excluded``). Intervals are two-sided at
 confidence 1 - 2 alpha, so a one-sided test at level alpha passes exactly when the interval clears the margin
 (before multiplicity correction), and TOST passes exactly when the interval lies inside (low, high).
 
@@ -438,7 +439,10 @@ def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dic
     finite = x[np.isfinite(x)]
     n, excluded = int(finite.size), int(x.size - finite.size)
     base = {**out, "n": n, "n_excluded": excluded}
-    if test.method == "sign":
+    if test.method == "sign":  # infinities are ordered (e.g. a diverged run's infinite spike): only NaN is dropped
+        finite = x[~np.isnan(x)]
+        n = int(finite.size)
+        base = {**out, "n": n, "n_excluded": int(x.size - n)}
         if n < 1:
             return {**base, "estimate": math.nan, "ci": None, "p": math.nan, "computable": False}
         med = float(np.median(finite))

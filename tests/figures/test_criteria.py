@@ -126,6 +126,9 @@ def test_sign_test_with_binomial_p():
     x = np.array([0.3, 1.2, 0.1, 5.0, 0.2, 0.4, 2.0, 0.05, 0.6, 0.9])  # 10 of 10 above 0
     row = _one(t, x).test("s")
     assert row["p"] == pytest.approx(0.5**10) and row["passed"]
+    with_inf = np.append(x[:-1], [math.inf, math.nan])  # a diverged run counts above; NaN is dropped
+    row = _one(t, with_inf).test("s")
+    assert row["n"] == 10 and row["n_excluded"] == 1 and row["p"] == pytest.approx(0.5**10)
     y = np.array([0.3, -1.2, 0.1, 5.0, -0.2, 0.4, -2.0, 0.05, -0.6, 0.9])  # 6 of 10
     row = _one(t, y).test("s")
     assert row["p"] == pytest.approx(stats.binom.sf(5, 10, 0.5)) and not row["passed"]

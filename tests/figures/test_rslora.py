@@ -29,17 +29,18 @@ def _tiny(**changes) -> FinetuneConfig:
     return cfg.replace(**changes)
 
 
-def test_diverged_run_is_cached_and_truncated_before_the_blowup(monkeypatch):
-    cfg = _tiny()
+def test_diverged_run_is_cached_and_truncated_at_its_last_record(monkeypatch):
+    cfg = _tiny(record_every=2)
     with pytest.raises(FloatingPointError, match=r"step (\d+)") as info:
         finetune(cfg, use_cache=False)
     k = int(info.value.args[0].split("step ")[1].split()[0])
-    assert k > 1
-    ctx = Context(fidelity="quick", seeds=(0,))
+    assert k > cfg.record_every
+    ctx = Context(fidelity="quick", seeds=(0,), workers=1)
     h = rsfig._run(cfg, ctx)
     assert rsfig._diverged(h) and int(h["diverged_at"]) == k
-    assert h["step"][-1] == k - 1  # the identical trajectory, stopped one step before the blow-up
-    ref = finetune(cfg.replace(steps=k - 1), use_cache=False)
+    last = int(h["step"][-1])
+    assert last < k and last % cfg.record_every == 0  # the engine's history, up to its last record before k
+    ref = finetune(cfg.replace(steps=last), use_cache=False)  # the identical trajectory, stopped there
     np.testing.assert_array_equal(h["train_loss"], ref["train_loss"])
     assert rsfig._final_loss(h) == math.inf and rsfig._spike(h) == math.inf
 
@@ -48,19 +49,19 @@ def test_diverged_run_is_cached_and_truncated_before_the_blowup(monkeypatch):
     calls = []
     real = engine._train
 
-    def spy(c, device):
+    def spy(c, *args, **kwargs):
         calls.append(c.steps)
-        return real(c, device)
+        return real(c, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_train", spy)
     again = rsfig._run(cfg, ctx)
-    assert calls == [], "the blow-up and the truncated run must come from the cache, not be recomputed"
+    assert calls == [], "the blow-up must come from the cache, not be recomputed"
     np.testing.assert_array_equal(again["train_loss"], h["train_loss"])
 
 
 def test_stable_run_is_finetune_unchanged():
     cfg = _tiny(lr=1e-2)
-    ctx = Context(fidelity="quick", seeds=(0,))
+    ctx = Context(fidelity="quick", seeds=(0,), workers=1)
     h = rsfig._run(cfg, ctx)
     assert not rsfig._diverged(h)
     np.testing.assert_array_equal(h["train_loss"], finetune(cfg)["train_loss"])
