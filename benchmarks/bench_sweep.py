@@ -1,0 +1,191 @@
+"""Sweep benchmark (issue 8): 64 default-protocol MNIST fine-tuning runs (4 dropout rates x 16 seeds), cold cache.
+
+Side by side in one process, each mode with its own empty run cache (so each pays its pretraining too):
+
+- (a) today's sequential ``run_sweep``: one run after another through the loop, in-process, 1 torch thread;
+- (b) ``run_sweep(workers=W, batched=False)``: the loop in W local worker processes;
+- (c) ``run_sweep(workers=W)``: batched routing (groups of <= 16 runs to ``finetune_many``) + W workers;
+- (d) ``run_sweep(executor="ray", workers=W)``: (c) on a local Ray cluster (``ray.init(num_cpus=W)``; its
+  start-up is timed apart).
+
+Then the Ray overhead per task (tiny runs, 1 and 2 workers, against the same tasks in-process) and a projection
+of a sweep to 8, 32 and 128 workers from the measured per-run cost and overhead::
+
+    T(W) = start-up + ceil(tasks / W) * (cost per task + overhead per task)
+
+Run: ``.venv/bin/python -m benchmarks.bench_sweep [--quick] [--workers 2] [--json out.json]`` (``--quick``: 2
+rates x 4 seeds, 40 steps: a smoke run). The bit-for-bit check at the end compares (b), (c), (d) with the
+in-process result of the same routing (np.array_equal on every history array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from toymodels import train
+from toymodels.train import FinetuneConfig
+
+
+def sweep_configs(quick: bool) -> list[FinetuneConfig]:
+    """figures/_common.base_config's default sizes (784-256-256-10, 4096 pretraining images / 500 steps, 512
+    fine-tuning images with a pixel permutation, 2000 test images, 300 steps, records every 25), LoRA r = 8 on
+    all layers, input dropout p in (0, 0.1, 0.2, 0.3), seeds 0..15."""
+    from figures import Context
+    from figures._common import base_config
+
+    ctx = Context(fidelity="default")
+    rates, seeds = ((0.0, 0.1), range(4)) if quick else ((0.0, 0.1, 0.2, 0.3), range(16))
+    extra = dict(steps=40, pretrain_steps=100, record_every=10) if quick else {}
+    return [base_config(ctx, dropout=p, seed=s, **extra) for p in rates for s in seeds]
+
+
+@contextmanager
+def fresh_cache():
+    before = os.environ.get("LORA_THEORY_CACHE")
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as root:
+        os.environ["LORA_THEORY_CACHE"] = root
+        try:
+            yield root
+        finally:
+            if before is None:
+                del os.environ["LORA_THEORY_CACHE"]
+            else:
+                os.environ["LORA_THEORY_CACHE"] = before
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def same_bits(a, b) -> bool:
+    return all(set(x) == set(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
+               for x, y in zip(a, b, strict=True))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, numpy {np.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rates x 4 seeds, 40 steps (smoke run)")
+    parser.add_argument("--workers", type=int, default=2, help="workers of (b), (c), (d) (default 2)")
+    parser.add_argument("--skip-ray", action="store_true", help="leave out (d) and the Ray overhead")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    W = args.workers
+    configs = sweep_configs(args.quick)
+    n = len(configs)
+    print(f"sweep benchmark: {n} MNIST runs ({'quick' if args.quick else 'default protocol'}), cold cache per mode, "
+          f"{W} workers | {machine()}")
+    print(f"  1-min/5-min/15-min load average at start: {load()}")
+    rows, out = [], {"runs": n, "workers": W, "machine": machine(), "load_start": load()}
+
+    def mode(label, **kwargs):
+        with fresh_cache():
+            t, hists = timed(lambda: train.run_sweep(configs, progress=False, **kwargs))
+        rows.append((label, t))
+        print(f"  {label:<58} {t:8.1f} s   {n / t:6.2f} runs/s   load {load()}", flush=True)
+        return t, hists
+
+    t_seq, h_seq = mode("(a) sequential run_sweep (loop, in-process)", workers=1, batched=False)
+    t_b, h_b = mode(f"(b) workers={W}, loop", workers=W, batched=False)
+    t_c, h_c = mode(f"(c) workers={W}, batched routing", workers=W)
+    with fresh_cache():
+        t_inproc_batched, h_ref_batched = timed(lambda: train.run_sweep(configs, progress=False, workers=1))
+    print(f"  {'    (batched routing, in-process, for the bit check)':<58} {t_inproc_batched:8.1f} s", flush=True)
+    bits = {"(b) == (a)": same_bits(h_b, h_seq), "(c) == batched in-process": same_bits(h_c, h_ref_batched)}
+    ray_numbers = {}
+    if not args.skip_ray:
+        import ray
+
+        t_start, _ = timed(lambda: ray.init(num_cpus=W, include_dashboard=False, log_to_driver=False))
+        print(f"  Ray start-up (ray.init(num_cpus={W})): {t_start:.1f} s")
+        t_d, h_d = mode(f"(d) Ray, {W} workers, batched routing", executor="ray", workers=W)
+        bits["(d) == batched in-process"] = same_bits(h_d, h_ref_batched)
+        ray_numbers = ray_overhead(ray)
+        ray_numbers["startup_s"] = t_start
+        ray.shutdown()
+        out["ray"] = ray_numbers
+    print("  speed-up over (a): " + ", ".join(f"{label.split(')')[0]}) {t_seq / t:.2f}x" for label, t in rows[1:]))
+    print("  bit for bit: " + ", ".join(f"{k} {v}" for k, v in bits.items()))
+    per_run_loop = t_seq / n
+    per_run_batched = t_inproc_batched / n
+    print(f"  measured cost per run on 1 core: loop {per_run_loop:.2f} s, batched (groups of 16) "
+          f"{per_run_batched:.2f} s (pretraining included)")
+    if ray_numbers:
+        projection(n, per_run_loop, per_run_batched, ray_numbers)
+    out.update(modes={label: t for label, t in rows}, bit_for_bit=bits, cost_per_run_loop_s=per_run_loop,
+               cost_per_run_batched_s=per_run_batched, load_end=load())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def ray_overhead(ray) -> dict:
+    """Overhead per task of Ray: tiny runs (synthetic 8-16-16-4, 1 step, pretraining cached) as 1-config tasks,
+    on Ray with 1 and 2 workers against the same tasks in-process."""
+    tiny = [FinetuneConfig(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32, n_test=64,
+                           pretrain_steps=5, steps=1, batch_size=8, method="dora", seed=0, lr=1e-3 * (1 + i))
+            for i in range(24)]
+    res = {}
+    with fresh_cache():
+        train.run_sweep(tiny[:1], workers=1, progress=False, use_cache=True)  # the pretrained model, cached
+        t_in, _ = timed(lambda: train.run_sweep(tiny, workers=1, progress=False, use_cache=False))
+        for w in (1, 2):
+            train.run_sweep(tiny[:2], executor="ray", workers=w, progress=False, use_cache=False)  # warm workers
+            t_ray, _ = timed(lambda w=w: train.run_sweep(tiny, executor="ray", workers=w, progress=False,
+                                                         use_cache=False))
+            res[f"overhead_per_task_s_{w}w"] = (t_ray * w - t_in) / len(tiny)
+            print(f"  Ray overhead per task, {w} worker(s): {1e3 * res[f'overhead_per_task_s_{w}w']:.0f} ms "
+                  f"({len(tiny)} tiny tasks: Ray {t_ray:.2f} s, in-process {t_in:.2f} s)")
+    return res
+
+
+def projection(n: int, per_run_loop: float, per_run_batched: float, ray_numbers: dict) -> None:
+    """T(W) = start-up + ceil(tasks / W) * (cost per task + overhead per task), for this sweep and for a
+    robustness sweep 30x larger (10 seeds x ~4 protocols per claim over ~20 claims, ~2000 runs)."""
+    overhead = max(ray_numbers.get("overhead_per_task_s_1w", 0.0), 0.0)
+    start = ray_numbers.get("startup_s", 0.0)
+    print("  projection on Ray (ideal cluster: no contention, one worker per core), "
+          "T(W) = start-up + ceil(tasks/W) * (cost + overhead):")
+    for runs in (n, 30 * n):
+        for label, tasks, cost in (("loop, 1 run/task", runs, per_run_loop),
+                                   ("batched, 16 runs/task", math.ceil(runs / 16), 16 * per_run_batched)):
+            cells = []
+            for w in (8, 32, 128):
+                cells.append(f"W={w}: {start + math.ceil(tasks / w) * (cost + overhead):7.1f} s")
+            print(f"    {runs:5d} runs, {label:<22} " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
