@@ -81,11 +81,12 @@ def table(report) -> str:
 
     tab = Table(title=f"adapter: {report.source}")
     for h in head:
-        tab.add_column(h)
+        tab.add_column(h, no_wrap=True)
     for r in rows:
         tab.add_row(*r)
     buf = io.StringIO()
-    console = Console(file=buf, width=200)
+    need = sum(max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head))
+    console = Console(file=buf, width=max(120, need + 3 * len(head) + 1))  # wide enough never to truncate
     console.print(tab)
     for line in _footer(report):
         console.print(line, markup=False)
