@@ -20,8 +20,9 @@ from scipy import stats
 from torch import nn
 
 from analysis import dropout as closed
-from figures import Context, Result, figure
+from figures import Context, Measurement, Protocol, Result, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure, real_datasets
+from figures.criteria import Criterion, Recalibration, Rule, Test
 from toymodels import train as engine
 from toymodels.callbacks import AtSteps
 from toymodels.lora import LoRALinear
@@ -244,10 +245,33 @@ def _fig2_exact(ctx: Context, seed: int, epochs: int) -> tuple[dict, dict]:
     return _GradStdExact.of(hist), {**cfg.as_dict(), "mc_masks": masks}
 
 
+FIG2_CRITERION = Criterion(
+    tests=(
+        Test("heavier_tail", "log((q99 growth) / (mean growth)) of the per-entry std of second-layer B gradients, "
+             "epoch 0 -> last (per seed)", "greater", margin=0.0,
+             why="the distinctive claim: the tail grows relative to the mean (a direction)"),
+        Test("mean_stable", "log(mean growth) of the per-entry std, epoch 0 -> last (per seed)", "equivalent",
+             margin=float(np.log(2.0)),
+             why="'the average decreases slightly': a factor 2 either way is the smallest change a log-scale panel "
+                 "shows as more than slight"),
+    ),
+    rule=Rule(reproduced=("heavier_tail", "mean_stable"), partially=(("heavier_tail",),)),
+    recalibrations=(Recalibration(
+        old="reproduced if the q99 growth CI and the (q99/mean) growth CI are > 1 in every data set; partially if "
+            "the q99 grows anywhere",
+        new="heavier tail (q99/mean growth > 1) AND mean within a factor 2 (TOST), per data set as protocols; "
+            "partially only if the tail gets heavier",
+        why="the q99 also grows when the whole distribution grows (here the mean grows more than the tail), so "
+            "'partially' rested on the part of the claim that is not distinctive"),))
+
+
 @figure("allora-fig2-grad-std", paper="ALLoRA fig. 2",
         claim="over training, the tail of the per-entry std (across dropout masks) of second-layer gradients "
-              "grows while its mean changes little")
-def grad_std(ctx: Context) -> Result:
+              "grows while its mean changes little", criterion=FIG2_CRITERION,
+        protocols=(Protocol("mnist", {"dataset_index": 0}, primary=True, paper=True, note="the paper's left panel"),
+                   Protocol("second data set", {"dataset_index": 1}, paper=True,
+                            note="the paper's CIFAR-10 (right panel); Fashion-MNIST where CIFAR-10 is absent")))
+def grad_std(ctx: Context, protocol: Protocol) -> Measurement:
     names, notes = real_datasets(("mnist", "cifar10"))
     epochs = ctx.pick(quick=15, default=30)
     n_masks = ctx.pick(quick=16, default=32)
@@ -255,7 +279,7 @@ def grad_std(ctx: Context) -> Result:
     stat_colors = dict(zip(_QUANTILES, colors(len(_QUANTILES)), strict=True))
     measured: dict = {"notes": notes, "dropout": FIG2_RATE, "epochs": epochs}
     configs: dict = {}
-    halves, post = {}, {}
+    halves, post, seed_vals = {}, {}, {}
     for j, ds in enumerate(names):
         base = base_config(ctx, ds, dropout=FIG2_RATE, placement="bottleneck", recorders=("grad_std",),
                            grad_std_layer="layers.1", grad_std_masks=n_masks)
@@ -301,6 +325,8 @@ def grad_std(ctx: Context) -> Result:
                 [st[name][-1] for st in sts], [st[name][k] for st, k in zip(sts, starts, strict=True)])
         measured[ds] = res
         halves[ds] = res["B"]
+        growth = {k: np.array([st[k][-1] / st[k][0] for st in per_seed["B"]]) for k in ("q99", "mean")}
+        seed_vals[ds] = {"heavier_tail": np.log(growth["q99"] / growth["mean"]), "mean_stable": np.log(growth["mean"])}
         post[ds] = res["B_after_escape_post_hoc"]
     # exact overlay (last layer, MSE): grad_moments against Monte Carlo
     ex, ex_cfg = _fig2_exact(ctx, ctx.seeds[0], epochs)
@@ -343,18 +369,11 @@ def grad_std(ctx: Context) -> Result:
         "exact_B_q99_growth": float(exact_stats_B["q99"][-1] / exact_stats_B["q99"][0]),
         "exact_B_mean_growth": float(exact_stats_B["mean"][-1] / exact_stats_B["mean"][0]),
     }
-    tail_up = {ds: h["q99_growth"]["ci_low"] > 1 for ds, h in halves.items()}
-    heavier = {ds: h["tail_over_mean_growth"]["ci_low"] > 1 for ds, h in halves.items()}
-    full = [ds for ds in names if tail_up[ds] and heavier[ds]]
-    verdict = ("reproduced" if len(full) == len(names) else
-               "partially reproduced" if full or any(tail_up.values()) else "not reproduced")
     parts = [f"{ds}: q99 x{h['q99_growth']['ratio']:.2f} [{h['q99_growth']['ci_low']:.2f}, "
              f"{h['q99_growth']['ci_high']:.2f}], max x{h['max_growth']['ratio']:.2f}, mean x"
              f"{h['mean_growth']['ratio']:.2f} [{h['mean_growth']['ci_low']:.2f}, {h['mean_growth']['ci_high']:.2f}]"
              for ds, h in halves.items()]
-    summary = (f"Rule: reproduced if, for every data set, the 95% CI over seeds of the growth of the 99th percentile "
-               f"(last epoch / epoch 0, second-layer B entries) lies above 1 and so does the CI of (q99 growth) / "
-               f"(mean growth), i.e. the distribution gets heavier-tailed. Epoch 0 -> {epochs}: " + "; ".join(parts)
+    summary = (f"Second-layer B entries, epoch 0 -> {epochs}: " + "; ".join(parts)
                + ". Post hoc (not in the verdict), from the end of B's escape from zero (epoch of the early peak "
                "of the mean) to the last epoch: "
                + "; ".join(f"{ds}: q99 x{h['q99_growth']['ratio']:.2f} [{h['q99_growth']['ci_low']:.2f}, "
@@ -366,7 +385,15 @@ def grad_std(ctx: Context) -> Result:
                f"{zs.max():.1f} over {zs.size} entry-checkpoints).")
     config = {"runs": configs, "seeds": list(ctx.seeds), "dropout": FIG2_RATE, "placement": "bottleneck",
               "grad_std_masks": n_masks}
-    return Result(verdict, summary, measured, names, config, fig)
+    k = int(protocol.settings.get("dataset_index", 0))
+    if k >= len(names):
+        return Measurement(unavailable=f"no data set number {k + 1} available here: {notes}")
+    ds = names[k]
+    summary = f"Data set {ds}. " + summary
+    key = {"q99_over_mean_growth": halves[ds]["tail_over_mean_growth"]["ratio"],
+           "mean_growth": halves[ds]["mean_growth"]["ratio"]}
+    return Measurement(samples=seed_vals[ds], measured=measured, summary=summary, key=key, datasets=names,
+                       config=config, plot=lambda: fig)
 
 
 # ------------------------------------------------------------------------------------------------------ fig. 3
@@ -594,11 +621,37 @@ TAB5_RATES = (0.0, 0.05, 0.1, 0.2, 0.4)
 TAB5_SHORT_EPOCHS = 3
 
 
+TAB5_CRITERION = Criterion(
+    tests=(
+        Test("short_high_dropout_worse", f"acc(p={TAB5_RATES[-1]:g}) - acc(p=0) in pp at the short horizon (3/10 of "
+             "the long one, the paper's epoch 3 of 10), paired by seed", "less", margin=0.0,
+             why="the paper's table 5 shows signs (77.9 -> 77.2 at epoch 3), no threshold"),
+        Test("long_high_dropout_better", f"acc(p={TAB5_RATES[-1]:g}) - acc(p=0) in pp at the long horizon, paired by "
+             "seed", "greater", margin=0.0, why="the paper's table 5: 78.0 -> 80.7 at epoch 10 (a direction)"),
+        Test("short_above_chance", "SANITY: mean test accuracy at the short horizon minus twice chance (0.2)",
+             "greater", margin=0.0, role="sanity",
+             why="a horizon at chance accuracy cannot rank the rates"),
+    ),
+    rule=Rule(reproduced=("short_high_dropout_worse", "long_high_dropout_better"),
+              partially=(("short_high_dropout_worse",), ("long_high_dropout_better",))),
+    recalibrations=(Recalibration(
+        old="short horizon = epoch 3 (24 steps, chance-level accuracy); Spearman <= -0.7 / >= 0.7 and CI of the "
+            "highest-vs-zero difference",
+        new="short horizon = 3/10 of the long one (the paper's 3 of 10 epochs); one-sided paired tests of the "
+            "highest-vs-zero difference, Holm over 2; sanity row: short horizon above twice chance",
+        why="epoch 3 of 100 is 24 steps at ~12% accuracy: nothing can be ranked there; the paper's own horizon is "
+            "a fraction of its long run"),))
+
+
 @figure("allora-tab5-dropout-epochs", paper="ALLoRA table 5 / fig. 5 left",
-        claim="high dropout gives the best accuracy after long fine-tuning and the worst after short fine-tuning")
-def dropout_epochs(ctx: Context) -> Result:
+        claim="high dropout gives the best accuracy after long fine-tuning and the worst after short fine-tuning",
+        criterion=TAB5_CRITERION,
+        protocols=(Protocol("input placement", {"placement": "input"}, primary=True,
+                            note="dropout on the input of the adapter, as PEFT (the paper's LLM runs)"),
+                   Protocol("bottleneck placement", {"placement": "bottleneck"}, note="ALLoRA eq. 1")))
+def dropout_epochs(ctx: Context, protocol: Protocol) -> Measurement:
     epochs = ctx.pick(quick=15, default=100)
-    base = base_config(ctx, "mnist", placement="input", recorders=("loss",))
+    base = base_config(ctx, "mnist", placement=protocol.settings["placement"], recorders=("loss",))
     spe = _steps_per_epoch(base)
     base = base.replace(steps=epochs * spe, record_every=spe)
     configs = [base.replace(seed=s, dropout=p) for p in TAB5_RATES for s in ctx.seeds]
@@ -647,13 +700,10 @@ def dropout_epochs(ctx: Context) -> Result:
     ax.legend(fontsize=7)
     rho_s, d_s = halves["short"]
     rho_l, d_l = halves["long"]
-    ok_short = rho_s <= -0.7 and d_s["ci_high"] < 0
-    ok_long = rho_l >= 0.7 and d_l["ci_low"] > 0
-    verdict = ("reproduced" if ok_short and ok_long else
-               "partially reproduced" if ok_short or ok_long else "not reproduced")
-    summary = (f"Rule: reproduced if at the short horizon (epoch {TAB5_SHORT_EPOCHS}) Spearman(rate, mean accuracy) "
-               f"<= -0.7 and the CI of acc(p={TAB5_RATES[-1]:g}) - acc(p=0) is < 0, and at the long horizon (epoch "
-               f"{epochs}) Spearman >= 0.7 with that CI > 0. Short: rho = {rho_s:.2f}, difference "
+    samples = {"short_high_dropout_worse": 100 * (acc[-1, :, ratio_k] - acc[0, :, ratio_k]),
+               "long_high_dropout_better": 100 * (acc[-1, :, -1] - acc[0, :, -1]),
+               "short_above_chance": acc[:, :, ratio_k].mean(axis=0) - 0.2}
+    summary = (f"Old short horizon (epoch {TAB5_SHORT_EPOCHS}): rho = {rho_s:.2f}, difference "
                f"{100 * d_s['mean']:+.2f} pp [{100 * d_s['ci_low']:+.2f}, {100 * d_s['ci_high']:+.2f}]; long: rho = "
                f"{rho_l:.2f}, difference {100 * d_l['mean']:+.2f} pp [{100 * d_l['ci_low']:+.2f}, "
                f"{100 * d_l['ci_high']:+.2f}] (input placement, as PEFT). Informational: at epoch {ep[ratio_k]:g} "
@@ -661,5 +711,8 @@ def dropout_epochs(ctx: Context) -> Result:
                f"{100 * halves['paper ratio'][1]['mean']:+.2f} pp; mean accuracy at epoch {TAB5_SHORT_EPOCHS} is "
                f"{100 * acc[:, :, short].mean():.1f}%.")
     config = {"base": base.as_dict(), "rates": TAB5_RATES, "seeds": list(ctx.seeds),
-              "short_epoch": TAB5_SHORT_EPOCHS, "long_epoch": epochs}
-    return Result(verdict, summary, measured, ["mnist"], config, fig)
+              "short_epoch": float(ep[ratio_k]), "old_short_epoch": TAB5_SHORT_EPOCHS, "long_epoch": epochs}
+    key = {"short_diff_pp": float(samples["short_high_dropout_worse"].mean()),
+           "long_diff_pp": float(samples["long_high_dropout_better"].mean())}
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
+                       config=config, plot=lambda: fig)
