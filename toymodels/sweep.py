@@ -30,7 +30,8 @@ cache key by :meth:`FinetuneConfig.as_dict`), and the batched engine's numbers d
 configs (:func:`toymodels.batched.canonical_batch`), which the plan fixes. tests/toymodels/test_sweep.py checks
 ``np.array_equal`` on every history array across in-process, local processes, Ray and submitit.
 
-Failures: a task whose worker dies (killed, out of memory, ``os._exit``) or that raises is retried ``retries``
+Failures: in-process (``workers=1``) an exception propagates as it is, with a note naming the config. Elsewhere
+a task whose worker dies (killed, out of memory, ``os._exit``) or that raises is retried ``retries``
 times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task (cached) and raises
 :class:`SweepError`, which names each failed config and why. A killed worker loses only the task it was running
 (one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers and prints how many runs are
@@ -499,15 +500,17 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
 
 
 def _run_in_process(pending, kwargs, found, failures, bar) -> None:
+    """The tasks one after another in this process. An exception propagates as it is (as the loop over
+    ``finetune`` always did: a caller may catch its type), with a note naming the config; the runs finished
+    before it are cached."""
     for task in pending:
         try:
             hists = run_task(task, **kwargs)
-        except KeyboardInterrupt:
+        except Exception as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"while running {_short(task.configs[0])}"
+                             + (f" and {len(task.configs) - 1} more in its batch" if len(task.configs) > 1 else ""))
             raise
-        except Exception:  # noqa: BLE001  (reported by config with the others)
-            why = traceback.format_exc()
-            failures.extend((c, why) for c in task.configs)
-            continue
         found.update(zip(task.configs, hists, strict=True))
         bar.update(len(task.configs))
 
