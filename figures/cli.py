@@ -102,8 +102,16 @@ def _robustness_cell(r: dict) -> str:
     return f"{h['reproduced']}/{h['n']} (partially {h['partially reproduced']})"
 
 
+def _cell(text) -> str:
+    """Text safe inside a markdown table cell (a literal | would split the cell)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _settings_text(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "(figure's defaults)"
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in settings.items()) or "(figure's defaults)"
 
 
 def _key_text(key: dict) -> str:
@@ -118,8 +126,8 @@ def _protocol_map(r: dict) -> list[str]:
     lines = ["| protocol | settings | paper's | verdict | key numbers |", "|---|---|---|---|---|"]
     for p in r["protocols"]:
         name = f"**{p['name']}** (primary)" if p.get("primary") else p["name"]
-        lines.append(f"| {name} | {_settings_text(p.get('protocol') or {})} | {'yes' if p.get('paper') else ''} | "
-                     f"{p['verdict']} | {_key_text(p.get('key') or {})} |")
+        lines.append(f"| {_cell(name)} | {_cell(_settings_text(p.get('protocol') or {}))} | "
+                     f"{'yes' if p.get('paper') else ''} | {p['verdict']} | {_cell(_key_text(p.get('key') or {}))} |")
     return lines
 
 
@@ -187,7 +195,8 @@ def write_gallery(out: Path) -> Path:
     recal = [(r["id"], c) for r in records for c in ((r.get("criterion") or {}).get("recalibrations") or [])]
     if recal:
         lines += ["| figure | old rule | new rule | why |", "|---|---|---|---|"]
-        lines += [f"| [{fid}](#{fid}) | {c['old']} | {c['new']} | {c['why']} |" for fid, c in recal]
+        lines += [f"| [{fid}](#{fid}) | {_cell(c['old'])} | {_cell(c['new'])} | {_cell(c['why'])} |"
+                  for fid, c in recal]
     else:
         lines.append("None recorded in these JSONs.")
     legacy = [r["id"] for r in records if not r.get("criterion")]

@@ -300,8 +300,9 @@ def test_ci_dict_is_the_t_interval():
 
 _CRIT = Criterion(tests=(Test("gap", "gap (per seed)", "greater", why="a direction"),),
                   rule=Rule(reproduced=("gap",)),
-                  recalibrations=(Recalibration("mean > 0", "one-sided t", "a mean alone is not evidence"),))
-_PROTS = (Protocol("adam", {"optimizer": "adam"}, primary=True, paper=True),
+                  recalibrations=(Recalibration("mean > 0", "one-sided t, |gap| on the log scale",
+                                                "a mean alone is not evidence"),))
+_PROTS = (Protocol("adam", {"optimizer": "adam", "lr": 1e-3 / 3}, primary=True, paper=True),
           Protocol("sgd", {"optimizer": "sgd"}), Protocol("broken", {"optimizer": "sgd", "lr": 9.0}))
 
 
@@ -319,8 +320,8 @@ def _spec():
 
 def test_run_figure_primary_only_and_robustness_grid(capsys):
     res = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1)))
-    assert res.verdict == "reproduced" and len(res.protocols) == 1 and res.protocols[0]["protocol"] == {
-        "optimizer": "adam"}
+    assert res.verdict == "reproduced" and len(res.protocols) == 1
+    assert res.protocols[0]["protocol"] == {"optimizer": "adam", "lr": 1e-3 / 3}
     assert res.criterion["rule"]["reproduced"] == ["gap"]
     grid = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1), robustness=True))
     assert [p["name"] for p in grid.protocols] == ["adam", "sgd", "broken"]
@@ -360,6 +361,7 @@ def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):
     text = write_gallery(tmp_path).read_text()
     assert "**Holds in 1 of 3 protocols**" in text
     assert "| 1/3 (partially 0) |" in text and "| not declared |" in text
-    assert "| **adam** (primary) | optimizer=adam | yes | reproduced |" in text
-    assert "## Methods" in text and "| mean > 0 | one-sided t | a mean alone is not evidence |" in text
+    assert "| **adam** (primary) | optimizer=adam, lr=0.000333 | yes | reproduced |" in text
+    assert "## Methods" in text
+    assert "| mean > 0 | one-sided t, \\|gap\\| on the log scale | a mean alone is not evidence |" in text
     assert "gap (per seed)" in text  # the criterion's prose comes from the declaration
