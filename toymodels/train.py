@@ -14,8 +14,9 @@ their :meth:`Callback.result` is cached with the run's history.
 
 ``expected_loss=True`` trains LoRA on the last (linear) layer with MSE on the exact expected loss over dropout
 masks (ALLoRA fig. 4), a torch transcription of :func:`analysis.dropout.expected_loss` (tested against it).
-``dtype="float64"`` runs the whole fine-tuning (pretrained weights, LoRA init, data) in double precision
-(LoWR Prop. 4.1's lock-step check).
+``dtype="float64"`` runs the whole fine-tuning (pretrained weights, data, the adapters, drawn in float64: other
+numbers than the float32 draw from the same stream) in double precision (LoWR Prop. 4.1's check). A full-batch
+run whose first layers carry no LoRA computes their output once (the same numbers as at every step).
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ def test_sweep_resumes_after_interruption(monkeypatch):
         return real(cfg, device)
 
     monkeypatch.setattr(train, "_train", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        train.run_sweep(cfgs, progress=False)
-    out = train.run_sweep(cfgs, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in-process, through the loop: the monkeypatched _train runs
+        train.run_sweep(cfgs, workers=1, batched=False, progress=False)
+    out = train.run_sweep(cfgs, workers=1, batched=False, progress=False)
     assert calls == [0, 1, 2, 2]  # runs 0 and 1 were not recomputed
     assert len(out) == 3
 
