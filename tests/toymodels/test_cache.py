@@ -65,3 +65,56 @@ def test_interrupted_write_leaves_no_entry(tmp_path):
 def test_env_root(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "c"))
     assert cache.cache_root() == tmp_path / "c"
+
+
+def test_atomic_write_bytes_replaces_whole_and_cleans_up(tmp_path):
+    target = tmp_path / "sub" / "file.bin"
+    cache.atomic_write_bytes(target, b"old")  # creates the directory
+    assert target.read_bytes() == b"old"
+
+    class Boom(Exception):
+        pass
+
+    def failing(f):
+        f.write(b"half")
+        raise Boom
+
+    with pytest.raises(Boom):
+        cache.atomic_write(target, failing)
+    assert target.read_bytes() == b"old"  # the old file stays whole
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # no temporary left behind
+
+
+def test_concurrent_writers_never_show_a_partial_file(tmp_path):
+    """Two writers replace one file with different 64 KiB payloads while a reader reads it: every read is one
+    payload, whole (the reader never sees a mix or a truncated file)."""
+    import threading
+
+    target = tmp_path / "entry.bin"
+    size = 1 << 16
+    cache.atomic_write_bytes(target, b"a" * size)
+    stop = threading.Event()
+    bad = []
+
+    def writer(byte):
+        for _ in range(25):
+            cache.atomic_write_bytes(target, byte * size)
+
+    def reader():
+        while not stop.is_set():
+            data = target.read_bytes()
+            if len(data) != size or data.count(data[:1]) != size:
+                bad.append(len(data))
+
+    threads = [threading.Thread(target=writer, args=(b,)) for b in (b"a", b"b")]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert bad == []
+    assert target.read_bytes() in (b"a" * size, b"b" * size)
+    assert not list(tmp_path.glob("*.tmp"))
