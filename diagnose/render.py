@@ -86,7 +86,8 @@ def table(report) -> str:
         tab.add_row(*r)
     buf = io.StringIO()
     need = sum(max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head))
-    console = Console(file=buf, width=max(120, need + 3 * len(head) + 1))  # wide enough never to truncate
+    console = Console(file=buf, width=max(120, need + 3 * len(head) + 1), force_jupyter=False,  # to the buffer
+                      color_system=None)  # wide enough never to truncate
     console.print(tab)
     for line in _footer(report):
         console.print(line, markup=False)
