@@ -20,7 +20,7 @@ from analysis import dropout as closed
 from analysis import ripple
 from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, colors, new_figure
-from figures.criteria import Criterion, Estimate, Rule, Test, ci_dict, mean_ci
+from figures.criteria import Criterion, Estimate, Recalibration, Rule, Test, ci_dict, mean_ci
 from toymodels.callbacks import AtSteps
 from toymodels.train import TrainState, loss_fn
 
@@ -44,11 +44,14 @@ def _fmt(d: dict, scale: float = 1.0, digits: int = 3) -> str:
 class RippleProbe(AtSteps):
     """Depth-wise ripple of the trained adapters on the whole fine-tune set, with dropout off (eval mode):
     per layer l, ``dev`` = ||z_l - z_l^0|| / ||z_l^0|| (z_l the pre-activation output of layer l with the adapters,
-    z_l^0 without them: the frozen model), ``amp`` = ||z_l|| / ||z_l^0||, and ``grad_amp`` = ||dL/dh_{l-1}|| /
-    its frozen-model value (the gradient that reaches the input of layer l; l = 0 is the data). For ALLoRA the
-    input gradient is the engine's own backward (sec. 4.2: not rescaled). Prefix "ripple_"."""
+    z_l^0 without them: the frozen model), ``amp`` = ||z_l|| / ||z_l^0||, and ``grad_amp`` = ||J_l^T u|| / its
+    frozen-model value, the gradient that reaches the input of layer l (l = 0: the data) when the same output
+    gradient u = dL/dz_L of the frozen model is sent back through the adapted and the frozen network (a fixed u,
+    as the chain's grad_out: the fit of the adapted model does not enter). For ALLoRA the backward is the
+    engine's own (sec. 4.2: the input gradient is not rescaled). Prefix "ripple_"."""
 
     prefix = "ripple_"
+    version = 1
 
     def measure(self, state: TrainState) -> dict[str, np.ndarray]:
         model, cfg = state.model, state.cfg
@@ -56,9 +59,7 @@ class RippleProbe(AtSteps):
         was = model.training
         model.eval()
         try:
-            out = {}
-            zs, grads = {}, {}
-            for adapted in (True, False):
+            def forward(adapted: bool):
                 h = x.detach().clone().requires_grad_(True)
                 ins, outs = [], []
                 for i, layer in enumerate(model.layers):
@@ -66,14 +67,20 @@ class RippleProbe(AtSteps):
                     z = layer(h) if (adapted or not hasattr(layer, "base")) else layer.base(h)
                     outs.append(z)
                     h = torch.relu(z) if i < len(model.layers) - 1 else z
-                loss = loss_fn(cfg.loss, outs[-1], y)
-                g = torch.autograd.grad(loss, ins)
+                return ins, outs
+
+            ins0, outs0 = forward(False)
+            logits0 = outs0[-1].detach().requires_grad_(True)
+            u = torch.autograd.grad(loss_fn(cfg.loss, logits0, y), logits0)[0]
+            zs, grads = {}, {}
+            for adapted, (ins, outs) in ((True, forward(True)), (False, (ins0, outs0))):
+                g = torch.autograd.grad(outs[-1], ins, grad_outputs=u)
                 zs[adapted] = [z.detach() for z in outs]
                 grads[adapted] = [float(v.norm()) for v in g]
-            out["dev"] = np.array([float((a - b).norm() / b.norm()) for a, b in zip(zs[True], zs[False], strict=True)])
-            out["amp"] = np.array([float(a.norm() / b.norm()) for a, b in zip(zs[True], zs[False], strict=True)])
-            out["grad_amp"] = np.array(grads[True]) / np.array(grads[False])
-            return out
+            pairs = list(zip(zs[True], zs[False], strict=True))
+            return {"dev": np.array([float((a - b).norm() / b.norm()) for a, b in pairs]),
+                    "amp": np.array([float(a.norm() / b.norm()) for a, b in pairs]),
+                    "grad_amp": np.array(grads[True]) / np.array(grads[False])}
         finally:
             model.train(was)
 
@@ -129,8 +136,9 @@ RIPPLE_CRITERION = Criterion(
         Test("mlp_fwd", "trained MLP: ln(relative output deviation of the logits from the frozen model), LoRA x eta "
              "minus ALLoRA (paired by seed)", "greater", why="the ripple in a trained network is the deviation "
              "the adapters cause at the output"),
-        Test("mlp_bwd", "trained MLP: ln(amplification of dL/dx over the frozen model), LoRA x eta minus ALLoRA "
-             "(paired by seed)", "greater", why="gradient amplification through depth"),
+        Test("mlp_bwd", "trained MLP: ln(amplification of the input gradient J^T u over the frozen model, u the "
+             "frozen model's dL/dlogits), LoRA x eta minus ALLoRA (paired by seed)", "greater",
+             why="gradient amplification through depth, for a fixed output gradient as in the chain"),
         Test("asf_fwd", "trained MLP: ln(relative output deviation), ASF-LoRA minus ALLoRA (paired by seed)",
              "greater", why="the paper's conjecture (sec. 4.3): ASF-LoRA, which scales the output, causes a ripple"),
         Test("tight_rate", "tight instance: |fitted per-layer log-rate - ln(1 + eta m)| for LoRA x eta and "
@@ -258,7 +266,7 @@ def ripple_adaptive(ctx: Context, protocol: Protocol) -> Measurement:
                f"{_fmt(ci_dict(d_fwd))}, input gradient {_fmt(ci_dict(d_bwd))}; ASF-LoRA's chain amplification "
                f"{_fmt(measured['chain_ln_fwd_amp_at_L']['asf'])} (ALLoRA "
                f"{_fmt(measured['chain_ln_fwd_amp_at_L']['allora'])}). Trained MLP ({protocol.name}, {base.steps} "
-               f"steps): ln relative logit deviation LoRA x eta - ALLoRA {_fmt(ci_dict(mlp_fwd))}, ln dL/dx "
+               f"steps): ln relative logit deviation LoRA x eta - ALLoRA {_fmt(ci_dict(mlp_fwd))}, ln input-gradient "
                f"amplification {_fmt(ci_dict(mlp_bwd))}; ASF-LoRA - ALLoRA {_fmt(ci_dict(asf_fwd))}.")
     key = {"chain_fwd": float(np.mean(d_fwd)), "mlp_fwd": float(np.nanmean(mlp_fwd)),
            "asf_fwd": float(np.nanmean(asf_fwd))}
@@ -492,18 +500,22 @@ TAB5_CRITERION = Criterion(
 )
 
 TAB5_PROTOCOLS = (
-    Protocol("raw", {"smooth": 1, "horizon": 1.0}, primary=True, paper=True,
-             note="the paper's table 5: argmax of the accuracy per epoch"),
-    Protocol("smoothed-5", {"smooth": 5, "horizon": 1.0}, note="argmax of a 5-epoch moving average (noise)"),
-    Protocol("half-horizon", {"smooth": 1, "horizon": 0.5}, note="the first half of the run only (horizon)"),
+    Protocol("raw", {"smooth": 1, "horizon": 1.0, "placement": "input"}, primary=True, paper=True,
+             note="the paper's table 5: argmax of the accuracy per epoch; dropout on the adapter's input (PEFT)"),
+    Protocol("smoothed-5", {"smooth": 5, "horizon": 1.0, "placement": "input"},
+             note="argmax of a 5-epoch moving average (noise of single epochs)"),
+    Protocol("half-horizon", {"smooth": 1, "horizon": 0.5, "placement": "input"},
+             note="the first half of the run only (the horizon's effect)"),
+    Protocol("bottleneck", {"smooth": 1, "horizon": 1.0, "placement": "bottleneck"},
+             note="dropout at the bottleneck (ALLoRA eq. 1); the runs of allora-tab5-dropout-epochs' protocol"),
 )
 
 
-def tab5_configs(ctx: Context):
-    """The runs of allora-tab5-dropout-epochs (same configs, so the run cache shares them): input placement,
-    ``epochs`` epochs of the fine-tune set, one record per epoch."""
+def tab5_configs(ctx: Context, placement: str = "input"):
+    """The runs of allora-tab5-dropout-epochs (same configs, so the run cache shares them): ``epochs`` epochs of
+    the fine-tune set, one record per epoch, dropout at ``placement``."""
     epochs = ctx.pick(quick=15, default=100)
-    base = base_config(ctx, "mnist", placement="input", recorders=("loss",))
+    base = base_config(ctx, "mnist", placement=placement, recorders=("loss",))
     spe = max(1, base.n_finetune // base.batch_size) if base.batch_size else 1
     base = base.replace(steps=epochs * spe, record_every=spe)
     return base, spe, [base.replace(seed=s, dropout=p) for p in TAB5_RATES for s in ctx.seeds]
@@ -551,7 +563,7 @@ def per_seed_slopes(rates, best: np.ndarray) -> np.ndarray:
         claim="the epoch of maximal accuracy increases with the dropout rate",
         criterion=TAB5_CRITERION, protocols=TAB5_PROTOCOLS)
 def tab5_best_epoch(ctx: Context, protocol: Protocol) -> Measurement:
-    base, spe, configs = tab5_configs(ctx)
+    base, spe, configs = tab5_configs(ctx, protocol.settings["placement"])
     hists = _sweep(ctx, configs)
     acc = np.asarray([h["test_acc"] for h in hists]).reshape(len(TAB5_RATES), len(ctx.seeds), -1)
     ep = hists[0]["step"] / spe
@@ -606,6 +618,7 @@ def tab5_best_epoch(ctx: Context, protocol: Protocol) -> Measurement:
 REG_RATE = 0.1
 REG_METHODS = ("LoRA", "LoRA + dropout", "ALLoRA", "ALLoRA-OD")
 EARLY_EPOCHS = (1, 2, 3)
+OD_MARGIN = 0.001  # accuracy (fraction): 0.1 pp, two test images of 2000
 
 REG_CRITERION = Criterion(
     tests=(
@@ -616,14 +629,19 @@ REG_CRITERION = Criterion(
              "ALLoRA minus LoRA (paired by seed)", "less",
              why="'recovers some regularisation effect of dropout': a smaller value of dropout's own penalty"),
         Test("od_early", f"test accuracy at epochs {EARLY_EPOCHS} (mean), ALLoRA-OD minus ALLoRA (paired by seed)",
-             "less", why="the conjecture of sec. 4.3 / 5.1: ALLoRA-OD's noise drags down early epochs; tested and "
-                         "reported, not part of the verdict on ALLoRA"),
+             "less", margin=-OD_MARGIN, why="the conjecture of sec. 4.3 / 5.1: ALLoRA-OD's noise drags down early "
+             "epochs, by more than 2 test images in 2000 (0.1 pp; the paper's table 4 gap is 0.4 pp); tested and "
+             "reported, not part of the verdict on ALLoRA"),
         Test("dropout_gap", "generalization gap at the end, LoRA + dropout minus LoRA (paired by seed)", "less",
              role="sanity", why="the premise: dropout regularizes in this set-up"),
         Test("dropout_penalty", "ln(penalty at the end), LoRA + dropout minus LoRA (paired by seed)", "less",
              role="sanity", why="dropout lowers its own penalty"),
     ),
     rule=Rule(reproduced=("allora_gap", "allora_penalty"), partially=(("allora_gap",), ("allora_penalty",))),
+    recalibrations=(Recalibration(
+        old="od_early: mean < 0", new=f"od_early: mean < -{100 * OD_MARGIN:g} pp",
+        why="the first default run found -0.04 pp [-0.06, -0.02]: significant at 10 seeds but under one test "
+            "image; a drag the paper could mean must be visible (margin fixed before the next regeneration)"),),
     note="Closed form (analysis.allora_dynamics, proved in tests/analysis/test_allora_dynamics.py): ALLoRA's flow is "
          "linear in the loss gradient g = dL/d(BA), so it vanishes wherever g = 0 -- it has no penalty force, "
          "unlike dropout's expected flow (LoRA's flow minus the gradient of a penalty that acts at g = 0); its "
