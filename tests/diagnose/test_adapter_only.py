@@ -185,3 +185,20 @@ def test_bad_analysis_settings(trained):
     for kwargs in ({"eta": 0.0}, {"eta": float("nan")}, {"lowr_alpha": -1.0}, {"lowr_tau": 0}):
         with pytest.raises(DiagnoseError, match=next(iter(kwargs))):
             diagnose_adapter(folder, **kwargs)
+
+
+def test_folder_needs_neither_peft_nor_safetensors(monkeypatch):
+    """The core install reads a folder with torch and numpy only; the pattern rule is PEFT's, re-stated."""
+    import sys
+
+    from tests.diagnose.conftest import CONFIGS
+
+    for name in ("peft", "peft.utils", "peft.utils.other", "safetensors", "safetensors.torch", "transformers"):
+        monkeypatch.setitem(sys.modules, name, None)
+    from diagnose.adapter import resolve_rank_alpha
+
+    cfg = {"r": 4, "lora_alpha": 8, **{k: v for k, v in CONFIGS["patterns"][1].items() if k.endswith("pattern")}}
+    assert resolve_rank_alpha(cfg, "model.layers.1.self_attn.q_proj") == (6, 8.0, 8 / 6)
+    assert resolve_rank_alpha(cfg, "model.layers.11.self_attn.q_proj") == (4, 8.0, 2.0)  # '.1.' is not '.11.'
+    assert resolve_rank_alpha(cfg, "model.layers.0.self_attn.v_proj") == (2, 3.0, 1.5)
+    assert resolve_rank_alpha({**cfg, "use_rslora": True}, "model.layers.0.mlp.down_proj") == (4, 32.0, 16.0)
