@@ -16,20 +16,16 @@ alpha = 0.1, the smaller value, rescaling every step) and report the per-step ga
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
-import torch
-from torch import nn
 
 from analysis import channels
 from figures import Context, Measurement, Protocol, Result, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure, real_datasets
 from figures.criteria import Criterion, Recalibration, Rule, Test
-from toymodels.lora import LoRALinear, inject_lora, lora_modules
-from toymodels.mlp import MLP
-from toymodels.train import finetune, pretrain, protocol_data
+from toymodels.callbacks import CaptureLayerIO, ScaleAdapters, WeightSnapshots
+from toymodels.train import finetune
 
 DATASET = "mnist"
 MAIN_LOWR = (10.0, 0.1, 1)  # (tau, alpha, every): tau from the paper's grid, alpha the smaller GSM8K value
@@ -635,46 +631,30 @@ def sensitivity(ctx: Context, protocol: Protocol) -> Measurement:
 # ------------------------------------------------------------------------------------------------- Prop. 4.1
 
 
-def _effective(layers: list[LoRALinear]) -> list[torch.Tensor]:
-    return [(m.scaling * m.lora_B @ m.lora_A).detach().clone() for m in layers]
+def _snapshot_steps(warmup: int, steps: int) -> list[int]:
+    """Steps (from the rescaling at ``warmup``) at which prop41 keeps the adapters: 0-5 and ~30 log-spaced up to
+    ``steps`` (the curves are drawn on a log axis; this keeps each cached run a few MB at rank 32)."""
+    rel = {0, 1, 2, 3, 4, 5, steps} | {int(round(v)) for v in np.geomspace(1, steps, 30)}
+    return [warmup + k for k in sorted(rel) if k <= steps]
 
 
-def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, *, capture: bool = False):
-    """One full-batch SGD step on the adapters; with ``capture`` also returns each LoRA layer's (X, G = dL/dy)."""
-    layers = lora_modules(model)
-    store: list = []
-    hooks = []
-    if capture:
-        def hook(module, inputs, output):
-            output.retain_grad()
-            store.append((inputs[0].detach(), output))
-        hooks = [m.register_forward_hook(hook) for m in layers]
-    loss = nn.functional.cross_entropy(model(x), y)
-    params = [p for m in layers for p in (m.lora_A, m.lora_B)]
-    grads = torch.autograd.grad(loss, params + ([o for _, o in store] if capture else []))
-    with torch.no_grad():
-        for p, g in zip(params, grads[: len(params)], strict=True):
-            p.sub_(lr * g)
-    for h in hooks:
-        h.remove()
-    xg = [(xi.numpy(), g.detach().numpy()) for (xi, _), g in zip(store, grads[len(params):], strict=True)]
-    return loss.item(), xg
+def _prop41_run(ctx: Context, seed: int, n: float, *, warmup: int, steps: int, lr: float, targets) -> dict:
+    """One engine run of Prop. 4.1: float64, full-batch SGD (deterministic, stateless), LoRA on ``targets`` (the
+    frozen first layer's features are computed once by the engine), ``warmup`` steps from the standard start
+    (B = 0) to a generic module, then (A, B) -> (nA, B/n) and ``steps`` more. History: ``batch_loss`` (the
+    full-batch loss of every step), adapter snapshots (``snapshot_*``), each LoRA layer's (X, G = dL/dy) of the
+    first step after the rescaling (``io_*``)."""
+    cfg = _config(ctx, seed).replace(targets=tuple(targets), optimizer="sgd", lr=lr, batch_size=None,
+                                     dtype="float64", steps=warmup + steps, recorders=(), record_every=warmup + steps)
+    callbacks = [ScaleAdapters(warmup, n), WeightSnapshots(_snapshot_steps(warmup, steps)),
+                 CaptureLayerIO([warmup + 1])]
+    return finetune(cfg, callbacks=callbacks, device=ctx.device)
 
 
-def _top_model(cfg, targets: tuple[str, ...], r: int, seed: int) -> tuple[MLP, torch.Tensor, torch.Tensor]:
-    """float64 copy of the pretrained MLP's layers 1.. with LoRA (rank r, s = 1) on ``targets``, and the fine-tune
-    set (x = the frozen first layer's ReLU features, computed once: this cuts the cost of a step ~8x)."""
-    full = pretrain(cfg, torch.device("cpu")).double()
-    data = protocol_data(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        x = torch.relu(full.layers[0](data.finetune.x.double()))
-    top = MLP(cfg.widths[1:], seed=None, dtype=torch.float64, device="cpu")
-    for i, layer in enumerate(top.layers):
-        layer.load_state_dict(full.layers[i + 1].state_dict())
-    # the top model's layers.i is the full model's layers.(i+1)
-    inject_lora(top, [f"layers.{int(t.split('.')[1]) - 1}" for t in targets], r=r, alpha=float(r),
-                generator=torch.Generator().manual_seed(seed + 1))
-    return top, x, data.finetune.y
+def _effective(hist: dict, scalings: list[float]) -> list[list[np.ndarray]]:
+    """s B A of every LoRA layer at every snapshot: [snapshot][layer]."""
+    return [[s * hist[f"snapshot_B{i}"][t] @ hist[f"snapshot_A{i}"][t] for i, s in enumerate(scalings)]
+            for t in range(len(hist["snapshot_step"]))]
 
 
 @figure("lowr-prop41-equivalent", paper="LoWR Prop. 4.1",
@@ -693,53 +673,34 @@ def equivalent(ctx: Context) -> Result:
     first_pred = {n: [] for n in ns}  # closed-form ||diff|| / ||s BA|| after one step, per seed (all layers)
     dist = {n: [] for n in (1.0, *ns)}  # per seed: relative distance of the effective weights vs steps
     losses = {n: [] for n in (1.0, *ns)}
+    scal = [1.0] * len(targets)  # alpha = r: s = 1 in every adapted layer
     for seed in ctx.seeds:
-        cfg = _config(ctx, seed)
-        model, x, y = _top_model(cfg, targets, r, seed)
-        for _ in range(warmup):  # from the standard start (B = 0) to a generic module with B != 0
-            _sgd_step(model, x, y, lr)
-        copies = {}
-        for n in (1.0, *ns):
-            m = copy.deepcopy(model)
-            with torch.no_grad():
-                for layer in lora_modules(m):
-                    layer.lora_A.mul_(n)
-                    layer.lora_B.div_(n)
-            copies[n] = m
-        ref_layers = lora_modules(model)
-        A0 = [lay.lora_A.detach().numpy().copy() for lay in ref_layers]
-        B0 = [lay.lora_B.detach().numpy().copy() for lay in ref_layers]
-        scal = [lay.scaling for lay in ref_layers]
-        before = {n: _effective(lora_modules(m)) for n, m in copies.items()}
-        d_steps = {n: [0.0] for n in copies}
-        loss_tr = {n: [] for n in copies}
-        for step in range(1, steps + 1):
-            captured = {}
-            for n, m in copies.items():  # lockstep: the same full batch for every module
-                loss, captured[n] = _sgd_step(m, x, y, lr, capture=step == 1)
-                loss_tr[n].append(loss)
-            eff = {n: _effective(lora_modules(m)) for n, m in copies.items()}
-            ref_norm = math.sqrt(sum(float(torch.linalg.norm(w) ** 2) for w in eff[1.0]))
-            for n in copies:
-                d = math.sqrt(sum(float(torch.linalg.norm(e - w) ** 2) for e, w in zip(eff[n], eff[1.0], strict=True)))
-                d_steps[n].append(d / ref_norm)
-            if step != 1:
-                continue
-            # Prop. 4.1 in closed form: s(B_n'A_n' - B_n A_n) - s(B'A' - BA), from the reference (A, B, X, G);
-            # normalised like the measured distance (by ||s B'A'|| after the step)
-            for n in ns:
-                diff_sq = 0.0
-                for i in range(len(ref_layers)):
-                    X, G = captured[1.0][i]
-                    closed = channels.equivalent_update_difference(A0[i], B0[i], X, G, lr, n, scal[i])
-                    got = ((eff[n][i] - before[n][i]) - (eff[1.0][i] - before[1.0][i])).numpy()
-                    rel_err.append(float(np.linalg.norm(got - closed) / np.linalg.norm(closed)))
-                    g_err.append(float(np.abs(captured[n][i][1] - G).max() / np.abs(G).max()))
-                    diff_sq += float(np.linalg.norm(closed) ** 2)
-                first_pred[n].append(math.sqrt(diff_sq) / ref_norm)
-        for n in copies:
-            dist[n].append(d_steps[n])
-            losses[n].append(loss_tr[n])
+        runs = {n: _prop41_run(ctx, seed, n, warmup=warmup, steps=steps, lr=lr, targets=targets) for n in (1.0, *ns)}
+        ref = runs[1.0]
+        snap_t = ref["snapshot_step"].astype(int) - warmup  # steps since the rescaling
+        eff = {n: _effective(h, scal) for n, h in runs.items()}  # [snapshot][layer]
+        for n, h in runs.items():
+            ref_norm = [math.sqrt(sum(float(np.linalg.norm(w) ** 2) for w in eff[1.0][k])) for k in range(len(snap_t))]
+            d = [math.sqrt(sum(float(np.linalg.norm(e - w) ** 2) for e, w in zip(eff[n][k], eff[1.0][k], strict=True)))
+                 / ref_norm[k] for k in range(len(snap_t))]
+            d[0] = 0.0  # the same module at the rescaling (as the lock-step loop reported it)
+            dist[n].append(d)
+            losses[n].append(h["batch_loss"][warmup:])
+        # Prop. 4.1 in closed form: s(B_n'A_n' - B_n A_n) - s(B'A' - BA), from the reference (A, B, X, G) after the
+        # warm-up; normalised like the measured distance (by ||s B'A'|| after the step)
+        k1 = int(np.flatnonzero(snap_t == 1)[0])
+        ref_norm1 = math.sqrt(sum(float(np.linalg.norm(w) ** 2) for w in eff[1.0][k1]))
+        for n in ns:
+            diff_sq = 0.0
+            for i in range(len(targets)):
+                X, G = ref[f"io_X{i}"][0], ref[f"io_G{i}"][0]
+                closed = channels.equivalent_update_difference(ref[f"snapshot_A{i}"][0], ref[f"snapshot_B{i}"][0], X, G,
+                                                               lr, n, scal[i])
+                got = (eff[n][k1][i] - eff[n][0][i]) - (eff[1.0][k1][i] - eff[1.0][0][i])
+                rel_err.append(float(np.linalg.norm(got - closed) / np.linalg.norm(closed)))
+                g_err.append(float(np.abs(runs[n][f"io_G{i}"][0] - G).max() / np.abs(G).max()))
+                diff_sq += float(np.linalg.norm(closed) ** 2)
+            first_pred[n].append(math.sqrt(diff_sq) / ref_norm1)
     dist_arr = {n: np.array(v) for n, v in dist.items()}
     max_err = max(rel_err)
     measured = {
@@ -773,10 +734,10 @@ def equivalent(ctx: Context) -> Result:
     cl = colors(len(ns))
     ax = axes[0, 0]
     t = np.arange(steps + 1)
-    for n, col in zip(ns, cl, strict=False):
+    for n, col in zip(ns, cl, strict=False):  # distances at the snapshot steps (0-5, then log-spaced)
         m, lo, hi = (np.exp(v) for v in mean_ci(np.log(dist_arr[n][:, 1:])))  # geometric, log-space CI
-        ax.plot(t[1:], m, color=col, label=f"n = {n:g}")
-        ax.fill_between(t[1:], lo, hi, color=col, alpha=0.25)
+        ax.plot(snap_t[1:], m, color=col, label=f"n = {n:g}")
+        ax.fill_between(snap_t[1:], lo, hi, color=col, alpha=0.25)
         ax.plot([1], [np.mean(first_pred[n])], marker="x", ms=9, color="black", ls="none",
                 label="closed form, step 1" if n == ns[0] else None)
     ax.set_xscale("log")

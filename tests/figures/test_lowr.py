@@ -52,9 +52,10 @@ def test_grids_and_ranks_by_fidelity():
     quick, default = Context(fidelity="quick", seeds=(0,)), Context()
     assert fig._rank(quick) < fig._rank(default)
     grid = fig._grid(default)
-    assert len(grid) == 12 and len(set(grid)) == 12
+    # every tau x alpha at every step, plus every 5 steps at the main alpha for tau in {inf, 10}: 8 of the paper's 12
+    assert len(grid) == 8 and len(set(grid)) == 8 and fig._grid(quick) == grid
     assert {t for t, _, _ in grid} == {math.inf, 10.0, 100.0} and {e for *_, e in grid} == {1, 5}
-    assert {a for _, a, _ in grid} == set(fig.ALPHAS)
-    assert {t for t, _, _ in fig._grid(quick)} == {math.inf, 10.0} and {e for *_, e in fig._grid(quick)} == {1, 5}
+    assert {a for _, a, _ in grid} == set(fig.ALPHAS) and fig.MAIN_LOWR in grid
+    assert {(t, a) for t, a, e in grid if e == 5} == {(math.inf, fig.ALPHAS[0]), (10.0, fig.ALPHAS[0])}
     cfg = fig._config(default, 0, lowr=fig.MAIN_LOWR)
     assert cfg.r == fig._rank(default) and cfg.alpha / cfg.r == 1.0 and set(fig.RECORDERS) <= set(cfg.recorders)
