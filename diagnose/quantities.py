@@ -17,13 +17,14 @@ functions of :mod:`analysis` where it has them.
 - ALLoRA (sec. 4.2, ``adaptive.adaptive_function``): ALLoRA has no scaling factor; the PEFT layer computes the
   same function as ALLoRA's adapter with B' = s B, so the row norms are those of the update, ||(s B A)_i,:||, and
   the factor is 1 / sqrt(||(s B A)_i,:|| + 1/eta^2) (<= eta). Row norms come from the r x r Gram A A^T.
+  ``fraction_rows_escaped``: the rows with ||(s B A)_i,:|| >= 1/eta^2, whose factor has fallen to <= eta/sqrt(2).
 - LoWR (sec. 3.1, eq. 12, ``channels``): significance ||a_i|| ||b_i|| of the stored parameters (LoWR rescales
   parameters, so s does not enter), its spread (max/min, coefficient of variation), Pearson correlations with
   ||b_i|| and ||a_i||, and the gamma_i Algorithm 1 would apply (1 where ||a_i|| / ||b_i|| >= tau or b_i = 0).
 - With W: m = ||s B A||_2 / ||W||_2 (``ripple.layer_ratios``, ALLoRA sec. 3.3) and the intruder dimensions of
   W + s B A (Shuttleworth et al. 2024, arXiv 2410.21228, as PEFT's ``reduce_intruder_dimension``: among the top-k
   left singular vectors of W + s B A, those whose largest |cosine| with any left singular vector of W is below
-  epsilon).
+  epsilon). Cost: two SVDs of a d_out x d_in matrix per layer (seconds at d = 4096).
 - With inputs X: the exact expected loss of one dropout realisation at PEFT's placement ("input": the mask is on
   x before lora_A) with the layer's own dropout-free output as target, Y = X W^T + s X (BA)^T, so that
   E[L] = the dropout penalty v s^2 sum_j D_j ||(BA)_:j||^2 (``dropout.expected_loss``, ALLoRA sec. 3.1), its

@@ -140,6 +140,16 @@ def test_dora_magnitude_reported(tmp_path_factory):
         assert "dora" in lay.flags
         assert lay.dora_magnitude["norm"] == pytest.approx(torch.linalg.norm(mag).item(), rel=1e-12)
         assert lay.dora_magnitude["max"] == pytest.approx(mag.max().item(), rel=1e-12)
+    # with the base (the PeftModel's own), the effective DoRA update equals PEFT's merged weight minus W
+    with_base = diagnose_adapter(model)
+    for lay in with_base.layers:
+        module = mods[lay.name]
+        W = module.get_base_layer().weight.detach().double().clone()
+        module.merge()
+        merged = module.get_base_layer().weight.detach().double().clone()
+        module.unmerge()
+        want = torch.linalg.norm(merged - W).item()
+        assert lay.dora_magnitude["norm_effective_update"] == pytest.approx(want, rel=1e-4)  # merge is float32
 
 
 def test_unsupported_layers_are_named(tmp_path_factory):
