@@ -114,6 +114,12 @@ def test_bad_base(llama_with_base, tmp_path):
 
     with pytest.raises(DiagnoseError, match="the base model has no module model.layers.0.self_attn.q_proj"):
         diagnose_adapter(folder, base=tiny_gpt2())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    narrow = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(DiagnoseError, match=r"has weight \(32, 32\) but the adapter's lora_B @ lora_A is \(64, 64\)"):
+        diagnose_adapter(folder, base=narrow)
 
 
 def test_cli_writes_json_and_png(llama_with_base, tmp_path, capsys):
