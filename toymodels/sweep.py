@@ -191,7 +191,7 @@ def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
             batch = batched_engine.canonical_batch(task.configs)
             entries = [batched_engine.cache_entry(c, "exact", batch) for c in task.configs]
         else:
-            entries = [("finetune", c.as_dict()) for c in task.configs]
+            entries = [("finetune", train.run_key(c)) for c in task.configs]  # finetune's own key
     out = []
     for namespace, key_dict in entries:
         hit = run_cache.load(run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz")
