@@ -678,7 +678,7 @@ def regularization_like_dropout(ctx: Context, protocol: Protocol) -> Measurement
     eta = float(settings.pop("eta"))
     base = base_config(ctx, "mnist", recorders=(), placement="bottleneck", **settings)
     spe = max(1, base.n_finetune // base.batch_size)
-    probe_steps = sorted({e * spe for e in EARLY_EPOCHS} | set(range(0, base.steps + 1, max(base.steps // 6, 1)))
+    probe_steps = sorted({e * spe for e in EARLY_EPOCHS} | set(range(0, base.steps + 1, max(base.steps // 2, 1)))
                          | {base.steps})
     rec = {n: [] for n in REG_METHODS}
     for s in ctx.seeds:
