@@ -141,8 +141,8 @@ RIPPLE_CRITERION = Criterion(
              why="gradient amplification through depth, for a fixed output gradient as in the chain"),
         Test("asf_fwd", "trained MLP: ln(relative output deviation), ASF-LoRA minus ALLoRA (paired by seed)",
              "greater", why="the paper's conjecture (sec. 4.3): ASF-LoRA, which scales the output, causes a ripple"),
-        Test("tight_rate", "tight instance: |fitted per-layer log-rate - ln(1 + eta m)| for LoRA x eta and "
-             "|... - ln(1 + m)| for ALLoRA (max)", "less", margin=1e-9, method="exact", role="sanity",
+        Test("tight_rate", "tight instance: relative error of the fitted per-layer log-rate vs ln(1 + eta m) for LoRA x eta and "
+             "vs ln(1 + m) for ALLoRA (max)", "less", margin=1e-9, method="exact", role="sanity",
              why="closed form check of analysis.allora_dynamics.chain_response against analysis.ripple"),
     ),
     rule=Rule(reproduced=("chain_fwd", "chain_bwd", "mlp_fwd", "mlp_bwd", "asf_fwd"),
