@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis._inputs import as_matrix, finite_scalar
+from analysis.inputs import as_matrix, finite_scalar
 
 __all__ = [
     "PAPER_LISTING_1",

@@ -38,9 +38,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from analysis import _inputs
 from analysis import adaptive as _adaptive
 from analysis import dropout as _dropout
+from analysis import inputs as _validate
 from analysis._masks import mask_variance
 
 __all__ = [
@@ -61,7 +61,7 @@ CHAIN_METHODS = ("lora", "allora", "asf")
 
 
 def _problem(X, Y, W, A, B):
-    X, Y, W, A, B = _inputs.lora_problem(X, Y, W, A, B)
+    X, Y, W, A, B = _validate.lora_problem(X, Y, W, A, B)
     return X, Y - X @ W.T, A, B
 
 
@@ -113,7 +113,7 @@ def allora_taper_split(X, Y, W, A, B, eta):
     brakes proportional to the loss gradient, not a weight decay.
     """
     X, R, A, B = _problem(X, Y, W, A, B)
-    eta = _inputs.finite_scalar("eta", eta, positive=True)
+    eta = _validate.finite_scalar("eta", eta, positive=True)
     g = _output_grad(X, R, A, B).T @ X
     D = eta - _adaptive.allora_scale(A, B, eta)
     return (-eta * (B.T @ g), -eta * (g @ A.T)), (B.T @ (D[:, None] * g), (D[:, None] * g) @ A.T)
@@ -121,17 +121,17 @@ def allora_taper_split(X, Y, W, A, B, eta):
 
 def product_velocity(A, B, dA, dB) -> np.ndarray:
     """d(BA)/dt = dB A + B dA (d_out, d_in) for a flow (dA, dB) of the factors."""
-    A = _inputs.as_matrix("A", A)
-    B = _inputs.as_matrix("B", B, (None, A.shape[0]))
-    dA = _inputs.as_matrix("dA", dA, A.shape)
-    dB = _inputs.as_matrix("dB", dB, B.shape)
+    A = _validate.as_matrix("A", A)
+    B = _validate.as_matrix("B", B, (None, A.shape[0]))
+    dA = _validate.as_matrix("dA", dA, A.shape)
+    dB = _validate.as_matrix("dB", dB, B.shape)
     return dB @ A + B @ dA
 
 
 def row_norm_rates(A, B, dA, dB) -> np.ndarray:
     """d||(BA)_i,:||/dt (d_out,) along (dA, dB): <M_i, dM_i> / ||M_i|| with M = BA, dM = :func:`product_velocity`;
     for a zero row the right derivative ||dM_i|| (the rate of escape from 0)."""
-    M = _inputs.as_matrix("B", B) @ _inputs.as_matrix("A", A)
+    M = _validate.as_matrix("B", B) @ _validate.as_matrix("A", A)
     dM = product_velocity(A, B, dA, dB)
     norms = np.linalg.norm(M, axis=1)
     out = np.linalg.norm(dM, axis=1)
@@ -147,9 +147,9 @@ def loss_rate(X, Y, W, A, B, dA, dB, *, scaling=1.0) -> float:
     one sign when the s_i differ (B^T S g is not a positive multiple of B^T g), so L can rise along the flow.
     """
     X, R, A, B = _problem(X, Y, W, A, B)
-    dA = _inputs.as_matrix("dA", dA, A.shape)
-    dB = _inputs.as_matrix("dB", dB, B.shape)
-    s = _inputs.finite_scalar("scaling", scaling)
+    dA = _validate.as_matrix("dA", dA, A.shape)
+    dB = _validate.as_matrix("dB", dB, B.shape)
+    s = _validate.finite_scalar("scaling", scaling)
     g = _output_grad(X, R, A, B, s).T @ X  # dL/d(BA)
     return float((B.T @ g * dA).sum() + (g @ A.T * dB).sum())
 
@@ -162,14 +162,14 @@ def penalty_rate(X, A, B, dA, dB, p, *, placement="bottleneck", scaling=1.0) -> 
     Evaluated on another method's flow (ALLoRA's, LoRA's) it says whether that flow lowers the penalty that
     dropout would charge: the "effective penalty" of sec. 4.2's hypothesis.
     """
-    X = _inputs.as_matrix("X", X)
-    A = _inputs.as_matrix("A", A, (None, X.shape[1]))
-    B = _inputs.as_matrix("B", B, (None, A.shape[0]))
-    dA = _inputs.as_matrix("dA", dA, A.shape)
-    dB = _inputs.as_matrix("dB", dB, B.shape)
-    v = mask_variance(_inputs.dropout_rate(p))
-    placement = _inputs.placement(placement)
-    s = _inputs.finite_scalar("scaling", scaling)
+    X = _validate.as_matrix("X", X)
+    A = _validate.as_matrix("A", A, (None, X.shape[1]))
+    B = _validate.as_matrix("B", B, (None, A.shape[0]))
+    dA = _validate.as_matrix("dA", dA, A.shape)
+    dB = _validate.as_matrix("dB", dB, B.shape)
+    v = mask_variance(_validate.dropout_rate(p))
+    placement = _validate.placement(placement)
+    s = _validate.finite_scalar("scaling", scaling)
     if placement == "bottleneck":
         gB = 2 * v * s**2 * B * ((X @ A.T) ** 2).sum(axis=0)
         gA = 2 * v * s**2 * ((B**2).sum(axis=0)[:, None] * A) @ (X.T @ X)
@@ -180,9 +180,9 @@ def penalty_rate(X, A, B, dA, dB, p, *, placement="bottleneck", scaling=1.0) -> 
 
 def od_surrogate_grad(F, R, eta) -> np.ndarray:
     """psi'(F; R) = -2 (R - F) / sqrt(|F| + 1/eta^2), elementwise: ALLoRA-OD's scaled output gradient S o G."""
-    F = _inputs.as_matrix("F", F)
-    R = _inputs.as_matrix("R", R, F.shape)
-    c = 1.0 / _inputs.finite_scalar("eta", eta, positive=True) ** 2
+    F = _validate.as_matrix("F", F)
+    R = _validate.as_matrix("R", R, F.shape)
+    c = 1.0 / _validate.finite_scalar("eta", eta, positive=True) ** 2
     return -2.0 * (R - F) / np.sqrt(np.abs(F) + c)
 
 
@@ -196,9 +196,9 @@ def od_surrogate_loss(F, R, eta) -> float:
     grows like |f|^{3/2} instead of f^2 (large outputs are damped) and whose stationary points are those of the
     weighted least squares sum_n s(F_n,i) (R_n,i - F_n,i) x_n = 0.
     """
-    F = _inputs.as_matrix("F", F)
-    R = _inputs.as_matrix("R", R, F.shape)
-    c = 1.0 / _inputs.finite_scalar("eta", eta, positive=True) ** 2
+    F = _validate.as_matrix("F", F)
+    R = _validate.as_matrix("R", R, F.shape)
+    c = 1.0 / _validate.finite_scalar("eta", eta, positive=True) ** 2
     w = np.abs(F) + c
     root = np.sqrt(w) - math.sqrt(c)
     cube = (4.0 / 3.0) * (w**1.5 - c**1.5)
@@ -223,7 +223,7 @@ def chain_response(Ws: Sequence, As: Sequence, Bs: Sequence, x, grad_out, method
     """
     if method not in CHAIN_METHODS:
         raise ValueError(f"method must be one of {CHAIN_METHODS}, got {method!r}")
-    eta = _inputs.finite_scalar("eta", eta, positive=True)
+    eta = _validate.finite_scalar("eta", eta, positive=True)
     Ws, As, Bs = list(Ws), list(As), list(Bs)
     L = len(Ws)
     if L < 1 or len(As) != L or len(Bs) != L:
@@ -231,14 +231,14 @@ def chain_response(Ws: Sequence, As: Sequence, Bs: Sequence, x, grad_out, method
     Wv, Av, Bv = [], [], []
     d_prev = None
     for l in range(L):
-        W = _inputs.as_matrix(f"Ws[{l}]", Ws[l], (None, d_prev))
-        A = _inputs.as_matrix(f"As[{l}]", As[l], (None, W.shape[1]))
-        Bv.append(_inputs.as_matrix(f"Bs[{l}]", Bs[l], (W.shape[0], A.shape[0])))
+        W = _validate.as_matrix(f"Ws[{l}]", Ws[l], (None, d_prev))
+        A = _validate.as_matrix(f"As[{l}]", As[l], (None, W.shape[1]))
+        Bv.append(_validate.as_matrix(f"Bs[{l}]", Bs[l], (W.shape[0], A.shape[0])))
         Wv.append(W)
         Av.append(A)
         d_prev = W.shape[0]
-    h = _inputs.as_vector("x", x, Wv[0].shape[1])
-    delta = _inputs.as_vector("grad_out", grad_out, Wv[-1].shape[0])
+    h = _validate.as_vector("x", x, Wv[0].shape[1])
+    delta = _validate.as_vector("grad_out", grad_out, Wv[-1].shape[0])
     hs, zs, fs = [h], [], []
     for W, A, B in zip(Wv, Av, Bv, strict=True):
         z = A @ h

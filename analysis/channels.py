@@ -20,11 +20,9 @@ of b_i a_i^T.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from analysis._inputs import as_matrix, finite_scalar
+from analysis.inputs import as_matrix, finite_scalar, lowr_tau
 
 __all__ = [
     "channel_norms",
@@ -137,16 +135,6 @@ def lowr_gamma(A, B, alpha: float) -> np.ndarray:
     return 1.0 + alpha * (nb.max() - nb) * np.var(na * nb)
 
 
-def _tau(tau) -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"tau must be a number > 0 (inf allowed), got {tau!r}") from exc
-    if math.isnan(t) or t <= 0:
-        raise ValueError(f"tau must be > 0 (inf allowed), got {tau!r}")
-    return t
-
-
 def _ratios(na: np.ndarray, nb: np.ndarray) -> np.ndarray:
     """||a_i|| / ||b_i||, with inf where b_i = 0 (such channels are never rescaled)."""
     out = np.full(na.shape, np.inf)
@@ -163,7 +151,7 @@ def lowr_rescale(A, B, *, tau: float, alpha: float) -> tuple[np.ndarray, np.ndar
     paper's sequential in-place loop (:func:`lowr_rescale_sequential`). Returns new arrays (A', B').
     """
     A, B = _AB(A, B)
-    tau = _tau(tau)
+    tau = lowr_tau(tau)
     gamma = lowr_gamma(A, B, alpha)
     na, nb = channel_norms(A, B)
     g = np.where(_ratios(na, nb) < tau, gamma, 1.0)
@@ -174,7 +162,7 @@ def lowr_rescale_sequential(A, B, *, tau: float, alpha: float) -> tuple[np.ndarr
     """Algorithm 1, lines 3-10, literally: loop over i, recomputing max ||b|| and var(||a|| ||b||) from the
     current (partly rescaled) A, B before each channel. Reference for :func:`lowr_rescale`."""
     A, B = _AB(A, B)
-    tau = _tau(tau)
+    tau = lowr_tau(tau)
     alpha = finite_scalar("alpha", alpha, nonnegative=True)
     A, B = A.copy(), B.copy()
     for i in range(A.shape[0]):

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from analysis import _inputs
+from analysis import inputs as _validate
 from analysis._masks import (
     mask_variance,
     pivot_form_moments,
@@ -58,10 +58,10 @@ _CHUNK = 256
 
 
 def _problem(X, Y, W, A, B, p, placement, scaling):
-    X, Y, W, A, B = _inputs.lora_problem(X, Y, W, A, B)
-    p = _inputs.dropout_rate(p)
-    placement = _inputs.placement(placement)
-    s = _inputs.finite_scalar("scaling", scaling)
+    X, Y, W, A, B = _validate.lora_problem(X, Y, W, A, B)
+    p = _validate.dropout_rate(p)
+    placement = _validate.placement(placement)
+    s = _validate.finite_scalar("scaling", scaling)
     R = Y - X @ W.T
     return X, R, A, B, p, placement, s
 
@@ -92,12 +92,12 @@ def dropout_penalty(X, A, B, p, *, placement="bottleneck", scaling=1.0) -> float
     strength v s^2 ||X a_k||^2 and on a_k (in the X^T X metric) of strength v s^2 ||b_k||^2 (ALLoRA sec. 3.2).
     Input: v s^2 tr(BA diag(D) (BA)^T), D_j = sum_n X_nj^2: a function of the product BA only.
     """
-    X = _inputs.as_matrix("X", X)
-    A = _inputs.as_matrix("A", A, (None, X.shape[1]))
-    B = _inputs.as_matrix("B", B, (None, A.shape[0]))
-    p = _inputs.dropout_rate(p)
-    placement = _inputs.placement(placement)
-    s = _inputs.finite_scalar("scaling", scaling)
+    X = _validate.as_matrix("X", X)
+    A = _validate.as_matrix("A", A, (None, X.shape[1]))
+    B = _validate.as_matrix("B", B, (None, A.shape[0]))
+    p = _validate.dropout_rate(p)
+    placement = _validate.placement(placement)
+    s = _validate.finite_scalar("scaling", scaling)
     v = mask_variance(p)
     if placement == "bottleneck":
         h_sq = ((X @ A.T) ** 2).sum(axis=0)  # ||H_:k||^2
@@ -114,11 +114,11 @@ def penalty_strengths(X, A, B, p, *, scaling=1.0) -> tuple[np.ndarray, np.ndarra
     X^T X metric) and on_B[k] = v s^2 ||X a_k||^2 (a plain weight decay on b_k).
     At B = 0 the strength on A is 0 while the one on B is v s^2 ||X a_k||^2 > 0: the "unfair" regularization.
     """
-    X = _inputs.as_matrix("X", X)
-    A = _inputs.as_matrix("A", A, (None, X.shape[1]))
-    B = _inputs.as_matrix("B", B, (None, A.shape[0]))
-    v = mask_variance(_inputs.dropout_rate(p))
-    s = _inputs.finite_scalar("scaling", scaling)
+    X = _validate.as_matrix("X", X)
+    A = _validate.as_matrix("A", A, (None, X.shape[1]))
+    B = _validate.as_matrix("B", B, (None, A.shape[0]))
+    v = mask_variance(_validate.dropout_rate(p))
+    s = _validate.finite_scalar("scaling", scaling)
     return v * s**2 * (B**2).sum(axis=0), v * s**2 * ((X @ A.T) ** 2).sum(axis=0)
 
 
@@ -174,7 +174,7 @@ def sample_loss(X, Y, W, A, B, p, n, *, placement="bottleneck", scaling=1.0, see
     drawing the N K mask entries dominates.
     """
     X, R, A, B, p, placement, s = _problem(X, Y, W, A, B, p, placement, scaling)
-    n = _inputs.positive_int("n", n)
+    n = _validate.positive_int("n", n)
     rng = np.random.default_rng(seed)
     q = 1.0 - p
     N, d_in = X.shape
@@ -321,17 +321,17 @@ def two_point_deviation_ratio(n):
 # --- Linear dropout regression (ALLoRA sec. 3.1, "Linear model with full training") -------------------------
 
 def _linear_problem(X, Y, W=None):
-    X = _inputs.as_matrix("X", X)
-    Y = _inputs.as_matrix("Y", Y, (X.shape[0], None))
+    X = _validate.as_matrix("X", X)
+    Y = _validate.as_matrix("Y", Y, (X.shape[0], None))
     if W is not None:
-        W = _inputs.as_matrix("W", W, (Y.shape[1], X.shape[1]))
+        W = _validate.as_matrix("W", W, (Y.shape[1], X.shape[1]))
     return X, Y, W
 
 
 def linear_expected_loss(X, Y, W, p) -> float:
     """E ||Y - (X W^T) o M||^2 = ||Y - X W^T||^2 + v ||X W^T||^2, M iid in {0, 1/q} (mask on the predictions)."""
     X, Y, W = _linear_problem(X, Y, W)
-    v = mask_variance(_inputs.dropout_rate(p))
+    v = mask_variance(_validate.dropout_rate(p))
     P = X @ W.T
     return float(((Y - P) ** 2).sum() + v * (P**2).sum())
 
@@ -344,7 +344,7 @@ def linear_minimizer(X, Y, p) -> np.ndarray:
     prints "W = p (X^T X)^{-1} Y^T X", with p its keep probability and the transpose wrong (ERRATA.md).
     """
     X, Y, _ = _linear_problem(X, Y)
-    q = 1.0 - _inputs.dropout_rate(p)
+    q = 1.0 - _validate.dropout_rate(p)
     gram = X.T @ X
     if np.linalg.matrix_rank(gram) < X.shape[1]:
         raise ValueError(f"X must have full column rank (X^T X invertible) for the minimiser to be unique; got "
@@ -362,7 +362,7 @@ def printed_linear_minimizer(X, Y, keep) -> np.ndarray:
     For comparison only (ERRATA.md D1).
     """
     X, Y, _ = _linear_problem(X, Y)
-    keep = _inputs.finite_scalar("keep", keep, positive=True)
+    keep = _validate.finite_scalar("keep", keep, positive=True)
     if keep > 1.0:
         raise ValueError(f"keep is the keep probability (the paper's p in V in {{0, 1/p}}), in (0, 1], got {keep}")
     D, C = X.shape[1], Y.shape[1]
@@ -375,7 +375,7 @@ def printed_linear_minimizer(X, Y, keep) -> np.ndarray:
 def ridge_minimizer(X, Y, lam) -> np.ndarray:
     """Tikhonov solution W (d_out, d_in) of ||Y - X W^T||^2 + lam ||W||^2: W^T = (X^T X + lam I)^{-1} X^T Y."""
     X, Y, _ = _linear_problem(X, Y)
-    lam = _inputs.finite_scalar("lam", lam, nonnegative=True)
+    lam = _validate.finite_scalar("lam", lam, nonnegative=True)
     return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y).T
 
 
@@ -386,6 +386,6 @@ def ridge_lambda(c, p) -> float:
     lam = c (1 - q) / q = c p / (1 - p). The paper states "dropout with rate p = 1/(1 + lam)" for c = 1, which
     is the *keep* probability: the rate of zeroing is lam / (1 + lam) (ERRATA.md).
     """
-    c = _inputs.finite_scalar("c", c, positive=True)
-    p = _inputs.dropout_rate(p)
+    c = _validate.finite_scalar("c", c, positive=True)
+    p = _validate.dropout_rate(p)
     return c * p / (1.0 - p)

@@ -39,7 +39,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from analysis._inputs import as_matrix, as_vector, finite_scalar, positive_int
+from analysis.inputs import as_matrix, as_vector, finite_scalar, positive_int
 
 __all__ = [
     "gamma",

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from analysis._inputs import as_matrix, as_vector, finite_scalar, positive_int
+from analysis.inputs import as_matrix, as_vector, finite_scalar, positive_int
 
 __all__ = [
     "amgm_bound",

@@ -69,7 +69,7 @@ def base_config(ctx, dataset: str = "mnist", **overrides):
     """
     from toymodels.train import FinetuneConfig
 
-    dim = 3072 if dataset == "cifar10" else 784
+    dim = datasets.DIMS[dataset]
     sizes = ctx.pick(
         quick=dict(n_pretrain=512, n_finetune=128, n_test=1000, pretrain_steps=60, steps=30, record_every=10),
         default=dict(n_pretrain=4096, n_finetune=512, n_test=2000, pretrain_steps=500, steps=300, record_every=25),

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from analysis._inputs import positive_int
+from analysis.inputs import positive_int
 from toymodels import cache as run_cache
 from toymodels import train
 from toymodels.lora import LoRALinear, scaling_factor

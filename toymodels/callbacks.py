@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from analysis._inputs import finite_scalar
+from analysis.inputs import finite_scalar
 from toymodels.train import Callback, TrainState, adapter_output, evaluate, layer_inputs, loss_fn
 
 

@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis._inputs import dropout_rate, finite_scalar, positive_int
+from analysis import inputs as analysis_inputs
+from analysis.inputs import dropout_rate, finite_scalar, lowr_tau, positive_int
 
 METHODS = ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
 ADAPTIVE_METHODS = ("allora", "allora+d", "allora_od", "asf")  # ALLoRA sec. 4: no scaling factor
 SCALINGS = ("lora", "rslora")
 INITS = ("kaiming", "gaussian", "zero_a", "pissa", "olora")
-PLACEMENTS = ("input", "bottleneck")
+PLACEMENTS = analysis_inputs.PLACEMENTS  # one list of dropout placements: analysis.inputs.PLACEMENTS
 DECOMPOSITION_INITS = ("pissa", "olora")  # set A and B from the SVD / QR of W (LoWR table 2)
 LORA_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude")
 
@@ -475,13 +476,7 @@ class LoWR:
     """
 
     def __init__(self, modules: nn.Module | Iterable[LoRALinear], tau: float, alpha: float, every: int = 1):
-        try:
-            tau = float(tau)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"tau must be a number > 0 (inf allowed), got {tau!r}") from exc
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0 (inf allowed), got {tau!r}")
-        self.tau = tau
+        self.tau = lowr_tau(tau)
         self.alpha = finite_scalar("alpha", alpha, nonnegative=True)
         self.every = positive_int("every", every)
         self.modules = lora_modules(modules)

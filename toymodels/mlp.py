@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from analysis._inputs import positive_int
+from analysis.inputs import positive_int
 
 
 def auto_device(device: str | torch.device | None = None) -> torch.device:

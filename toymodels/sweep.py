@@ -59,7 +59,7 @@ from multiprocessing.connection import wait as wait_connections
 import numpy as np
 import torch
 
-from analysis._inputs import positive_int
+from analysis.inputs import positive_int
 from toymodels import batched as batched_engine
 from toymodels import cache as run_cache
 from toymodels import train

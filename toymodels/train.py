@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis._inputs import dropout_rate, finite_scalar, positive_int
+from analysis.inputs import dropout_rate, finite_scalar, positive_int
 from toymodels import cache as run_cache
 from toymodels import data as datasets
 from toymodels.lora import (
@@ -170,8 +170,8 @@ class FinetuneConfig:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "recorders", tuple(self.recorders))
-        if self.dataset not in ("mnist", "fashion-mnist", "cifar10", "synthetic"):
-            raise ValueError(f"dataset must be mnist, fashion-mnist, cifar10 or synthetic, got {self.dataset!r}")
+        if self.dataset not in datasets.DATASETS:
+            raise ValueError(f"dataset must be one of {datasets.DATASETS}, got {self.dataset!r}")
         for name in ("n_pretrain", "n_finetune", "pretrain_steps", "pretrain_batch", "r", "steps", "record_every",
                      "grad_std_masks"):
             positive_int(name, getattr(self, name))
@@ -251,7 +251,8 @@ _LATE_FIELDS = {"dtype": "float32"}  # fields added after the first cached runs,
 
 
 def datasets_input_dim(name: str) -> int:
-    return {"mnist": 784, "fashion-mnist": 784, "cifar10": 3072}.get(name, -1)
+    """Input size of a real data set (:data:`toymodels.data.DIMS`), -1 for "synthetic" (any size)."""
+    return datasets.DIMS.get(name, -1)
 
 
 # --------------------------------------------------------------------------------------------- public helpers

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis._inputs import default_seed
 from analysis.adaptive import (
     PAPER_LISTING_1,
     adaptive_function,
@@ -21,6 +20,7 @@ from analysis.adaptive import (
     asf_output,
     lora_grads,
 )
+from analysis.inputs import default_seed
 
 SEED = default_seed()
 T64 = torch.float64

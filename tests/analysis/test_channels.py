@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis._inputs import default_seed
 from analysis.channels import (
     channel_norms,
     channel_significance,
@@ -21,6 +20,7 @@ from analysis.channels import (
     one_step_update,
     proxy_gradients,
 )
+from analysis.inputs import default_seed
 
 SEED = default_seed()
 T64 = torch.float64

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis import dropout as dr
-from analysis._inputs import default_seed
 from analysis._masks import enumerate_masks, pivot_form_moments, quadratic_form_moments, residual_norm_moments
+from analysis.inputs import default_seed
 from analysis.verify.dropout import enumerate_oracle, one_mask_loss
 
 PLACEMENTS = ("bottleneck", "input")

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis import rank_scaling as rs
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 
 KEYS = ("mean_out", "second_out", "mean_grad_in", "second_grad_in", "entry_second_out", "entry_second_grad_in")
 Z_MAX = 5.0

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from analysis.ripple import (
     amgm_bound,
     chain_terms,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis import ripple
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures import Context
 from figures._common import base_config
 from figures.allora_adaptive import (

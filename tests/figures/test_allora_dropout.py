@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from analysis import dropout as dr
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures import allora_dropout as fd
 from toymodels import train
 from toymodels.lora import lora_modules

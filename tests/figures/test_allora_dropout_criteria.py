@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures.allora_dropout import FIG2_CRITERION, TAB5_CRITERION
 
 

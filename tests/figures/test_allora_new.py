@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from analysis import ripple
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures import allora_new as fn
 from figures.criteria import Estimate
 from toymodels.train import FinetuneConfig, finetune

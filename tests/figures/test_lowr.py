@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures import Context
 from figures import lowr as fig
 from toymodels.lora import lowr_gamma

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures.lowr import MAIN_LOWR, TAB5_GRID, _divergence_diagnosis, _setting_name, _tab5_criterion
 
 

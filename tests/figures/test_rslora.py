@@ -12,7 +12,7 @@ from scipy import stats
 
 import figures.rslora as rsfig
 from analysis import rank_scaling as rs
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from figures import Context
 from toymodels.train import FinetuneConfig, finetune
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from toymodels import batched, train
 from toymodels import cache as run_cache
 

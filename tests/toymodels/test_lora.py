@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from analysis import adaptive
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from toymodels.lora import (
     METHODS,
     LoRALinear,

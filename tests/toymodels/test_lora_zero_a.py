@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from analysis._inputs import default_seed
+from analysis.inputs import default_seed
 from toymodels.lora import LoRALinear
 
 

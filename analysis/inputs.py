@@ -1,4 +1,5 @@
-"""Input validation shared by every closed form: bad input raises ``ValueError`` naming the argument.
+"""Input validation shared by every closed form (public: `toymodels`, `figures` and `diagnose` use it too): bad
+input raises ``ValueError`` naming the argument.
 
 A closed form that silently broadcasts a transposed matrix returns a wrong number; these checks turn
 every such mistake into an error that says which argument is wrong and what was expected.
@@ -102,6 +103,17 @@ def lora_problem(X, Y, W, A, B):
     W = as_matrix("W", W, (d_out, d_in))
     Y = as_matrix("Y", Y, (n, d_out))
     return X, Y, W, A, B
+
+
+def lowr_tau(tau) -> float:
+    """LoWR's ratio threshold tau (Algorithm 1): a number > 0, ``math.inf`` allowed (no channel exempt)."""
+    try:
+        t = float(tau)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tau must be a number > 0 (inf allowed), got {tau!r}") from exc
+    if math.isnan(t) or t <= 0:
+        raise ValueError(f"tau must be > 0 (inf allowed), got {tau!r}")
+    return t
 
 
 def default_seed() -> int:
