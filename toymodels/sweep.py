@@ -24,6 +24,19 @@ How a sweep runs:
 4. **Join**: histories come back in the order of ``configs``; a diverged run is cached with its
    ``diverged_step`` and raised (``on_diverge="raise"``) only after every other run is done.
 
+Custom callbacks (``callbacks=``, :class:`toymodels.train.Callback`): one sequence applied to every config, a
+callable ``cfg -> sequence``, or a list aligned with ``configs`` (one sequence per config; see
+:func:`resolve_callbacks`). A run with custom callbacks always goes through the loop,
+``finetune(cfg, callbacks=...)`` (never the batched engine), in a sequential task of its own, and is cached
+exactly as that call caches it (:func:`toymodels.train.run_key`: the config plus the callbacks' keys), so a
+sweep and a direct ``finetune`` call share one entry, bit for bit, and the callbacks' results come back in the
+run's history. Every run gets its own copy of its callbacks (a pickle round trip, in-process as in a worker),
+so a callback object shared by many configs never carries state from one run to the next, whatever the
+executor. Callbacks therefore must pickle (classes defined at a module's top level; for the local worker
+processes, in an importable module, not ``__main__``): run_sweep raises ValueError naming the callback
+otherwise, before any run starts. Two entries of ``configs`` are the same run when their configs are equal and
+their callbacks have the same keys (:meth:`toymodels.train.Callback.full_key`).
+
 Bit-for-bit equality whatever the executor and the worker count: each run's randomness comes from its own seed
 (the engines' streams), every task runs with the same torch thread count ``threads`` (default 1; recorded in the
 cache key by :meth:`FinetuneConfig.as_dict`), and the batched engine's numbers depend only on its batch's set of
@@ -45,14 +58,15 @@ import contextlib
 import dataclasses
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 
@@ -63,7 +77,7 @@ from analysis.inputs import positive_int
 from toymodels import batched as batched_engine
 from toymodels import cache as run_cache
 from toymodels import train
-from toymodels.train import FinetuneConfig
+from toymodels.train import Callback, FinetuneConfig
 
 EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("batched", "sequential")
@@ -75,10 +89,21 @@ _IN_WORKER = False
 
 @dataclass(frozen=True)
 class Task:
-    """A unit of work: ``configs`` trained together by the batched engine, or one config by the loop."""
+    """A unit of work: ``configs`` trained together by the batched engine, or one config by the loop (with its
+    custom ``callbacks``, one sequence per config, when it has any; ``callback_keys`` names them in equality
+    and hashing: :func:`callbacks_key`)."""
 
     kind: str
     configs: tuple[FinetuneConfig, ...]
+    callbacks: tuple[tuple[Callback, ...], ...] = field(default=(), compare=False, repr=False)
+    callback_keys: tuple[str, ...] = ()
+
+    def runs(self) -> list[tuple[FinetuneConfig, str]]:
+        """The identity of each run of the task: (config, :func:`callbacks_key` of its callbacks)."""
+        return list(zip(self.configs, self.callback_keys or ("",) * len(self.configs), strict=True))
+
+    def callbacks_of(self, i: int) -> tuple[Callback, ...]:
+        return self.callbacks[i] if self.callbacks else ()
 
 
 class SweepError(RuntimeError):
@@ -104,13 +129,21 @@ class SweepInterrupted(KeyboardInterrupt):
 # ------------------------------------------------------------------------------------------------- planning
 
 
-def plan(configs: Sequence[FinetuneConfig], *, batched: bool = True, max_batch: int = 16) -> list[Task]:
-    """The tasks of a sweep (each distinct config in exactly one task): a deterministic function of the list
-    of configs. Batchable configs sharing every field but seed/dropout/lr/scaling, two or more of them, form
-    batched tasks of at most ``max_batch`` runs; the rest are sequential tasks of one config. Batched tasks
-    come first (largest first: better load balance), then the sequential ones in the order of ``configs``."""
+def plan(configs: Sequence[FinetuneConfig], *, batched: bool = True, max_batch: int = 16,
+         callbacks: Sequence[Callback] | Callable | Sequence[Sequence[Callback]] | None = None) -> list[Task]:
+    """The tasks of a sweep (each distinct run in exactly one task): a deterministic function of the list
+    of configs (and of their callbacks' keys). Batchable configs without custom callbacks sharing every field
+    but seed/dropout/lr/scaling, two or more of them, form batched tasks of at most ``max_batch`` runs; the rest
+    (every run with custom callbacks among them) are sequential tasks of one run. Batched tasks come first
+    (largest first: better load balance), then the sequential ones in the order of ``configs``. ``callbacks``:
+    as :func:`run_sweep`'s."""
     max_batch = positive_int("max_batch", max_batch)
-    unique = list(dict.fromkeys(configs))
+    configs = list(configs)
+    per_run = resolve_callbacks(callbacks, configs)
+    runs: dict[tuple[FinetuneConfig, str], tuple[Callback, ...]] = {}
+    for c, cbs in zip(configs, per_run, strict=True):
+        runs.setdefault((c, callbacks_key(cbs)), cbs)
+    unique = [c for (c, key) in runs if not key]
     groups: dict[str, list[FinetuneConfig]] = {}
     alone: list[FinetuneConfig] = []
     for c in unique:
@@ -128,8 +161,94 @@ def plan(configs: Sequence[FinetuneConfig], *, batched: bool = True, max_batch: 
         tasks += [Task("batched", tuple(members[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     tasks.sort(key=lambda t: -len(t.configs))  # stable: ties keep the plan's order
     single = {c for members in groups.values() if len(members) < 2 for c in members}
-    tasks += [Task("sequential", (c,)) for c in unique if c in single or c in alone]
+    loop = set(alone) | single
+    for (c, key), cbs in runs.items():
+        if key:
+            tasks.append(Task("sequential", (c,), callbacks=(cbs,), callback_keys=(key,)))
+        elif c in loop:
+            tasks.append(Task("sequential", (c,)))
     return tasks
+
+
+def resolve_callbacks(callbacks, configs: Sequence[FinetuneConfig]) -> list[tuple[Callback, ...]]:
+    """One tuple of custom callbacks per config, from ``callbacks``:
+
+    - ``None`` or an empty sequence: none;
+    - a sequence of :class:`~toymodels.train.Callback` objects: the same callbacks for every config (each run
+      gets its own copy);
+    - a callable ``cfg -> sequence of Callback``: called once per entry of ``configs``;
+    - a list of sequences of Callback objects, one per config (``len(callbacks) == len(configs)``; an empty
+      sequence: none for that config).
+
+    ValueError (naming ``callbacks``) for anything else."""
+    configs = list(configs)
+    if callbacks is None:
+        return [()] * len(configs)
+    if callable(callbacks) and not isinstance(callbacks, Callback):
+        out = [_as_callbacks(callbacks(c), f"callbacks({_short(c)})") for c in configs]
+    elif isinstance(callbacks, Callback):
+        raise ValueError(f"callbacks must be a sequence of Callback objects (or a callable, or one sequence per "
+                         f"config), got a single {type(callbacks).__name__}: wrap it in a list")
+    elif isinstance(callbacks, Sequence) and not isinstance(callbacks, str | bytes):
+        items = list(callbacks)
+        if all(isinstance(cb, Callback) for cb in items):
+            out = [tuple(items)] * len(configs)
+        elif all(isinstance(cb, Sequence) and not isinstance(cb, str | bytes) for cb in items):
+            if len(items) != len(configs):
+                raise ValueError(f"callbacks, as one sequence per config, must have len(configs) = {len(configs)} "
+                                 f"entries, got {len(items)}")
+            out = [_as_callbacks(cbs, f"callbacks[{i}]") for i, cbs in enumerate(items)]
+        else:
+            raise ValueError("callbacks must be a sequence of Callback objects, a callable cfg -> sequence, or one "
+                             "sequence of Callback objects per config; got a mix: "
+                             + ", ".join(sorted({type(cb).__name__ for cb in items})))
+    else:
+        raise ValueError(f"callbacks must be a sequence of Callback objects, a callable or one sequence per "
+                         f"config, got {type(callbacks).__name__}")
+    return out
+
+
+def _as_callbacks(value, where: str) -> tuple[Callback, ...]:
+    if isinstance(value, Callback) or not isinstance(value, Sequence) or isinstance(value, str | bytes):
+        raise ValueError(f"{where} must be a sequence of Callback objects, got {type(value).__name__}")
+    for cb in value:
+        if not isinstance(cb, Callback):
+            raise ValueError(f"{where} must hold Callback objects, got {type(cb).__name__}")
+    return tuple(value)
+
+
+def callbacks_key(callbacks: Sequence[Callback]) -> str:
+    """What identifies a run's custom callbacks: "" for none, else the digest of their
+    :meth:`~toymodels.train.Callback.full_key` list (the part of :func:`toymodels.train.run_key` they add)."""
+    if not callbacks:
+        return ""
+    return run_cache.config_key({"callbacks": [cb.full_key() for cb in callbacks]})
+
+
+def _check_picklable(per_run: list[tuple[Callback, ...]], own_workers: bool) -> None:
+    """ValueError naming the first callback that cannot travel to a worker (checked before any run starts)."""
+    seen: set[int] = set()
+    for cbs in per_run:
+        for cb in cbs:
+            if id(cb) in seen:
+                continue
+            seen.add(id(cb))
+            name = f"{type(cb).__module__}.{type(cb).__qualname__}"
+            try:
+                pickle.loads(pickle.dumps(cb))
+            except Exception as exc:  # noqa: BLE001  (PicklingError, AttributeError, TypeError, ...)
+                raise ValueError(f"callbacks must pickle (each run gets a copy; workers receive them pickled): "
+                                 f"{name} does not ({type(exc).__name__}: {exc}); define the class at the top "
+                                 "level of a module and keep no lambdas, open files or locks in it") from exc
+            if own_workers and type(cb).__module__ == "__main__":
+                raise ValueError(f"callbacks must be importable by the worker processes: {name} is defined in "
+                                 "__main__ (a script or a notebook); move it to a module, or pass workers=1 "
+                                 "(in-process)")
+
+
+def _fresh(callbacks: Sequence[Callback]) -> list[Callback]:
+    """A copy of the callbacks for one run (the same pickle round trip a worker's copy went through)."""
+    return [pickle.loads(pickle.dumps(cb)) for cb in callbacks]
 
 
 def _batchable(cfg: FinetuneConfig) -> bool:
@@ -181,7 +300,8 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
         if task.kind == "batched":
             return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
                                                 on_diverge="return")
-        return [train.finetune(c, device=device, use_cache=use_cache, on_diverge="return") for c in task.configs]
+        return [train.finetune(c, callbacks=_fresh(task.callbacks_of(i)), device=device, use_cache=use_cache,
+                               on_diverge="return") for i, c in enumerate(task.configs)]
 
 
 def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
@@ -191,7 +311,8 @@ def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
             batch = batched_engine.canonical_batch(task.configs)
             entries = [batched_engine.cache_entry(c, "exact", batch) for c in task.configs]
         else:
-            entries = [("finetune", train.run_key(c)) for c in task.configs]  # finetune's own key
+            entries = [("finetune", train.run_key(c, task.callbacks_of(i)))  # finetune's own key
+                       for i, c in enumerate(task.configs)]
     out = []
     for namespace, key_dict in entries:
         hit = run_cache.load(run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz")
@@ -429,7 +550,8 @@ class _SubmititBackend:
 def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor = "local",
               workers: int | None = None, device: str | torch.device | None = None, progress: bool | None = None,
               use_cache: bool = True, on_diverge: str = "raise", batched: bool = True, max_batch: int = 16,
-              threads: int = 1, retries: int = 1, executor_options: dict | None = None
+              threads: int = 1, retries: int = 1, executor_options: dict | None = None,
+              callbacks: Sequence[Callback] | Callable | Sequence[Sequence[Callback]] | None = None
               ) -> list[dict[str, np.ndarray]]:
     """Run many configurations; one history per config, in order (see the module docstring for the whole story).
 
@@ -438,6 +560,10 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     batchable groups to the batched engine (False: every run through the loop). ``threads``: torch threads per
     task (part of each run's cache key). ``retries``: new attempts for a failed task. ``executor_options``:
     keywords of ``ray.init`` ("ray") or ``folder`` / ``cluster`` / ``update_parameters`` keywords ("slurm").
+    ``callbacks``: custom :class:`toymodels.train.Callback` objects for the runs, as one sequence for every
+    config, a callable ``cfg -> sequence``, or one sequence per config (:func:`resolve_callbacks`); a run with
+    callbacks goes through ``finetune(cfg, callbacks=...)`` and its history holds their results, the same bits
+    and the same cache entry as that direct call. They must pickle (ValueError naming the callback otherwise).
     """
     configs = list(configs)
     for c in configs:
@@ -452,16 +578,19 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     threads = positive_int("threads", threads)
     if not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-    tasks = plan(configs, batched=batched, max_batch=max_batch)
+    per_run = resolve_callbacks(callbacks, configs)
+    _check_picklable(per_run, own_workers=executor == "local" and workers != 1)
+    ids = [(c, callbacks_key(cbs)) for c, cbs in zip(configs, per_run, strict=True)]
+    tasks = plan(configs, batched=batched, max_batch=max_batch, callbacks=per_run)
     total = sum(len(t.configs) for t in tasks)
-    found: dict[FinetuneConfig, dict[str, np.ndarray]] = {}
+    found: dict[tuple[FinetuneConfig, str], dict[str, np.ndarray]] = {}
     pending: list[Task] = []
     for t in tasks:
         hit = _probe(t, threads) if use_cache else None
         if hit is None:
             pending.append(t)
         else:
-            found.update(zip(t.configs, hit, strict=True))
+            found.update(zip(t.runs(), hit, strict=True))
     kwargs = dict(device=None if device is None else str(device), use_cache=use_cache, threads=threads,
                   cache_root=str(run_cache.cache_root().resolve()))
     from tqdm.auto import tqdm
@@ -488,8 +617,8 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     if failures:
         raise SweepError(failures, total)
     out, given = [], set()
-    for c in configs:  # a config listed twice gets its own copy
-        hist = found[c]
+    for run in ids:  # a run listed twice gets its own copy
+        hist = found[run]
         out.append({k: v.copy() for k, v in hist.items()} if id(hist) in given else hist)
         given.add(id(hist))
     if on_diverge == "raise":
@@ -508,11 +637,21 @@ def _run_in_process(pending, kwargs, found, failures, bar) -> None:
             hists = run_task(task, **kwargs)
         except Exception as exc:
             if hasattr(exc, "add_note"):
-                exc.add_note(f"while running {_short(task.configs[0])}"
+                exc.add_note(f"while running {_name(task, 0)}"
                              + (f" and {len(task.configs) - 1} more in its batch" if len(task.configs) > 1 else ""))
             raise
-        found.update(zip(task.configs, hists, strict=True))
+        found.update(zip(task.runs(), hists, strict=True))
         bar.update(len(task.configs))
+
+
+def _with_callbacks(task: Task, i: int) -> str:
+    cbs = task.callbacks_of(i)
+    return f" (with callbacks [{', '.join(type(cb).__qualname__ for cb in cbs)}])" if cbs else ""
+
+
+def _name(task: Task, i: int) -> str:
+    """The config (and custom callbacks) of a task's run i, as a report names it."""
+    return _short(task.configs[i]) + _with_callbacks(task, i)
 
 
 def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, threads, retries, local_workers,
@@ -541,9 +680,10 @@ def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, t
                     if attempts[task] <= retries:
                         queue.append(task)
                     else:
-                        failures.extend((c, res.reason) for c in task.configs)
+                        failures.extend((c, res.reason.rstrip() + _with_callbacks(task, i))
+                                        for i, c in enumerate(task.configs))
                     continue
-                found.update(zip(task.configs, res, strict=True))
+                found.update(zip(task.runs(), res, strict=True))
                 bar.update(len(task.configs))
     except BaseException:
         if hasattr(backend, "cancel"):

@@ -675,8 +675,10 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor="local", workers: i
     ``executor`` ("local" processes, ``workers`` of them (None: one per core; 1: in-process), "ray", "slurm"
     or a ``concurrent.futures.Executor``); each worker writes its finished runs to the run cache. Histories come
     back in the order of ``configs``, the same bits whatever the executor and worker count. Progress is shown
-    on a terminal only. ``options``: ``batched``, ``max_batch``, ``threads``, ``retries``, ``executor_options``
-    (see :func:`toymodels.sweep.run_sweep`, the implementation).
+    on a terminal only. ``options``: ``batched``, ``max_batch``, ``threads``, ``retries``, ``executor_options``,
+    ``callbacks`` (custom :class:`Callback` objects: one sequence for every config, a callable cfg -> sequence,
+    or one sequence per config; those runs go through :func:`finetune`, same cache entry and bits as a direct
+    call) (see :func:`toymodels.sweep.run_sweep`, the implementation).
     """
     from toymodels.sweep import run_sweep as sweep  # lazy: toymodels.sweep imports this module
 

@@ -1,7 +1,8 @@
 """toymodels.sweep / train.run_sweep with the real engines (no mocks): the plan is deterministic, every executor
 (in-process, local worker processes, a ProcessPoolExecutor, a local Ray cluster, submitit's local executor)
 gives the in-process histories bit for bit, a killed worker loses only its run and a rerun resumes, two sweeps
-share one cache concurrently, a corrupt entry is recomputed, divergence and bad input are handled as documented.
+share one cache concurrently, a corrupt entry is recomputed, divergence and bad input are handled as documented;
+runs with custom callbacks go through finetune (same cache entry and bits as a direct call) on every executor.
 
 Synthetic data, tiny widths, a few steps: the time goes into starting processes (Ray ~10 s, once per module)."""
 
@@ -21,6 +22,7 @@ import torch
 
 from toymodels import batched, sweep, train
 from toymodels import cache as run_cache
+from toymodels.callbacks import WeightSnapshots
 
 TINY = dict(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32, n_test=64,
             pretrain_steps=5, steps=6, batch_size=8, record_every=3)
@@ -264,3 +266,139 @@ def test_threads_are_pinned_per_task(cache_dir):
     assert (cache_dir / "finetune" / f"{key}.npz").exists()
     np.testing.assert_array_equal(run_cache.load(cache_dir / "finetune" / f"{key}.npz")["batch_loss"],
                                   hist["batch_loss"])
+
+
+# ------------------------------------------------------------------------------------------ custom callbacks
+
+
+class BTrace(train.Callback):
+    """A custom callback (module level: it pickles): ``scale`` x sum |B| over the LoRA layers after every step,
+    and the number of steps it saw (it would count the previous run's steps too if a run reused its state)."""
+
+    version = 1
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+        self.trace: list[float] = []
+
+    def key(self) -> dict:
+        return {"scale": self.scale}
+
+    def reset(self) -> None:
+        self.trace = []
+
+    def on_step_end(self, state) -> None:
+        self.trace.append(self.scale * sum(float(m.lora_B.detach().abs().sum()) for m in state.layers))
+
+    def result(self) -> dict:
+        return {"b_trace": np.asarray(self.trace), "b_trace_count": np.asarray([len(self.trace)])}
+
+
+SHARED = BTrace(2.0)  # one object for several runs: each run must get its own copy
+# CONFIGS[0] and [2] without callbacks (a batched pair), three loop runs with callbacks, CONFIGS[0] twice
+CB_SWEEP = [CONFIGS[0], CONFIGS[1], CONFIGS[4], CONFIGS[0], CONFIGS[2], CONFIGS[1]]
+CB_PER_RUN = [[SHARED, WeightSnapshots((0, 6))], [SHARED], [BTrace(0.5)], [], [], [SHARED]]
+
+
+@pytest.fixture(scope="module")
+def cb_reference():
+    """What direct calls give: finetune(cfg, callbacks=...) for the runs with callbacks, finetune_many for the
+    batched pair (no cache)."""
+    pair = batched.finetune_many([CONFIGS[0], CONFIGS[2]], use_cache=False)
+    direct = [train.finetune(c, callbacks=[type(cb)(**({"scale": cb.scale} if isinstance(cb, BTrace) else
+                                                      {"steps": cb.steps})) for cb in cbs], use_cache=False)
+              for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3], strict=True)]
+    return direct + [pair[0], pair[1], direct[1]]
+
+
+@pytest.fixture
+def importable(monkeypatch):
+    """Worker processes import this module by name (tests.toymodels.test_sweep), wherever pytest was started."""
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+def test_callback_forms_and_plan():
+    """The three forms give the same runs; runs with callbacks are loop tasks of their own, the rest as before;
+    a config with and without callbacks is two runs."""
+    cfgs = CONFIGS[:4]
+    shared = sweep.resolve_callbacks([SHARED], cfgs)
+    assert shared == [(SHARED,)] * 4
+    assert sweep.resolve_callbacks(lambda c: [SHARED] if c.dropout else [], cfgs) == [(), (SHARED,), (), (SHARED,)]
+    assert sweep.resolve_callbacks([[SHARED], [], [SHARED], ()], cfgs) == [(SHARED,), (), (SHARED,), ()]
+    assert sweep.resolve_callbacks(None, cfgs) == sweep.resolve_callbacks([], cfgs) == [()] * 4
+    tasks = sweep.plan(CB_SWEEP, callbacks=CB_PER_RUN)
+    assert [(t.kind, len(t.configs), bool(t.callbacks)) for t in tasks] == [
+        ("batched", 2, False), ("sequential", 1, True), ("sequential", 1, True), ("sequential", 1, True)]
+    assert [t.configs[0] for t in tasks[1:]] == CB_SWEEP[:3]  # in the order of configs; the repeat once
+    assert sweep.plan(CB_SWEEP, callbacks=CB_PER_RUN) == tasks  # deterministic
+    assert sweep.callbacks_key([BTrace(2.0)]) == sweep.callbacks_key([SHARED]) != sweep.callbacks_key([BTrace(3)])
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "match"),
+    [
+        (SHARED, "single BTrace"),
+        ([SHARED, [SHARED]], "a mix"),
+        ([[SHARED]] * 3, "len\\(configs\\) = 4"),
+        ([["x"], [], [], []], "callbacks\\[0\\] must hold Callback"),
+        (lambda c: SHARED, "must be a sequence"),
+        ("BTrace", "callbacks must be"),
+    ],
+)
+def test_bad_callbacks(callbacks, match):
+    with pytest.raises(ValueError, match=match):
+        train.run_sweep(CONFIGS[:4], workers=1, progress=False, callbacks=callbacks)
+
+
+def test_callbacks_in_process_equal_direct_finetune_and_share_its_cache_entry(cb_reference, cache_dir):
+    got = train.run_sweep(CB_SWEEP, workers=1, progress=False, callbacks=CB_PER_RUN)
+    assert_bitwise_equal(got, cb_reference)
+    assert "b_trace" in got[0] and "snapshot_A0" in got[0] and "snapshot_A0" not in got[1]
+    assert [int(h["b_trace_count"][0]) for h in got[:3]] == [CONFIGS[0].steps] * 3  # no state carried over
+    assert SHARED.trace == []  # the caller's object is not the one that ran
+    with sweep._pinned_threads(1):
+        keys = [run_cache.config_key(train.run_key(c, cbs)) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3],
+                                                                               strict=True)]
+    before = entries(cache_dir)
+    assert all(str(cache_dir / "finetune" / f"{k}.npz") in before for k in keys)  # finetune's own entries
+    again = [train.finetune(c, callbacks=cbs) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3], strict=True)]
+    assert_bitwise_equal(again, cb_reference[:3])
+    assert entries(cache_dir) == before  # loaded, not retrained
+
+
+def test_callbacks_local_workers_bitwise(cb_reference, cache_dir, importable):
+    got = train.run_sweep(CB_SWEEP, workers=2, progress=False, callbacks=CB_PER_RUN)
+    assert_bitwise_equal(got, cb_reference)
+    assert len(entries(cache_dir)) == 5  # 3 runs with callbacks + the batched pair, each written once
+
+
+def test_callbacks_thread_pool_bitwise(cb_reference, cache_dir):
+    """Threads share the caller's callback objects: each run still gets its own copy."""
+    with cf.ThreadPoolExecutor(2) as pool:
+        got = train.run_sweep(CB_SWEEP, executor=pool, progress=False, callbacks=CB_PER_RUN, batched=False)
+    assert_bitwise_equal(got[:3] + got[5:], cb_reference[:3] + cb_reference[5:])
+
+
+def test_callbacks_ray_bitwise(cb_reference, cache_dir, ray_cluster):
+    got = train.run_sweep(CB_SWEEP, executor="ray", workers=2, progress=False, callbacks=CB_PER_RUN)
+    assert_bitwise_equal(got, cb_reference)
+
+
+def test_unpicklable_callback_is_named(cache_dir, monkeypatch):
+    class LocalProbe(BTrace):  # defined in a function: pickle cannot find it by name
+        pass
+
+    with pytest.raises(ValueError, match="LocalProbe does not .*pickle"):
+        train.run_sweep(CONFIGS[:2], workers=1, progress=False, callbacks=[LocalProbe(1.0)])
+    holds_lambda = BTrace(1.0)
+    holds_lambda.transform = lambda x: x
+    with pytest.raises(ValueError, match="test_sweep.BTrace does not"):
+        train.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=lambda c: [holds_lambda])
+    main = type("MainProbe", (BTrace,), {"__module__": "__main__"})  # a class of a script or notebook
+    monkeypatch.setattr(sys.modules["__main__"], "MainProbe", main, raising=False)
+    with pytest.raises(ValueError, match="__main__.MainProbe is defined in __main__"):
+        train.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=[main(1.0)])
+    assert not entries(cache_dir)  # checked before any run started
+    hist = train.run_sweep(CONFIGS[:1], workers=1, progress=False, callbacks=[main(1.0)])[0]  # in-process: fine
+    assert "b_trace" in hist
