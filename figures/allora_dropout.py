@@ -20,7 +20,7 @@ from scipy import stats
 from torch import nn
 
 from analysis import dropout as closed
-from figures import Context, Measurement, Protocol, Result, figure
+from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure, real_datasets
 from figures.criteria import Criterion, Recalibration, Rule, Test
 from toymodels import train as engine
@@ -83,93 +83,172 @@ def _spearman(x, y) -> float:
 # ------------------------------------------------------------------------------------------------------ fig. 1
 
 FIG1_RATES = (0.05, 0.1, 0.2, 0.5)
+FIG1_N_REF = 256  # "after hundreds of realisations"
+FIG1_NOISE_FLOOR = 0.1  # the claim: the Monte Carlo error is still >= 10% of the dropout penalty at n = 256
 
 
-def _fig1_problem(ctx: Context, dataset: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """A, B after a short dropout-free last-layer LoRA fine-tune (MSE), and the problem on the probe batch."""
-    cfg = base_config(ctx, dataset, seed=seed, targets=("layers.2",), loss="mse", dropout=0.0,
-                      placement="bottleneck", steps=ctx.pick(quick=20, default=200), recorders=())
+def _fig1_problems(ctx: Context, dataset: str) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """Per seed: A, B after a short dropout-free last-layer LoRA fine-tune (MSE), and the problem on the probe
+    batch (one sweep, in parallel; the measurement is the :class:`_ProbeProblem` callback)."""
+    cfg = base_config(ctx, dataset, targets=("layers.2",), loss="mse", dropout=0.0, placement="bottleneck",
+                      steps=ctx.pick(quick=20, default=200), recorders=())
+    hists = engine.run_sweep([cfg.replace(seed=s) for s in ctx.seeds], device=ctx.device, executor=ctx.executor,
+                             workers=ctx.workers, progress=False, callbacks=[_ProbeProblem([cfg.steps])])
+    return [{k: v[-1] for k, v in _ProbeProblem.of(h).items()} for h in hists], cfg.as_dict()
 
-    hist = engine.finetune(cfg, callbacks=[_ProbeProblem([cfg.steps])], device=ctx.device)
-    return {k: v[-1] for k, v in _ProbeProblem.of(hist).items()}, cfg.as_dict()
+
+def fig1_deviations(prob: dict[str, np.ndarray], p: float, grid: np.ndarray, groups: int, mc_seed: int) -> dict:
+    """Monte Carlo of ALLoRA fig. 1 on one last-layer problem at rate ``p``: ``groups`` independent means of the
+    first n of n_max = grid[-1] dropout realisations of L (:func:`analysis.dropout.sample_loss`), for each n of
+    ``grid``. Returns the exact E[L], Std[L] and dropout penalty E[L] - L(p = 0), and per n the mean over groups
+    of |mean_n - E[L]| (``mean_dev``), its standard error (``se``), the app. A bound Std/sqrt(n) and the CLT
+    value sqrt(2/pi) Std/sqrt(n); ``ratio_n_max`` holds each group's |dev| / bound at n_max."""
+    X, Y, W, A, B = (prob[k] for k in ("X", "Y", "W", "A", "B"))
+    s = float(prob["s"])
+    e_loss = closed.expected_loss(X, Y, W, A, B, p, scaling=s)
+    std = math.sqrt(closed.loss_variance(X, Y, W, A, B, p, scaling=s))
+    penalty = closed.dropout_penalty(X, A, B, p, scaling=s)
+    n_max = int(grid[-1])
+    draws = closed.sample_loss(X, Y, W, A, B, p, groups * n_max, scaling=s, seed=mc_seed).reshape(groups, n_max)
+    running = np.cumsum(draws, axis=1)[:, grid - 1] / grid  # (groups, len(grid)): mean of the first n
+    dev = np.abs(running - e_loss)
+    bound = closed.deviation_bound(std, grid)
+    return {"expected_loss": e_loss, "std_loss": std, "dropout_penalty": penalty, "mean_dev": dev.mean(axis=0),
+            "se": dev.std(axis=0, ddof=1) / math.sqrt(groups), "bound": bound,
+            "clt": closed.deviation_clt(std, grid), "ratio_n_max": dev[:, -1] / bound[-1],
+            "z_grand_mean": float((draws.mean() - e_loss) / (draws.std(ddof=1) / math.sqrt(draws.size)))}
+
+
+def _fig1_name(p: float) -> str:
+    return f"noise_over_penalty_p={p:g}"
+
+
+FIG1_CRITERION = Criterion(
+    tests=(
+        *(Test(_fig1_name(p), f"ln(mean |mean_n L - E[L]| at n = {FIG1_N_REF} / dropout penalty), p = {p:g}, per "
+               "problem seed", "greater", margin=math.log(FIG1_NOISE_FLOOR),
+               why="the penalty E[L] - L(no dropout) is the regularisation the sampled loss estimates; a noise below "
+                   "10% of it cannot change what is optimised qualitatively") for p in FIG1_RATES),
+        Test("bound_holds", "SANITY: max over seeds, rates and n of (mean |dev| - Std[L]/sqrt(n)) / SE", "less",
+             margin=5.0, method="exact", role="sanity",
+             why="app. A's bound follows from Jensen's inequality and cannot fail; 5 standard errors of the "
+                 "Monte-Carlo estimator"),
+        Test("clt_limit", "SANITY: max over rates of |mean |dev| / bound at n_max - sqrt(2/pi)| / SE (groups and "
+             "seeds pooled)", "less", margin=5.0, method="exact", role="sanity",
+             why="the CLT limit of the ratio; checks the Monte Carlo, not the claim"),
+    ),
+    rule=Rule(reproduced=tuple(_fig1_name(p) for p in FIG1_RATES),
+              partially=tuple((_fig1_name(p),) for p in FIG1_RATES)),
+    note="Partially reproduced: the noise exceeds 10% of the penalty at some rates only (Holm over the rates, so "
+         "that a single passing rate is a 5% test too).",
+    recalibrations=(Recalibration(
+        old="reproduced if the mean |dev| never exceeds Std/sqrt(n) by more than 5 SE AND, at n = 256, the mean "
+            "|dev| is >= 10% of the dropout penalty in every panel (one problem seed); partially if one holds",
+        new="the bound and the CLT limit are sanity rows; the claim is a one-sided t-test over 10 problem seeds of "
+            "ln(|dev| at n = 256 / penalty) > ln 0.1 per rate, Holm over the rates; partially if some rates pass; "
+            "data sets as protocols",
+        why="the bound is Jensen's inequality (it cannot fail, so it cannot carry half of a verdict); one problem "
+            "seed gives no interval. E2's plan 'partially unless every rate is significantly below' cannot be "
+            "declared as a rule of passed tests, and an inconclusive test is no partial support"),))
 
 
 @figure("allora-fig1-dropout-mc", paper="ALLoRA fig. 1",
         claim="the mean of n dropout realisations of the LoRA loss converges to E[L] only like Std[L]/sqrt(n): "
-              "after hundreds of realisations the error is still large")
-def dropout_mc(ctx: Context) -> Result:
+              "after hundreds of realisations the error is still large (compared with the dropout penalty it "
+              "estimates)", criterion=FIG1_CRITERION,
+        protocols=(Protocol("mnist", {"dataset_index": 0}, primary=True, paper=True, note="the paper's first column"),
+                   Protocol("second data set", {"dataset_index": 1}, paper=True,
+                            note="the paper's CIFAR-10 column; Fashion-MNIST where CIFAR-10 is absent")))
+def dropout_mc(ctx: Context, protocol: Protocol) -> Measurement:
     names, notes = real_datasets(("mnist", "cifar10"))
-    seed = ctx.seeds[0]
+    j = int(protocol.settings.get("dataset_index", 0))
+    if j >= len(names):
+        return Measurement(unavailable=f"no data set number {j + 1} available here: {notes}")
+    ds = names[j]
     n_max = ctx.pick(quick=64, default=1024)
-    groups = ctx.pick(quick=40, default=200)
-    n_ref = min(256, n_max)
+    groups = ctx.pick(quick=16, default=32)  # per problem seed; was 200 groups on one seed
+    n_ref = min(FIG1_N_REF, n_max)
     grid = 2 ** np.arange(int(math.log2(n_max)) + 1)
-    fig, axes = new_figure(len(names), len(FIG1_RATES), width=3.6, height=2.5, sharex=True)
-    c_emp, c_bound, c_clt, c_pen = colors(4)
-    measured: dict = {"notes": notes, "n_ref": n_ref, "groups": groups, "n_max": n_max, "problem_seed": seed}
-    configs = {}
-    ok_bound, ok_size = True, True
-    for j, ds in enumerate(names):
-        prob, cfg_dict = _fig1_problem(ctx, ds, seed)
-        configs[ds] = cfg_dict
-        X, Y, W, A, B, s = (prob[k] for k in ("X", "Y", "W", "A", "B", "s"))
-        s = float(s)
+    ref = int(np.flatnonzero(grid == n_ref)[0])
+    res: dict = {p: [] for p in FIG1_RATES}  # per rate: one deviations dict per seed
+    probs, cfg_dict = _fig1_problems(ctx, ds)
+    for seed, prob in zip(ctx.seeds, probs, strict=True):
         for i, p in enumerate(FIG1_RATES):
-            e_loss = closed.expected_loss(X, Y, W, A, B, p, scaling=s)
-            std = math.sqrt(closed.loss_variance(X, Y, W, A, B, p, scaling=s))
-            penalty = closed.dropout_penalty(X, A, B, p, scaling=s)
-            mc_seed = 1000 * seed + 10 * j + i
-            draws = closed.sample_loss(X, Y, W, A, B, p, groups * n_max, scaling=s, seed=mc_seed).reshape(groups, n_max)
-            running = np.cumsum(draws, axis=1)[:, grid - 1] / grid  # (groups, len(grid)): mean of the first n
-            dev = np.abs(running - e_loss)
-            mean_dev = dev.mean(axis=0)
-            se = dev.std(axis=0, ddof=1) / math.sqrt(groups)
-            bound = closed.deviation_bound(std, grid)
-            clt = closed.deviation_clt(std, grid)
-            z = (mean_dev - bound) / se
-            ref = int(np.flatnonzero(grid == n_ref)[0])
-            grand = draws.mean()
-            z_mean = (grand - e_loss) / (draws.std(ddof=1) / math.sqrt(draws.size))
-            noise_to_penalty = float(mean_dev[ref] / penalty)
-            ok_bound &= bool(np.all(z <= 5))
-            ok_size &= noise_to_penalty >= 0.1
-            measured[f"{ds}/p={p:g}"] = {
-                "expected_loss": e_loss, "std_loss": std, "dropout_penalty": penalty,
-                "z_grand_mean_vs_expected_loss": float(z_mean),
-                "n": grid, "mean_abs_dev": mean_dev, "se": se,
-                "ratio_to_bound": mean_dev / bound, "max_z_above_bound": float(z.max()),
-                f"ratio_to_bound_at_n={n_max}": float(mean_dev[-1] / bound[-1]),
-                f"abs_dev_over_expected_loss_at_n={n_ref}": float(mean_dev[ref] / e_loss),
-                f"abs_dev_over_penalty_at_n={n_ref}": noise_to_penalty,
-            }
-            ax = axes[i, j]
-            ax.errorbar(grid, mean_dev, yerr=2 * se, fmt="o", ms=3, color=c_emp, label="mean |dev| (+-2 SE)")
-            ax.plot(grid, bound, color=c_bound, label="Std[L]/sqrt(n) (app. A bound)")
-            ax.plot(grid, clt, "--", color=c_clt, label="sqrt(2/pi) Std[L]/sqrt(n) (CLT)")
-            ax.axhline(penalty, color=c_pen, ls=":", label="dropout penalty E[L] - L(no dropout)")
+            res[p].append(fig1_deviations(prob, p, grid, groups, mc_seed=1000 * seed + 10 * j + i))
+    ratio = {p: np.array([d["mean_dev"][ref] / d["dropout_penalty"] for d in res[p]]) for p in FIG1_RATES}
+    z_bound = max(float(np.max((d["mean_dev"] - d["bound"]) / d["se"])) for p in FIG1_RATES for d in res[p])
+    clt_z, clt_ratio = {}, {}
+    for p in FIG1_RATES:
+        pooled = np.concatenate([d["ratio_n_max"] for d in res[p]])
+        clt_ratio[p] = float(pooled.mean())
+        clt_z[p] = float(abs(pooled.mean() - math.sqrt(2 / math.pi)) / (pooled.std(ddof=1) / math.sqrt(pooled.size)))
+    samples = {**{_fig1_name(p): np.log(ratio[p]) for p in FIG1_RATES}, "bound_holds": z_bound,
+               "clt_limit": max(clt_z.values())}
+    measured: dict = {"notes": notes, "dataset": ds, "n_ref": n_ref, "groups_per_seed": groups, "n_max": n_max,
+                      "n": grid, "max_z_above_bound": z_bound}
+    for p in FIG1_RATES:
+        rs = res[p]
+        measured[f"p={p:g}"] = {
+            f"abs_dev_over_penalty_at_n={n_ref}": _log_ratio_ci([d["mean_dev"][ref] for d in rs],
+                                                                [d["dropout_penalty"] for d in rs]),
+            f"abs_dev_over_expected_loss_at_n={n_ref}": _log_ratio_ci([d["mean_dev"][ref] for d in rs],
+                                                                      [d["expected_loss"] for d in rs]),
+            f"ratio_to_bound_at_n={n_max}": clt_ratio[p], "z_ratio_vs_clt_limit": clt_z[p],
+            "expected_loss": ci_dict([d["expected_loss"] for d in rs]),
+            "std_loss": ci_dict([d["std_loss"] for d in rs]),
+            "dropout_penalty": ci_dict([d["dropout_penalty"] for d in rs]),
+            "max_abs_z_grand_mean_vs_expected_loss": float(max(abs(d["z_grand_mean"]) for d in rs)),
+            "first_seed": {k: rs[0][k] for k in ("mean_dev", "se", "bound")},
+        }
+    parts = [f"p = {p:g}: {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+             for p in FIG1_RATES for r in [measured[f"p={p:g}"][f"abs_dev_over_penalty_at_n={n_ref}"]]]
+    summary = (f"{ds}, {len(ctx.seeds)} problem seeds, {groups} independent groups of n <= {n_max} realisations per "
+               f"seed and rate. Mean |dev| at n = {n_ref} over the dropout penalty (geometric mean [95% CI]): "
+               + "; ".join(parts) + f". Sanity: the largest excess over Std/sqrt(n) is {z_bound:+.1f} SE; the ratio "
+               f"to the bound at n = {n_max} is {min(clt_ratio.values()):.3f}-{max(clt_ratio.values()):.3f} (CLT "
+               f"limit {math.sqrt(2 / math.pi):.3f}).")
+    config = {"problem": cfg_dict, "rates": FIG1_RATES, "placement": "bottleneck", "groups_per_seed": groups,
+              "n_max": n_max, "seeds": list(ctx.seeds), "mc_seed": "1000*seed + 10*dataset_index + rate_index",
+              "probe": "engine probe batch (seed + 4), dropout-free features",
+              "fidelity_note": "default: 32 groups per seed x 10 seeds (was 200 groups on one seed), for the budget"}
+    key = {f"noise_over_penalty_p={p:g}": float(np.exp(np.log(ratio[p]).mean())) for p in FIG1_RATES}
+
+    def plot():
+        fig, axes = new_figure(len(FIG1_RATES) + 1, 1, width=3.2, height=2.8)
+        c_emp, c_bound, c_clt, c_pen = colors(4)
+        for i, p in enumerate(FIG1_RATES):
+            d = res[p][0]
+            ax = axes[0, i]
+            ax.errorbar(grid, d["mean_dev"], yerr=2 * d["se"], fmt="o", ms=3, color=c_emp,
+                        label="mean |dev| (+-2 SE)")
+            ax.plot(grid, d["bound"], color=c_bound, label="Std[L]/sqrt(n) (app. A bound)")
+            ax.plot(grid, d["clt"], "--", color=c_clt, label="sqrt(2/pi) Std[L]/sqrt(n) (CLT)")
+            ax.axhline(d["dropout_penalty"], color=c_pen, ls=":", label="dropout penalty E[L] - L(no dropout)")
+            ax.axhline(FIG1_NOISE_FLOOR * d["dropout_penalty"], color=c_pen, ls="-.", lw=0.8,
+                       label=f"{FIG1_NOISE_FLOOR:g} x penalty (claim margin)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{ds}, p = {p:g}", fontsize=8)
-            if i == len(FIG1_RATES) - 1:
-                ax.set_xlabel("n (dropout realisations averaged)")
-            if j == 0:
+            ax.set_title(f"{ds}, p = {p:g} (problem seed {ctx.seeds[0]})", fontsize=8)
+            ax.set_xlabel("n (dropout realisations averaged)")
+            if i == 0:
                 ax.set_ylabel("|mean_n L - E[L]| (loss units)")
-    axes[0, 0].legend(fontsize=6, loc="lower left")
-    ratios = [v[f"ratio_to_bound_at_n={n_max}"] for k, v in measured.items() if "/p=" in k]
-    nps = [v[f"abs_dev_over_penalty_at_n={n_ref}"] for k, v in measured.items() if "/p=" in k]
-    rels = [v[f"abs_dev_over_expected_loss_at_n={n_ref}"] for k, v in measured.items() if "/p=" in k]
-    verdict = ("reproduced" if ok_bound and ok_size else
-               "partially reproduced" if ok_bound or ok_size else "not reproduced")
-    summary = (f"Rule: reproduced if the mean |dev| never exceeds Std/sqrt(n) by more than 5 SE (all n, rates, data "
-               f"sets) and, at n = {n_ref}, the mean |dev| is still >= 10% of the dropout penalty (the "
-               f"regularization signal) in every panel. Bound holds: {ok_bound}; the ratio to the bound at n = "
-               f"{n_max} is {min(ratios):.3f}-{max(ratios):.3f} (CLT limit 0.798). At n = {n_ref} the error is "
-               f"{min(nps):.2f}-{max(nps):.2f} x the dropout penalty and {min(rels):.2e}-{max(rels):.2e} x E[L] "
-               f"(data: {', '.join(names)}; {groups} independent groups per n; problem seed {seed}).")
-    config = {"problem": configs, "rates": FIG1_RATES, "placement": "bottleneck", "groups": groups,
-              "n_max": n_max, "mc_seed": "1000*seed + 10*dataset_index + rate_index",
-              "probe": "engine probe batch (seed + 4), dropout-free features"}
-    return Result(verdict, summary, measured, names, config, fig)
+                ax.legend(fontsize=5, loc="lower left")
+        ax = axes[0, -1]
+        for i, p in enumerate(FIG1_RATES):
+            ax.scatter(np.full(ratio[p].size, i) + np.linspace(-0.15, 0.15, ratio[p].size), ratio[p], s=10,
+                       color=c_emp, alpha=0.7)
+            m, lo, hi = (np.exp(v) for v in mean_ci(np.log(ratio[p])))
+            ax.errorbar(i + 0.3, m, yerr=[[m - lo], [hi - m]], fmt="D", color="k", capsize=3)
+        ax.axhline(FIG1_NOISE_FLOOR, color=c_pen, ls="-.", label="claim margin 0.1")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(FIG1_RATES)), [f"p = {p:g}" for p in FIG1_RATES])
+        ax.set_ylabel(f"mean |dev| at n = {n_ref} / dropout penalty")
+        ax.set_title("per problem seed (dots); geometric mean, 95% CI", fontsize=8)
+        ax.legend(fontsize=6)
+        return fig
+
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=[ds], config=config,
+                       plot=plot)
 
 
 # ------------------------------------------------------------------------------------------------------ fig. 2
@@ -399,6 +478,8 @@ def grad_std(ctx: Context, protocol: Protocol) -> Measurement:
 # ------------------------------------------------------------------------------------------------------ fig. 3
 
 FIG3_RATES = (0.0, 0.1, 0.3, 0.5)
+FIG3_STRENGTH_RATE = 0.5  # the closed-form decay strengths are traced on one run (first seed) at this rate
+FIG3_FAR_MORE = 3.0
 
 
 class _DecayStrengths(_Measure):
@@ -429,125 +510,232 @@ class _DecayStrengths(_Measure):
                 "strength_A": on_a, "strength_B": on_b}
 
 
-def _fig3_run(ctx: Context, cfg) -> dict[str, np.ndarray]:
-    """The run's history (recorders "loss", "norms": norms of A, B per layer, train/test loss) with, from
-    :class:`_DecayStrengths`, the distance of A from its init and the last layer's penalty strengths."""
-    if not {"loss", "norms"} <= set(cfg.recorders):
-        raise ValueError(f"cfg.recorders must include 'loss' and 'norms', got {cfg.recorders}")
-    hist = engine.finetune(cfg, callbacks=[_DecayStrengths()], device=ctx.device)
-    return {**hist, **_DecayStrengths.of(hist)}
-
-
 def _spread(final: np.ndarray) -> np.ndarray:
     """max / min - 1 over rates (axis 1), per seed (axis 0)."""
     return final.max(axis=1) / final.min(axis=1) - 1.0
 
 
+def fig3_norm(norms: np.ndarray, which: str) -> np.ndarray:
+    """Per record, the norm of fig. 3 from a run's per-layer norms (records x layers): ``summed`` = the Frobenius
+    norm of all adapted layers together, sqrt(sum_l ||M_l||^2); ``last`` = the last layer's alone."""
+    if which == "summed":
+        return np.sqrt((norms**2).sum(axis=1))
+    if which == "last":
+        return norms[:, -1]
+    raise ValueError(f"which must be 'summed' or 'last', got {which!r}")
+
+
+FIG3_CRITERION = Criterion(
+    tests=(
+        Test("far_more", "ln(spread(||B||) / spread(||A||)), spread = max/min - 1 of the final norm over p in "
+             f"{FIG3_RATES} (per seed)", "greater", margin=math.log(FIG3_FAR_MORE),
+             why="the paper's ratio is ~17 (>500% vs ~30%); 3 is a lenient 'far more', far below it"),
+        Test("more", "spread(||B||) - spread(||A||) (per seed)", "greater", margin=0.0,
+             why="the direction of the asymmetry alone"),
+    ),
+    rule=Rule(reproduced=("far_more", "more"), partially=(("more",),)),
+    correction="none",
+    note="Each verdict level is one conjunction of one-sided 5% tests ('more' is implied by 'far_more'), an "
+         "intersection-union test: no multiplicity correction is needed. The closed-form decay strengths "
+         "(ALLoRA sec. 3.2) are for the MSE loss with dropout at the bottleneck: the 'MSE loss' protocol is where "
+         "they describe the run exactly; with cross-entropy they are the MSE penalty at the run's weights.",
+    recalibrations=(Recalibration(
+        old="CI of spread(B) - spread(A) > 0 and the ratio of the seed-mean spreads >= 3 (a point estimate); "
+            "600 steps, 3 seeds",
+        new="one-sided t-test over 10 seeds of ln(spread_B / spread_A) > ln 3 (reproduced) and of spread_B - "
+            "spread_A > 0 (partially); placement, loss (CE vs MSE) and per-layer vs summed norms as protocols; 300 "
+            "steps (the shared horizon of the figures, for the 15-minute budget; the runs go through the batched "
+            "engine)",
+        why="a threshold on a ratio of means has no error bar; the closed form is for MSE while the paper's task is "
+            "classification, and 'the norm of A' may mean one layer or all"),))
+
+FIG3_PROTOCOLS = (
+    Protocol("bottleneck, CE, summed", {"placement": "bottleneck", "loss": "ce", "norms": "summed"}, primary=True,
+             paper=True, note="MNIST classification as in the paper; dropout at the bottleneck (its eq. 1); norms of "
+                              "all adapted layers together"),
+    Protocol("input placement", {"placement": "input", "loss": "ce", "norms": "summed"},
+             note="dropout on the adapter's input, as PEFT"),
+    Protocol("MSE loss", {"placement": "bottleneck", "loss": "mse", "norms": "summed"},
+             note="the loss of the closed-form penalty strengths"),
+    Protocol("last layer only", {"placement": "bottleneck", "loss": "ce", "norms": "last"},
+             note="norms of the last layer's A and B (the layer of the closed form); the primary protocol's runs"),
+)
+
+
 @figure("allora-fig3-norms", paper="ALLoRA fig. 3",
         claim="dropout changes ||B|| far more than ||A|| (paper: final ||A|| varies by ~30%, ||B|| by >500% "
-              "across rates)")
-def norms(ctx: Context) -> Result:
-    placements = ("bottleneck", "input")
-    steps = ctx.pick(quick=30, default=600)
+              "across rates)", criterion=FIG3_CRITERION, protocols=FIG3_PROTOCOLS)
+def norms(ctx: Context, protocol: Protocol) -> Measurement:
+    settings = dict(protocol.settings)
+    which = settings.pop("norms", "summed")
+    pl = settings["placement"]
+    steps = ctx.pick(quick=30, default=300)
     base = base_config(ctx, "mnist", steps=steps, record_every=ctx.pick(quick=10, default=25),
-                       recorders=("loss", "norms"))
-    fig, axes = new_figure(2, 2, width=4.6, height=3.3)
-    panels = axes.ravel()
-    rate_colors = colors(len(FIG3_RATES))
-    measured: dict = {"rates": FIG3_RATES}
-    outcome = {}
-    for pl in placements:
-        finals = {"A": [], "B": [], "dist_A": [], "last_A": [], "last_B": []}
-        for s in ctx.seeds:
-            rows = {k: [] for k in finals}
-            for p in FIG3_RATES:
-                h = _fig3_run(ctx, base.replace(seed=s, dropout=p, placement=pl))
-                rows["A"].append(np.sqrt((h["norm_A"][-1] ** 2).sum()))
-                rows["B"].append(np.sqrt((h["norm_B"][-1] ** 2).sum()))
-                rows["dist_A"].append(np.sqrt((h["dist_A"][-1] ** 2).sum()))
-                rows["last_A"].append(h["norm_A"][-1][-1])
-                rows["last_B"].append(h["norm_B"][-1][-1])
-            for k in finals:
-                finals[k].append(rows[k])
-        finals = {k: np.asarray(v) for k, v in finals.items()}  # (seeds, rates)
-        spreads = {k: _spread(v) for k, v in finals.items()}
-        res = {f"final_{k}": {f"p={p:g}": ci_dict(v[:, i]) for i, p in enumerate(FIG3_RATES)}
-               for k, v in finals.items()}
-        res.update({f"spread_{k}": ci_dict(v) for k, v in spreads.items()})
-        res["spread_B_minus_spread_A"] = ci_dict(spreads["B"] - spreads["A"])
-        res["spread_B_over_spread_A"] = float(spreads["B"].mean() / max(spreads["A"].mean(), 1e-300))
-        measured[pl] = res
-        outcome[pl] = res
-    # plots: bottleneck solid, input dashed; seed-mean curves
-    for pl, ls in zip(placements, ("-", "--"), strict=True):
-        for c, p in zip(rate_colors, FIG3_RATES, strict=True):
-            hs = [_fig3_run(ctx, base.replace(seed=s, dropout=p, placement=pl)) for s in ctx.seeds]
-            step = hs[0]["step"]
-            label = f"p = {p:g} ({pl})"
-            for ax, key in zip(panels[:3], ("norm_A", "norm_B", "train_loss"), strict=True):
-                vals = np.array([np.sqrt((h[key] ** 2).sum(axis=1)) if h[key].ndim == 2 else h[key] for h in hs])
-                ax.plot(step, vals.mean(axis=0), ls=ls, color=c, label=label)
-            if pl == "bottleneck" and p > 0:
-                on_a = np.mean([h["strength_A"].mean(axis=1) for h in hs], axis=0)
-                on_b = np.mean([h["strength_B"].mean(axis=1) for h in hs], axis=0)
-                # at step 0 (B = 0) the strength on A is exactly 0: not drawable on a log scale
-                measured["bottleneck"][f"strengths_p={p:g}"] = {
-                    "on_A_step0": float(on_a[0]), "on_B_step0": float(on_b[0]),
-                    "on_A_final": float(on_a[-1]), "on_B_final": float(on_b[-1])}
-                panels[3].plot(step, on_b, "-", color=c, label=f"on B, p = {p:g}")
-                panels[3].plot(step[1:], on_a[1:], ":", color=c, label=f"on A, p = {p:g}")
-    panels[0].set_ylabel("||A|| (Frobenius, 3 layers)")
-    panels[1].set_ylabel("||B|| (Frobenius, 3 layers)")
-    panels[2].set_ylabel("train loss (cross-entropy, fine-tune set)")
-    panels[2].set_yscale("log")
-    panels[3].set_ylabel("decay strength per channel (mean over k)")
-    panels[3].set_yscale("log")
-    panels[3].set_title("last layer, bottleneck closed form: v s^2 ||X a_k||^2 / N on b_k,\n"
-                        "v s^2 ||b_k||^2 on a_k (X^T X / N metric)", fontsize=7)
-    for ax in panels:
-        ax.set_xlabel("step")
-    panels[0].legend(fontsize=6)
-    panels[3].legend(fontsize=6)
-    b = outcome["bottleneck"]
-    ok_order = b["spread_B_minus_spread_A"]["ci_low"] > 0
-    ok_far = b["spread_B_over_spread_A"] >= 3
-    verdict = "reproduced" if ok_order and ok_far else "partially reproduced" if ok_order else "not reproduced"
+                       recorders=("loss", "norms"), **settings)
+    configs = [base.replace(seed=s, dropout=p) for s in ctx.seeds for p in FIG3_RATES]
+    # plus, at the bottleneck, one run (first seed, p = 0.5) traced with the closed-form strengths (a callback);
+    # the other runs have no custom callback and go to the batched engine, all in one parallel sweep
+    traced = pl == "bottleneck"
+    extra = [base.replace(seed=ctx.seeds[0], dropout=FIG3_STRENGTH_RATE)] if traced else []
+    hists = engine.run_sweep(configs + extra, device=ctx.device, executor=ctx.executor, workers=ctx.workers,
+                             progress=False, callbacks=[[]] * len(configs) + [[_DecayStrengths()]] * len(extra))
+    n_r = len(FIG3_RATES)
+    curves = {k: np.array([[fig3_norm(h[f"norm_{k}"], which) for h in hists[i * n_r:(i + 1) * n_r]]
+                           for i in range(len(ctx.seeds))]) for k in ("A", "B")}  # (seeds, rates, records)
+    loss = np.array([[h["train_loss"] for h in hists[i * n_r:(i + 1) * n_r]] for i in range(len(ctx.seeds))])
+    step = hists[0]["step"]
+    finals = {k: v[:, :, -1] for k, v in curves.items()}  # (seeds, rates)
+    spreads = {k: _spread(v) for k, v in finals.items()}
+    samples = {"far_more": np.log(spreads["B"] / spreads["A"]), "more": spreads["B"] - spreads["A"]}
+    measured: dict = {"rates": FIG3_RATES, "placement": pl, "loss": settings["loss"], "norms": which, "steps": steps}
+    measured.update({f"final_{k}": {f"p={p:g}": ci_dict(v[:, i]) for i, p in enumerate(FIG3_RATES)}
+                     for k, v in finals.items()})
+    measured.update({f"spread_{k}": ci_dict(v) for k, v in spreads.items()})
+    measured["spread_B_minus_spread_A"] = ci_dict(samples["more"])
+    measured["spread_B_over_spread_A"] = _log_ratio_ci(spreads["B"], spreads["A"])
+    # the closed-form strengths on the last layer along one run (bottleneck formula): the paper's argument
+    strengths = None
+    if traced:
+        sh = {**hists[-1], **_DecayStrengths.of(hists[-1])}
+        on_a, on_b = sh["strength_A"].mean(axis=1), sh["strength_B"].mean(axis=1)
+        strengths = (sh["step"], on_a, on_b)
+        measured["strengths_first_seed"] = {
+            "p": FIG3_STRENGTH_RATE, "on_A_step0": float(on_a[0]), "on_B_step0": float(on_b[0]),
+            "on_A_final": float(on_a[-1]), "on_B_final": float(on_b[-1]),
+            "dist_A_final_summed": float(np.sqrt((sh["dist_A"][-1] ** 2).sum())),
+            "exact_for_this_loss": settings["loss"] == "mse"}
 
     def fmt(d):
         return f"{100 * d['mean']:.0f}% [{100 * d['ci_low']:.0f}, {100 * d['ci_high']:.0f}]"
 
-    inp = outcome["input"]
-    st0 = measured["bottleneck"][f"strengths_p={FIG3_RATES[-1]:g}"]
-    summary = (f"Rule (bottleneck placement, total norms over the 3 adapted layers after {steps} steps): reproduced "
-               f"if the CI over seeds of spread(||B||) - spread(||A||) is > 0 and spread(||B||) >= 3 x spread(||A||) "
-               f"(spread = max/min - 1 over p in {FIG3_RATES}). Bottleneck: ||A|| {fmt(b['spread_A'])}, ||B|| "
-               f"{fmt(b['spread_B'])} (ratio {b['spread_B_over_spread_A']:.1f}; paper ~30% vs >500%); input (PEFT): "
-               f"||A|| {fmt(inp['spread_A'])}, ||B|| {fmt(inp['spread_B'])}; ||A - A0|| (bottleneck) "
-               f"{fmt(b['spread_dist_A'])}. Closed-form decay strengths on the last layer "
-               f"(bottleneck): at step 0 the one on A is {st0['on_A_step0']:.1g} (B = 0) and the one on B "
-               f"{st0['on_B_step0']:.3g}; at the end on B / on A = {st0['on_B_final'] / st0['on_A_final']:.0f} "
-               f"(p = {FIG3_RATES[-1]:g}).")
-    config = {"base": base.as_dict(), "rates": FIG3_RATES, "placements": placements, "seeds": list(ctx.seeds),
-              "strengths": "analysis.dropout.penalty_strengths(X / sqrt(N), A, B, p) of layers.2, X = dropout-free "
-                           "features of the fine-tune set (bottleneck MSE closed form; the runs use cross-entropy)"}
-    return Result(verdict, summary, measured, ["mnist"], config, fig)
+    r = measured["spread_B_over_spread_A"]
+    summary = (f"{pl} placement, {settings['loss'].upper()} loss, {'total' if which == 'summed' else 'last-layer'} "
+               f"norms after {steps} steps, {len(ctx.seeds)} seeds; spread over p in {FIG3_RATES}: ||A|| "
+               f"{fmt(measured['spread_A'])}, ||B|| {fmt(measured['spread_B'])}, ratio {r['ratio']:.2f} "
+               f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] (paper ~30% vs >500%, ratio ~17).")
+    if strengths is not None:
+        st = measured["strengths_first_seed"]
+        summary += (f" Closed-form decay strengths on the last layer (MSE formula, p = {FIG3_STRENGTH_RATE:g}, seed "
+                    f"{ctx.seeds[0]}): at step 0 on A {st['on_A_step0']:.1g} (B = 0), on B {st['on_B_step0']:.3g}; "
+                    f"at the end on B / on A = {st['on_B_final'] / st['on_A_final']:.0f}.")
+    config = {"base": base.as_dict(), "rates": FIG3_RATES, "seeds": list(ctx.seeds), "norms": which,
+              "strengths": "analysis.dropout.penalty_strengths(X / sqrt(N), A, B, p) of layers.2 on one run (first "
+                           "seed, p = 0.5), X = dropout-free features of the fine-tune set (bottleneck MSE closed "
+                           "form)", "fidelity_note": "default 300 steps (was 600), batched engine, for the budget"}
+    key = {"spread_A": measured["spread_A"]["mean"], "spread_B": measured["spread_B"]["mean"],
+           "ratio": r["ratio"]}
+
+    def plot():
+        fig, axes = new_figure(2, 2, width=4.6, height=3.3)
+        panels = axes.ravel()
+        for c, (i, p) in zip(colors(n_r), enumerate(FIG3_RATES), strict=True):
+            for ax, vals in zip(panels[:3], (curves["A"], curves["B"], loss), strict=True):
+                ax.plot(step, vals[:, i].mean(axis=0), color=c, label=f"p = {p:g}")
+        what = "3 layers" if which == "summed" else "last layer"
+        panels[0].set_ylabel(f"||A|| (Frobenius, {what})")
+        panels[1].set_ylabel(f"||B|| (Frobenius, {what})")
+        panels[2].set_ylabel(f"train loss ({settings['loss'].upper()}, fine-tune set)")
+        panels[2].set_yscale("log")
+        panels[0].set_title(f"{pl} placement, mean over {len(ctx.seeds)} seeds", fontsize=8)
+        if strengths is not None:
+            st_step, on_a, on_b = strengths
+            panels[3].plot(st_step, on_b, "-", label=f"on B, p = {FIG3_STRENGTH_RATE:g}")
+            # at step 0 (B = 0) the strength on A is exactly 0: not drawable on a log scale
+            panels[3].plot(st_step[1:], on_a[1:], ":", label=f"on A, p = {FIG3_STRENGTH_RATE:g}")
+            panels[3].set_yscale("log")
+            panels[3].legend(fontsize=6)
+        panels[3].set_ylabel("decay strength per channel (mean over k)")
+        panels[3].set_title("last layer, bottleneck MSE closed form (seed 0): v s^2 ||X a_k||^2 / N on b_k,\n"
+                            "v s^2 ||b_k||^2 on a_k (X^T X / N metric)", fontsize=7)
+        for ax in panels:
+            ax.set_xlabel("step")
+        panels[0].legend(fontsize=6)
+        return fig
+
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
+                       config=config, plot=plot)
 
 
 # ------------------------------------------------------------------------------------------------------ fig. 4
 
-FIG4_RATES = (0.1, 0.2, 0.3, 0.5)
+FIG4_RATES = (0.1, 0.3, 0.5)  # was (0.1, 0.2, 0.3, 0.5): three rates for the budget
+FIG4_INTERIOR = 0.8  # "a few hundred steps" out of 1000: a peak in the last 20% of the horizon is not interior
+
+
+def _fig4_rate(name: str, p: float) -> str:
+    return f"{name}_p={p:g}"
+
+
+def fig4_peak_tests(gaps: dict[float, np.ndarray], step: np.ndarray, horizon: int) -> tuple[dict, dict]:
+    """The inputs of :data:`FIG4_CRITERION` from the test-loss gaps (sampled - expected), ``gaps[p]`` of shape
+    (seeds, records) at the record steps ``step``: (a) ``increasing``: the smallest step between consecutive rates
+    of the seed-mean per-seed peak gaps (exact), ``top_minus_bottom``: per-seed peak gap at the highest rate minus
+    the lowest; (b) per rate, ``interior``: the step of the seed-mean curve's peak over the horizon (exact, in
+    (0, 0.8)) and ``decline``: the gap at that step minus the final gap, per seed. Returns (samples, details)."""
+    rates = sorted(gaps)
+    peaks = np.array([gaps[p].max(axis=1) for p in rates])  # (rates, seeds)
+    samples: dict = {"increasing": float(np.min(np.diff(peaks.mean(axis=1)))),
+                     "top_minus_bottom": peaks[-1] - peaks[0]}
+    details: dict = {}
+    for p in rates:
+        g = gaps[p]
+        m = g.mean(axis=0)
+        k = int(np.argmax(m))
+        samples[_fig4_rate("interior", p)] = float(step[k] / horizon)
+        samples[_fig4_rate("decline", p)] = g[:, k] - g[:, -1]
+        details[p] = {"peak_step": float(step[k]), "peak_gap_mean_curve": float(m[k]), "per_seed_peak": peaks[
+            rates.index(p)]}
+    return samples, details
+
+
+FIG4_CRITERION = Criterion(
+    tests=(
+        Test("increasing", f"smallest increase between consecutive rates {FIG4_RATES} of the seed-mean per-seed peak "
+             "gap (test loss, sampled - expected)", "greater", margin=0.0, method="exact",
+             why="'the gap consistently increases with the dropout rate' (an order, no threshold)"),
+        Test("top_minus_bottom", f"per-seed peak gap at p = {FIG4_RATES[-1]:g} minus at p = {FIG4_RATES[0]:g}",
+             "greater", margin=0.0, why="the increase must exceed the seed-to-seed noise"),
+        *(Test(_fig4_rate("interior", p), f"step of the peak of the seed-mean gap curve / horizon, p = {p:g}",
+               "equivalent", margin=(0.0, FIG4_INTERIOR), method="exact",
+               why="'culminates after a few hundred training steps' of 1000: after step 0 and not in the last 20%")
+          for p in FIG4_RATES),
+        *(Test(_fig4_rate("decline", p), f"gap at that peak minus the final gap, p = {p:g} (per seed)", "greater",
+               margin=0.0, why="'and then slowly goes down' (a direction)") for p in FIG4_RATES),
+    ),
+    rule=Rule(reproduced=("increasing", "top_minus_bottom", *(_fig4_rate(k, p) for k in ("interior", "decline")
+                                                              for p in FIG4_RATES)),
+              partially=(("increasing", "top_minus_bottom"),
+                         tuple(_fig4_rate(k, p) for k in ("interior", "decline") for p in FIG4_RATES))),
+    note="Partially reproduced: (a) the gap grows with the rate, or (b) it peaks inside the horizon and declines at "
+         "every rate. Holm over the claim tests (the exact ones have p = 0 or 1).",
+    recalibrations=(Recalibration(
+        old="(a) seed means increasing and CI(peak(0.5) - peak(0.1)) > 0; (b) every rate: peak before 80% of the "
+            "steps and CI(peak - final) > 0; 4 rates, 3 seeds",
+        new="the same tests declared (exact order and peak position, one-sided t-tests), Holm over them; 3 rates "
+            "(0.1, 0.3, 0.5) and 10 seeds; horizon and learning rate as protocols",
+        why="declared rather than coded; the rate 0.2 is dropped for the 15-minute budget (the expected-loss runs "
+            "cannot be batched)"),))
+
+FIG4_PROTOCOLS = (
+    Protocol("long horizon", {"steps": 1000, "lr": 1e-3}, primary=True,
+             note="1000 steps, Adam lr 1e-3: the paper's 'few hundred steps' must fit well inside"),
+    Protocol("short horizon", {"steps": 300, "lr": 1e-3}, note="300 steps (the shared horizon of the figures)"),
+    Protocol("lr x1/3", {"steps": 1000, "lr": round(1e-3 / 3, 8)}, note="slower: the peak should move later"),
+    Protocol("lr x3", {"steps": 1000, "lr": 3e-3}, note="faster: the peak should move earlier"),
+)
 
 
 @figure("allora-fig4-expected-vs-empirical", paper="ALLoRA fig. 4",
         claim="the test-loss gap between sampled-dropout and exact expected-loss training grows with the rate and "
-              "peaks after a few hundred steps")
-def expected_vs_empirical(ctx: Context) -> Result:
-    steps = ctx.pick(quick=30, default=1000)
+              "peaks after a few hundred steps", criterion=FIG4_CRITERION, protocols=FIG4_PROTOCOLS)
+def expected_vs_empirical(ctx: Context, protocol: Protocol) -> Measurement:
+    steps = ctx.pick(quick=30, default=int(protocol.settings["steps"]))
+    lr = float(protocol.settings["lr"])
     base = base_config(ctx, "mnist", targets=("layers.2",), loss="mse", placement="bottleneck", recorders=("loss",),
-                       steps=steps, record_every=ctx.pick(quick=5, default=20))
+                       steps=steps, lr=lr, record_every=ctx.pick(quick=5, default=max(1, steps // 20)))
     configs = [base.replace(seed=s, dropout=p, expected_loss=e) for p in FIG4_RATES for s in ctx.seeds
                for e in (False, True)]
-    hists = engine.run_sweep(configs, device=ctx.device, progress=False)
+    hists = engine.run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False)
     it = iter(hists)
     gaps = {}
     for p in FIG4_RATES:
@@ -557,62 +745,56 @@ def expected_vs_empirical(ctx: Context) -> Result:
             rows.append(emp["test_loss"] - exp_["test_loss"])
         gaps[p] = np.asarray(rows)  # (seeds, records)
     step = hists[0]["step"]
-    fig, axes = new_figure(2, 1, width=4.6, height=3.4)
-    ax = axes[0, 0]
-    measured: dict = {"rates": FIG4_RATES, "steps": steps}
-    peaks, peak_steps, finals, interior = [], [], [], []
-    for c, p in zip(colors(len(FIG4_RATES)), FIG4_RATES, strict=True):
-        g = gaps[p]
-        m, lo, hi = mean_ci(g)
-        ax.plot(step, m, color=c, label=f"p = {p:g}")
-        ax.fill_between(step, lo, hi, color=c, alpha=0.2)
-        k = int(np.argmax(m))
-        per_seed_peak = g.max(axis=1)
-        peaks.append(per_seed_peak)
-        peak_steps.append(step[k])
-        finals.append(g[:, -1])
-        decline = ci_dict(g[:, k] - g[:, -1])
-        interior.append(bool(step[0] < step[k] <= 0.8 * steps and decline["ci_low"] > 0 and m[k] > 0))
+    samples, details = fig4_peak_tests(gaps, step, steps)
+    measured: dict = {"rates": FIG4_RATES, "steps": steps, "lr": lr}
+    for p in FIG4_RATES:
+        g, d = gaps[p], details[p]
         measured[f"p={p:g}"] = {
-            "peak_gap_mean_curve": float(m[k]), "peak_step_mean_curve": float(step[k]),
-            "peak_gap_per_seed": ci_dict(per_seed_peak),
-            "peak_step_per_seed": ci_dict(step[g.argmax(axis=1)]),
-            "final_gap": ci_dict(g[:, -1]), "peak_minus_final": decline,
-            "mean_gap_over_steps": ci_dict(g.mean(axis=1)),
-        }
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("test-loss gap: sampled - expected (MSE)")
-    ax.set_title("gap, mean and 95% CI over seeds", fontsize=8)
-    ax.legend(fontsize=7)
-    ax = axes[0, 1]
-    pk = np.asarray(peaks)  # (rates, seeds)
-    m, lo, hi = mean_ci(pk.T)
-    ax.errorbar(FIG4_RATES, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3)
-    ax.set_xlabel("dropout rate p")
-    ax.set_ylabel("peak gap (per seed, mean and 95% CI)")
-    rho_mean = _spearman(FIG4_RATES, [measured[f"p={p:g}"]["peak_gap_mean_curve"] for p in FIG4_RATES])
-    rho_seed = [_spearman(FIG4_RATES, pk[:, i]) for i in range(pk.shape[1])]
-    monotone = bool(np.all(np.diff(m) > 0))
-    top_minus_bottom = ci_dict(pk[-1] - pk[0])
-    measured.update({"spearman_rate_vs_peak_gap_mean_curve": rho_mean, "spearman_per_seed": ci_dict(rho_seed),
-                     "peak_gap_increasing_in_rate": monotone, "peak_gap_highest_minus_lowest_rate": top_minus_bottom,
-                     "interior_peak_with_decline": dict(zip([f"p={p:g}" for p in FIG4_RATES], interior, strict=True))})
-    ok_mono = monotone and top_minus_bottom["ci_low"] > 0
-    ok_peak = all(interior)
-    verdict = ("reproduced" if ok_mono and ok_peak else
-               "partially reproduced" if ok_mono or ok_peak else "not reproduced")
-    summary = (f"Rule: reproduced if (a) the per-seed peak gap increases with the rate (seed means strictly "
-               f"increasing and the CI of peak(p={FIG4_RATES[-1]:g}) - peak(p={FIG4_RATES[0]:g}) > 0) and (b) for "
-               f"every rate the mean gap curve peaks (positive) after the first record and before 80% of the "
-               f"{steps} steps, with the CI of peak - final gap > 0. (a) {ok_mono}: per-seed peak gaps (mean over seeds) "
-               + ", ".join(f"{v:.3g}" for v in m) + f" for p = {FIG4_RATES} (Spearman {rho_mean:.2f}); (b) {ok_peak}: "
-               f"peak steps of the seed-mean curves {[int(s) for s in peak_steps]} (peak gaps "
-               + ", ".join(f"{measured[f'p={p:g}']['peak_gap_mean_curve']:.3g}" for p in FIG4_RATES)
-               + "; test MSE itself is ~" + f"{np.mean([h['test_loss'][-1] for h in hists]):.3g} at the end).")
+            "peak_gap_mean_curve": d["peak_gap_mean_curve"], "peak_step_mean_curve": d["peak_step"],
+            "peak_gap_per_seed": ci_dict(d["per_seed_peak"]), "peak_step_per_seed": ci_dict(step[g.argmax(axis=1)]),
+            "final_gap": ci_dict(g[:, -1]), "peak_minus_final": ci_dict(samples[_fig4_rate("decline", p)]),
+            "mean_gap_over_steps": ci_dict(g.mean(axis=1))}
+    pk = np.array([details[p]["per_seed_peak"] for p in FIG4_RATES])  # (rates, seeds)
+    measured["peak_gap_highest_minus_lowest_rate"] = ci_dict(samples["top_minus_bottom"])
+    measured["spearman_per_seed"] = ci_dict([_spearman(FIG4_RATES, pk[:, i]) for i in range(pk.shape[1])])
+    test_mse = float(np.mean([h["test_loss"][-1] for h in hists]))
+    summary = (f"{steps} steps, Adam lr {lr:g}, {len(ctx.seeds)} seeds: per-seed peak gaps (seed means) "
+               + ", ".join(f"{v:.3g}" for v in pk.mean(axis=1)) + f" for p = {FIG4_RATES}; peak steps of the "
+               f"seed-mean curves {[int(details[p]['peak_step']) for p in FIG4_RATES]}, peak - final gap "
+               + ", ".join(_fmt_ci(measured[f'p={p:g}']['peak_minus_final']) for p in FIG4_RATES)
+               + f" (test MSE itself ~{test_mse:.3g} at the end).")
     config = {"base": base.as_dict(), "rates": FIG4_RATES, "seeds": list(ctx.seeds),
-              "pair": "expected_loss False (sampled masks) vs True (analysis.dropout closed form), same batches"}
-    return Result(verdict, summary, measured, ["mnist"], config, fig)
+              "pair": "expected_loss False (sampled masks) vs True (analysis.dropout closed form), same batches",
+              "fidelity_note": "3 rates (was 4), records every steps/20, for the budget"}
+    key = {"peak_steps": [int(details[p]["peak_step"]) for p in FIG4_RATES],
+           "top_minus_bottom": float(samples["top_minus_bottom"].mean())}
+
+    def plot():
+        fig, axes = new_figure(2, 1, width=4.6, height=3.4)
+        ax = axes[0, 0]
+        for c, p in zip(colors(len(FIG4_RATES)), FIG4_RATES, strict=True):
+            m, lo, hi = mean_ci(gaps[p])
+            ax.plot(step, m, color=c, label=f"p = {p:g}")
+            ax.fill_between(step, lo, hi, color=c, alpha=0.2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(FIG4_INTERIOR * steps, color="grey", ls=":", lw=0.8, label="80% of the horizon")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("test-loss gap: sampled - expected (MSE)")
+        ax.set_title(f"gap, mean and 95% CI over {len(ctx.seeds)} seeds (Adam lr {lr:g})", fontsize=8)
+        ax.legend(fontsize=7)
+        ax = axes[0, 1]
+        m, lo, hi = mean_ci(pk.T)
+        ax.errorbar(FIG4_RATES, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3)
+        ax.set_xlabel("dropout rate p")
+        ax.set_ylabel("peak gap (per seed, mean and 95% CI)")
+        return fig
+
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
+                       config=config, plot=plot)
+
+
+def _fmt_ci(d: dict) -> str:
+    return f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
 
 
 # ------------------------------------------------------------------------------------------------------ table 5

@@ -1,10 +1,17 @@
-"""Declared criteria of allora-fig2 and allora-tab5 (issue 9) on synthetic per-seed numbers, both ways."""
+"""Declared criteria of allora-fig1 to fig4 and allora-tab5 (issue 9) on synthetic per-seed numbers, both ways, and
+the helpers that turn runs into the criteria's inputs (no training here; the figures run in --quick mode in
+test_figures.py)."""
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
+import numpy as np
+import pytest
+
+from analysis import dropout as dr
 from analysis.inputs import default_seed
+from figures import allora_dropout as fd
 from figures.allora_dropout import FIG2_CRITERION, TAB5_CRITERION
 
 
@@ -32,3 +39,119 @@ def test_tab5_crossover_both_horizons_and_sanity_row_does_not_count():
     at_chance = dict(both, short_above_chance=-0.08 + _noise(10))
     out = TAB5_CRITERION.evaluate(at_chance)
     assert out.verdict == "reproduced" and not out.passed["short_above_chance"]
+
+
+# ------------------------------------------------------------------------------------------------- fig. 1
+
+
+def _fig1(levels: dict[float, float], seed: int) -> dict:
+    out = {fd._fig1_name(p): np.log(levels.get(p, 0.5)) + _noise(seed + i) for i, p in enumerate(fd.FIG1_RATES)}
+    return {**out, "bound_holds": -1.0, "clt_limit": 1.0}
+
+
+def test_fig1_noise_above_a_tenth_of_the_penalty_at_every_rate():
+    assert fd.FIG1_CRITERION.evaluate(_fig1({}, 20)).verdict == "reproduced"
+    # the measured shape: the noise is 1-3% of the penalty at n = 256 in every rate
+    low = {p: 0.02 for p in fd.FIG1_RATES}
+    assert fd.FIG1_CRITERION.evaluate(_fig1(low, 30)).verdict == "not reproduced"
+    some = {**low, fd.FIG1_RATES[0]: 0.5}
+    assert fd.FIG1_CRITERION.evaluate(_fig1(some, 40)).verdict == "partially reproduced"
+    # exactly at the margin: not above it
+    at = {p: 0.1 for p in fd.FIG1_RATES}
+    assert fd.FIG1_CRITERION.evaluate(_fig1(at, 50)).verdict == "not reproduced"
+
+
+def test_fig1_sanity_rows_are_reported_but_never_decide():
+    broken = dict(_fig1({}, 60), bound_holds=7.0, clt_limit=6.0)
+    out = fd.FIG1_CRITERION.evaluate(broken)
+    assert out.verdict == "reproduced" and not out.passed["bound_holds"] and not out.passed["clt_limit"]
+
+
+def test_fig1_deviations_follow_the_clt_on_a_small_problem():
+    """fig1_deviations on a small random problem: E[L], the penalty and Std from analysis.dropout; the Monte Carlo
+    mean |dev| lies below the app. A bound and, at the largest n, within 5 SE of the CLT value."""
+    rng = np.random.default_rng([default_seed(), 7])
+    prob = {"X": rng.standard_normal((12, 6)), "Y": rng.standard_normal((12, 3)), "W": rng.standard_normal((3, 6)),
+            "A": rng.standard_normal((4, 6)), "B": rng.standard_normal((3, 4)), "s": np.float64(0.5)}
+    grid = 2 ** np.arange(9)
+    d = fd.fig1_deviations(prob, 0.3, grid, 400, mc_seed=default_seed())
+    X, Y, W, A, B = (prob[k] for k in ("X", "Y", "W", "A", "B"))
+    assert d["dropout_penalty"] == pytest.approx(dr.expected_loss(X, Y, W, A, B, 0.3, scaling=0.5)
+                                                 - dr.expected_loss(X, Y, W, A, B, 0.0, scaling=0.5), rel=1e-10)
+    np.testing.assert_allclose(d["bound"], np.sqrt(dr.loss_variance(X, Y, W, A, B, 0.3, scaling=0.5) / grid))
+    assert np.all(d["mean_dev"] <= d["bound"] + 5 * d["se"])
+    clt = math.sqrt(2 / math.pi)
+    assert abs(d["ratio_n_max"].mean() - clt) <= 5 * d["ratio_n_max"].std(ddof=1) / math.sqrt(400)
+    assert abs(d["z_grand_mean"]) <= 5
+
+
+# ------------------------------------------------------------------------------------------------- fig. 3
+
+
+def test_fig3_far_more_needs_three_times_the_spread():
+    spread_a = 0.3 + _noise(70)
+    ok = {"far_more": np.log(17.0) + _noise(71), "more": 5.0 + _noise(72)}
+    assert fd.FIG3_CRITERION.evaluate(ok).verdict == "reproduced"
+    # B's spread twice A's: more, but not far more
+    twice = {"far_more": np.log(2.0) + _noise(73), "more": spread_a + _noise(74)}
+    assert fd.FIG3_CRITERION.evaluate(twice).verdict == "partially reproduced"
+    # the measured shape: equal spreads (ratio ~1)
+    equal = {"far_more": _noise(75), "more": _noise(76)}
+    assert fd.FIG3_CRITERION.evaluate(equal).verdict == "not reproduced"
+
+
+def test_fig3_norms_summed_or_last_layer():
+    norms = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, 1.0]])  # records x layers
+    np.testing.assert_array_equal(fd.fig3_norm(norms, "summed"), [13.0, 1.0])
+    np.testing.assert_array_equal(fd.fig3_norm(norms, "last"), [12.0, 1.0])
+    with pytest.raises(ValueError, match="which"):
+        fd.fig3_norm(norms, "mean")
+
+
+def test_fig3_protocols_cover_placement_loss_and_norms():
+    settings = [p.settings for p in fd.FIG3_PROTOCOLS]
+    assert {s["placement"] for s in settings} == {"bottleneck", "input"}
+    assert {s["loss"] for s in settings} == {"ce", "mse"} and {s["norms"] for s in settings} == {"summed", "last"}
+    assert [p.name for p in fd.FIG3_PROTOCOLS if p.primary] == ["bottleneck, CE, summed"]
+
+
+# ------------------------------------------------------------------------------------------------- fig. 4
+
+
+def _gap_curves(peak_at: dict[float, int], height: dict[float, float], seed: int, n_seeds: int = 10):
+    """Synthetic gap curves over 21 records (0 .. 1000): a triangle rising to ``height`` at record ``peak_at`` and
+    falling to half of it at the end, plus small per-seed noise."""
+    step = np.arange(21) * 50.0
+    rng = np.random.default_rng([default_seed(), seed])
+    gaps = {}
+    for p in fd.FIG4_RATES:
+        k, h = peak_at[p], height[p]
+        curve = np.where(np.arange(21) <= k, h * np.arange(21) / max(k, 1),
+                         h - 0.5 * h * (np.arange(21) - k) / max(20 - k, 1))
+        curve[0] = 0.0
+        gaps[p] = curve + 0.02 * rng.standard_normal((n_seeds, 21))
+    return gaps, step
+
+
+def test_fig4_peak_tests_measure_order_position_and_decline():
+    heights = dict(zip(fd.FIG4_RATES, (1.0, 2.0, 3.0), strict=True))
+    gaps, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 6), heights, 80)
+    samples, details = fd.fig4_peak_tests(gaps, step, 1000)
+    for p in fd.FIG4_RATES:
+        assert details[p]["peak_step"] == 300.0 and samples[fd._fig4_rate("interior", p)] == 0.3
+        assert samples[fd._fig4_rate("decline", p)].mean() == pytest.approx(0.5 * heights[p], abs=0.05)
+    assert samples["increasing"] == pytest.approx(1.0, abs=0.05)
+    assert fd.FIG4_CRITERION.evaluate(samples).verdict == "reproduced"
+
+
+def test_fig4_late_peak_or_no_order_is_partial_or_not():
+    heights = dict(zip(fd.FIG4_RATES, (1.0, 2.0, 3.0), strict=True))
+    # the gap still grows at the end (peak in the last record): only the order holds
+    late, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 20), heights, 81)
+    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(late, step, 1000)[0]).verdict == "partially reproduced"
+    # interior peaks, but the gap does not grow with the rate
+    flat = dict.fromkeys(fd.FIG4_RATES, 2.0)
+    same, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 6), flat, 82)
+    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(same, step, 1000)[0]).verdict == "partially reproduced"
+    neither, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 20), flat, 83)
+    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(neither, step, 1000)[0]).verdict == "not reproduced"
