@@ -3,8 +3,9 @@
 4.2 / 6 (does ALLoRA regularize like dropout?) with the ALLoRA-OD early-epoch conjecture of sec. 4.3 / 5.1.
 
 Closed forms come from :mod:`analysis.allora_dynamics` (derived and proved there), :mod:`analysis.ripple` and
-:mod:`analysis.dropout`; runs come from the engine (:func:`toymodels.train.finetune` / ``run_sweep``), the
-measurements the engine does not record from the callbacks below (:class:`RippleProbe`, :class:`EpochProbe`).
+:mod:`analysis.dropout`; runs come from the engine (one ``run_sweep`` per figure and protocol), the measurements the
+engine does not record from the callbacks below (:class:`RippleProbe`, :class:`EpochProbe`: their runs go through
+the loop, ``finetune(cfg, callbacks=...)``, in parallel).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from toymodels.train import TrainState, loss_fn
 ETA2 = 4.0  # listing 1: 1/eta^2 = 1/4
 
 
-def _sweep(ctx: Context, configs):
+def _sweep(ctx: Context, configs, **options):
+    """One ``run_sweep`` (cached, parallel per ``ctx``); ``options``: ``callbacks``, ``on_diverge``, ..."""
     from toymodels.train import run_sweep
 
-    return run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False)
+    return run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False,
+                     **options)
 
 
 def _fmt(d: dict, scale: float = 1.0, digits: int = 3) -> str:
@@ -226,21 +229,19 @@ def ripple_adaptive(ctx: Context, protocol: Protocol) -> Measurement:
     # --- trained MLP
     base = base_config(ctx, "mnist", recorders=(), dropout=0.0, **protocol.settings)
     probe_step = base.steps
-    from toymodels.train import finetune
-
+    keys = [(s, n) for s in ctx.seeds for n in RIPPLE_METHODS]
+    hists = _sweep(ctx, [_ripple_config(base, n, eta, s) for s, n in keys], callbacks=[RippleProbe([probe_step])],
+                   on_diverge="return")
     vals = {n: {"dev": [], "amp": [], "grad_amp": []} for n in RIPPLE_METHODS}
     diverged = {n: 0 for n in RIPPLE_METHODS}
-    for s in ctx.seeds:
-        for n in RIPPLE_METHODS:
-            h = finetune(_ripple_config(base, n, eta, s), callbacks=[RippleProbe([probe_step])], device=ctx.device,
-                         on_diverge="return")
-            if "diverged_step" in h or "ripple_dev" not in h:
-                diverged[n] += 1
-                for k in vals[n]:
-                    vals[n][k].append(np.full(len(base.widths) - 1, np.nan))
-                continue
+    for (_, n), h in zip(keys, hists, strict=True):
+        if "diverged_step" in h or "ripple_dev" not in h:
+            diverged[n] += 1
             for k in vals[n]:
-                vals[n][k].append(h[f"ripple_{k}"][-1])
+                vals[n][k].append(np.full(len(base.widths) - 1, np.nan))
+            continue
+        for k in vals[n]:
+            vals[n][k].append(h[f"ripple_{k}"][-1])
     vals = {n: {k: np.asarray(v) for k, v in d_.items()} for n, d_ in vals.items()}  # (seeds, layers)
     lv = {n: {k: np.log(v) for k, v in d_.items()} for n, d_ in vals.items()}
     mlp_fwd = lv["LoRA x eta"]["dev"][:, -1] - lv["ALLoRA"]["dev"][:, -1]
@@ -672,19 +673,18 @@ def _reg_config(base, name: str, eta: float, seed: int):
               "early-epoch accuracy (sec. 4.3 conjecture)",
         criterion=REG_CRITERION, protocols=REG_PROTOCOLS)
 def regularization_like_dropout(ctx: Context, protocol: Protocol) -> Measurement:
-    from toymodels.train import finetune
-
     settings = dict(protocol.settings)
     eta = float(settings.pop("eta"))
     base = base_config(ctx, "mnist", recorders=(), placement="bottleneck", **settings)
     spe = max(1, base.n_finetune // base.batch_size)
     probe_steps = sorted({e * spe for e in EARLY_EPOCHS} | set(range(0, base.steps + 1, max(base.steps // 2, 1)))
                          | {base.steps})
+    keys = [(s, n) for s in ctx.seeds for n in REG_METHODS]
+    hists = _sweep(ctx, [_reg_config(base, n, eta, s) for s, n in keys],
+                   callbacks=[EpochProbe(probe_steps, REG_RATE)], on_diverge="return")
     rec = {n: [] for n in REG_METHODS}
-    for s in ctx.seeds:
-        for n in REG_METHODS:
-            rec[n].append(finetune(_reg_config(base, n, eta, s), callbacks=[EpochProbe(probe_steps, REG_RATE)],
-                                   device=ctx.device, on_diverge="return"))
+    for (_, n), h in zip(keys, hists, strict=True):
+        rec[n].append(h)
     steps = rec["LoRA"][0]["ep_step"]
 
     def arr(n, k):

@@ -6,6 +6,8 @@ Toy analogue: the shared MNIST protocol (:func:`figures._common.base_config`: 78
 layer, Adam lr 1e-3) with s = alpha / r = 1 (the paper's y = (W + BA) x) and LoWR's main setting of
 ``figures/lowr.py`` (tau = 10, alpha = 0.1, every step). Measurements inside a run are callbacks
 (:class:`toymodels.train.Callback`); they never change the training (no RNG draws, no parameter updates).
+Each figure and protocol runs one ``run_sweep`` (cached, parallel per the context); the runs with callbacks go
+through the loop (``finetune(cfg, callbacks=...)``).
 
 Shapes: A = lora_A (r, d_in), B = lora_B (d_out, r), s B A (d_out, d_in); channel i is (a_i = A[i, :], b_i = B[:, i]).
 """
@@ -20,7 +22,7 @@ import torch
 from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, colors, new_figure, real_datasets
 from figures.criteria import Criterion, Rule, Test, ci_dict
-from toymodels.train import Callback, finetune, run_sweep
+from toymodels.train import Callback, run_sweep
 
 DATASET = "mnist"
 MAIN_LOWR = (10.0, 0.1, 1)  # (tau, alpha, every): as figures/lowr.py
@@ -147,6 +149,12 @@ def _config(ctx: Context, seed: int, r: int, **changes):
     return base_config(ctx, DATASET, r=r, alpha=float(r), recorders=("loss", "channels"), seed=seed, **changes)
 
 
+def _sweep(ctx: Context, configs, **options):
+    """One ``run_sweep`` (cached, parallel per ``ctx``); ``options``: ``callbacks``, ``on_diverge``, ..."""
+    return run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False,
+                     **options)
+
+
 def _no_data() -> str | None:
     names, notes = real_datasets((DATASET,))
     return None if DATASET in names else f"{DATASET} is missing: {notes.get(DATASET, '')}"
@@ -213,11 +221,13 @@ def effective_rank_figure(ctx: Context, protocol: Protocol) -> Measurement:
     ranks = _erank_ranks(ctx)
     changes, every = _split(protocol.settings)
     lowr = (MAIN_LOWR[0], MAIN_LOWR[1], every)
+    keys = [(r, name, s) for r in ranks for name in ("lora", "lowr") for s in ctx.seeds]
+    hists = _sweep(ctx, [_config(ctx, s, r, **changes, **({"lowr": lowr} if name == "lowr" else {}))
+                         for r, name, s in keys], callbacks=[AdapterSpectrum()])
     sv: dict = {}
-    for r in ranks:
-        for name, extra in (("lora", {}), ("lowr", {"lowr": lowr})):
-            sv[name, r] = np.stack([finetune(_config(ctx, s, r, **changes, **extra), callbacks=[AdapterSpectrum()],
-                                             device=ctx.device)["ba_sv"] for s in ctx.seeds])  # (seeds, layers, r)
+    for (r, name, _), h in zip(keys, hists, strict=True):
+        sv.setdefault((name, r), []).append(h["ba_sv"])
+    sv = {k: np.stack(v) for k, v in sv.items()}  # (seeds, layers, r)
     n_layers = sv["lora", ranks[0]].shape[1]
     hidden = [0, 1]
     metrics = {"effective_rank": lambda v, r: effective_rank(v), "stable_rank": lambda v, r: stable_rank(v),
@@ -308,8 +318,12 @@ def mechanism(ctx: Context, protocol: Protocol) -> Measurement:
         return Measurement(unavailable=why)
     changes, _ = _split(protocol.settings)
     r = ctx.pick(quick=8, default=MECH_RANK)
-    runs = {init: [finetune(_config(ctx, s, r, init=init, record_every=10, **changes), callbacks=[ProbeStability()],
-                            device=ctx.device) for s in ctx.seeds] for init in ("kaiming", "zero_a")}
+    keys = [(init, s) for init in ("kaiming", "zero_a") for s in ctx.seeds]
+    hists = _sweep(ctx, [_config(ctx, s, r, init=init, record_every=10, **changes) for init, s in keys],
+                   callbacks=[ProbeStability()])
+    runs: dict = {}
+    for (init, _), h in zip(keys, hists, strict=True):
+        runs.setdefault(init, []).append(h)
     n_layers = runs["kaiming"][0]["channel_a"].shape[1]
     measured: dict = {"rank": r, "protocol": protocol.settings, "inits": {}}
     samples: dict = {}
@@ -401,7 +415,7 @@ def plugin_inits(ctx: Context, protocol: Protocol) -> Measurement:
     keys = [(k, w, s) for k in PLUGIN_INITS for w in (False, True) for s in ctx.seeds]
     cfgs = [_config(ctx, s, PLUGIN_RANK, init=PLUGIN_INITS[k], **changes, **({"lowr": lowr} if w else {}))
             for k, w, s in keys]
-    hists = run_sweep(cfgs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, on_diverge="return")
+    hists = _sweep(ctx, cfgs, on_diverge="return")
     acc: dict = {}
     for (k, w, _), h in zip(keys, hists, strict=True):
         acc.setdefault((k, w), []).append(math.nan if "diverged_step" in h else float(h["test_acc"][-1]))

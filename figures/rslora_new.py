@@ -106,14 +106,15 @@ def deep_config(seed: int, *, r: int, scaling: str, steps: int, **settings) -> F
     return cfg.replace(**settings) if settings else cfg
 
 
-def _deep_runs(ctx: Context, steps: int, settings: dict) -> dict:
-    """{(method, r): [history per seed]} of the deep network after ``steps`` steps (one sweep, run cache)."""
-    keys = [(m, r, s) for m in METHODS for r in deep_ranks(ctx) for s in ctx.seeds]
-    hists = run_sweep([deep_config(s, r=r, scaling=m, steps=steps, **settings) for m, r, s in keys],
-                      device=ctx.device, executor=ctx.executor, workers=ctx.workers)
-    out: dict = {}
-    for (m, r, _), h in zip(keys, hists, strict=True):
-        out.setdefault((m, r), []).append(h)
+def _deep_runs(ctx: Context, steps, settings: dict) -> dict:
+    """{n: {(method, r): [history per seed]}} of the deep network after n steps, for each n in ``steps`` (one
+    sweep for all of them, run cache)."""
+    keys = [(n, m, r, s) for n in steps for m in METHODS for r in deep_ranks(ctx) for s in ctx.seeds]
+    hists = run_sweep([deep_config(s, r=r, scaling=m, steps=n, **settings) for n, m, r, s in keys],
+                      device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False)
+    out: dict = {n: {} for n in steps}
+    for (n, m, r, _), h in zip(keys, hists, strict=True):
+        out[n].setdefault((m, r), []).append(h)
     return out
 
 
@@ -154,7 +155,7 @@ MULTILAYER = Criterion(
         criterion=MULTILAYER, protocols=DEEP_PROTOCOLS)
 def multilayer(ctx: Context, protocol: Protocol) -> Measurement:
     ranks = deep_ranks(ctx)
-    runs = _deep_runs(ctx, MULTILAYER_STEPS, protocol.settings)
+    runs = _deep_runs(ctx, (MULTILAYER_STEPS,), protocol.settings)[MULTILAYER_STEPS]
     logr = np.log(ranks)
     rms = {m: layer_rms(runs, m, ranks) for m in METHODS}
     slopes = {m: np.stack([seed_slopes(logr, np.log(rms[m][:, :, i])) for i in range(N_DEEP_LAYERS)], axis=1)
@@ -286,7 +287,7 @@ def trajectory(ctx: Context, protocol: Protocol) -> Measurement:
     exact = [exact_trajectory_exponents(s, d=EXACT_D, ranks=exact_ranks, steps=steps, lr=EXACT_LR) for s in ctx.seeds]
     ranks = deep_ranks(ctx)
     logr = np.log(ranks)
-    trained = {n: _deep_runs(ctx, n, protocol.settings) for n in steps}
+    trained = _deep_runs(ctx, steps, protocol.settings)
     samples: dict = {}
     measured: dict = {"steps": list(steps), "protocol": protocol.settings,
                       "exact": {"d": EXACT_D, "ranks": list(exact_ranks), "lr": EXACT_LR, "alpha": 1.0},
@@ -411,7 +412,8 @@ def layer_subset(ctx: Context, protocol: Protocol) -> Measurement:
     keys = [(k, m, r, s) for k in SUBSETS for m in METHODS for r in ranks for s in ctx.seeds]
     cfgs = [base_config(ctx, "mnist", seed=s, recorders=SUBSET_RECORDERS, r=r, scaling=m, targets=SUBSETS[k],
                         **protocol.settings) for k, m, r, s in keys]
-    hists = run_sweep(cfgs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, on_diverge="return")
+    hists = run_sweep(cfgs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False,
+                      on_diverge="return")
     runs: dict = {}
     for (k, m, r, _), h in zip(keys, hists, strict=True):
         runs.setdefault((k, m, r), []).append(h)
