@@ -13,10 +13,14 @@ How a sweep runs:
 2. **Cache probe** in the calling process: tasks whose runs are all cached are loaded, not sent anywhere (a
    rerun of a finished sweep starts no worker).
 3. **Execute** the other tasks (:func:`run_task`) on ``executor``: "local" (worker processes started with
-   ``spawn``, ``workers`` of them, default one per CPU core; ``workers=1``, or a single task, runs in-process),
-   "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with ``ray.init(num_cpus=workers)``),
-   "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds ``folder``, ``cluster`` ("slurm",
-   "local", "debug") and any ``update_parameters`` keyword), or any ``concurrent.futures.Executor``.
+   ``spawn``, ``workers`` of them, default one per CPU core; ``workers=1``, or a single task, runs in-process;
+   a sweep that finishes cleanly keeps its idle workers for the next sweep of the process if that one has the
+   same ``threads`` and environment (variables, working directory, sys.path; else a fresh pool), so a program
+   that runs many sweeps (the figures, the tests) starts its workers once; :func:`shutdown_workers`, also
+   called at exit, stops them), "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with
+   ``ray.init(num_cpus=workers)``), "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds
+   ``folder``, ``cluster`` ("slurm", "local", "debug") and any ``update_parameters`` keyword), or any
+   ``concurrent.futures.Executor``.
    Each worker writes each finished run to the run cache itself (atomic rename,
    :func:`toymodels.cache.atomic_write`), so the cache must be a file system every worker sees
    (``$LORA_THEORY_CACHE``; its path is sent with each task). Two sweeps, or two workers, finishing the same
@@ -53,6 +57,7 @@ cached and that the same command resumes; it raises :class:`SweepInterrupted` (a
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -389,6 +394,10 @@ class _LocalPool:
         return handle
 
     def _retire(self, worker) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if worker in self.idle:
+            self.idle.remove(worker)
         proc, conn = worker
         with contextlib.suppress(Exception):
             conn.close()
@@ -421,18 +430,69 @@ class _LocalPool:
     def result(self, handle):
         return self.results.pop(handle)
 
+    def prune(self) -> None:
+        """Retire the idle workers that died since their last task (killed between two sweeps)."""
+        for worker in [w for w in self.idle if w[0].poll() is not None]:
+            self._retire(worker)
+
     def close(self, cancel: bool = False) -> None:
         for proc, conn in self.workers:
             if not cancel and proc.poll() is None:
                 with contextlib.suppress(Exception):
                     conn.send(None)
-        for worker in self.workers:
+        for worker in list(self.workers):
             proc = worker[0]
             if not cancel:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
             self._retire(worker)
         self.workers, self.idle, self.busy = [], [], {}
+
+
+#: threads -> (pool, the environment it was started in): idle local workers kept between sweeps
+_POOLS: dict[int, tuple[_LocalPool, tuple]] = {}
+_ENV_IGNORED = ("PYTEST_CURRENT_TEST",)  # changes at every test, means nothing to a worker
+
+
+def _environment() -> tuple:
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_IGNORED}
+    return env, os.getcwd(), sys.executable, tuple(sys.path)
+
+
+def _local_pool(workers: int, threads: int) -> _LocalPool:
+    """The idle pool of an earlier sweep with the same ``threads``, if it was started in the same environment
+    (variables, working directory, interpreter, sys.path: what a worker's imports and data paths depend on),
+    else a fresh one (the old one is stopped)."""
+    env = _environment()
+    held = _POOLS.pop(threads, None)
+    if held is not None:
+        pool, started_in = held
+        if started_in == env:
+            pool.prune()
+            pool.capacity = workers
+            return pool
+        pool.close()
+    pool = _LocalPool(workers, threads)
+    pool.started_in = env
+    return pool
+
+
+def _keep_pool(pool: _LocalPool) -> None:
+    """Keep the workers of a sweep that finished cleanly for the next sweep of this process."""
+    old = _POOLS.pop(pool.threads, None)
+    if old is not None and old[0] is not pool:
+        old[0].close()
+    _POOLS[pool.threads] = (pool, pool.started_in)
+
+
+def shutdown_workers() -> None:
+    """Stop the idle local worker processes that :func:`run_sweep` keeps between sweeps (also done at exit)."""
+    while _POOLS:
+        _, (pool, _) = _POOLS.popitem()
+        pool.close()
+
+
+atexit.register(shutdown_workers)
 
 
 class _Handle:
@@ -659,7 +719,7 @@ def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, t
     if isinstance(executor, cf.Executor):
         backend = _FuturesBackend(executor, workers)
     elif executor == "local":
-        backend = _LocalPool(local_workers, threads)
+        backend = _local_pool(local_workers, threads)
     elif executor == "ray":
         backend = _RayBackend(workers, threads, options)
     else:
@@ -690,4 +750,7 @@ def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, t
             backend.cancel(list(running))
         backend.close(cancel=True)
         raise
-    backend.close()
+    if isinstance(backend, _LocalPool):
+        _keep_pool(backend)
+    else:
+        backend.close()
