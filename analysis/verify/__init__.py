@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-TOPICS = ("dropout", "rank_scaling", "ripple", "adaptive", "channels")
+TOPICS = ("dropout", "rank_scaling", "ripple", "adaptive", "channels", "allora_dynamics")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def run(topics: Iterable[str] | None = None, seed: int = 0) -> Iterator[Row]:
 def main(topics: Iterable[str] | None = None, seed: int = 0) -> int:
     """Print the verify table; return 1 if any row failed."""
     start = time.perf_counter()
-    header = f"{'topic':<13} {'check':<70} {'measured':>12}  {'criterion':<28} result"
+    header = f"{'topic':<15} {'check':<70} {'measured':>12}  {'criterion':<28} result"
     print(header)
     print("-" * len(header))
     failed = 0
@@ -81,7 +81,7 @@ def main(topics: Iterable[str] | None = None, seed: int = 0) -> int:
     for r in run(topics, seed):
         total += 1
         failed += not r.passed
-        print(f"{r.topic:<13} {r.check:<70} {r.measured:>12}  {r.criterion:<28} {'PASS' if r.passed else 'FAIL'}",
+        print(f"{r.topic:<15} {r.check:<70} {r.measured:>12}  {r.criterion:<28} {'PASS' if r.passed else 'FAIL'}",
               flush=True)
     print("-" * len(header))
     print(f"{total - failed}/{total} checks passed in {time.perf_counter() - start:.1f} s (seed {seed})")
