@@ -18,16 +18,15 @@ import math
 
 import numpy as np
 import seaborn as sns
-import torch
 from scipy import stats
 
 from analysis import rank_scaling as rs
 from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, colors, new_figure
 from figures.criteria import Criterion, Estimate, Recalibration, Rule, Test, ci_dict
-from toymodels import cache as run_cache
 from toymodels import data as datasets
-from toymodels.train import build_finetune_model, protocol_data, run_sweep
+from toymodels.callbacks import FullGradientNorm
+from toymodels.train import run_sweep
 
 RECORDERS = ("loss", "norms", "grads", "moments")
 METHODS = ("lora", "rslora")
@@ -146,22 +145,17 @@ def _grad_norm(h: dict) -> np.ndarray:
     return np.sqrt(np.sum(np.asarray(h["grad_norm_A"]) ** 2 + np.asarray(h["grad_norm_B"]) ** 2, axis=1))
 
 
-def _init_grad_norm(cfg, ctx: Context) -> float:
-    """Global adapter gradient norm at initialisation on the whole fine-tune set (cached; optimizer-free).
+def _init_grad_norms(ctx: Context, configs: list) -> np.ndarray:
+    """Global adapter gradient norm at initialisation on the whole fine-tune set, one per config: the engine's
+    gradient probe (:class:`toymodels.callbacks.FullGradientNorm` at step 0 of a one-step run, cached).
 
     At init B = 0, so grad_A = 0 and grad_B = gamma (sum_n v_n (A x_n)^T) / N with rows of A iid: E||grad||^2 =
     gamma^2 r C exactly (C independent of r), i.e. the norm scales as gamma_r sqrt(r) = alpha r^(1/2 - beta).
     """
-    key = {"init_grad_norm": cfg.replace(optimizer="adam", lr=1e-3, steps=1).as_dict()}
-
-    def compute():
-        model = build_finetune_model(cfg, ctx.device)
-        x, y = protocol_data(cfg, ctx.device).finetune
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        sq = sum(float(p.grad.norm()) ** 2 for n, p in model.named_parameters() if p.grad is not None and "lora" in n)
-        return {"norm": np.array(math.sqrt(sq))}
-
-    return float(run_cache.cached("rslora-init-grad", key, compute)["norm"])
+    probes = [c.replace(steps=1, record_every=1, recorders=()) for c in configs]
+    hists = run_sweep(probes, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False,
+                      callbacks=[FullGradientNorm(steps=(0,))])
+    return np.array([float(h["fullgrad_norm"][0]) for h in hists])
 
 
 def _sweep(ctx: Context, protocol: Protocol) -> dict:
@@ -569,8 +563,9 @@ def gradnorm(ctx: Context, protocol: Protocol) -> Measurement:
     logr = np.log(ranks)
     runs = _sweep(ctx, protocol)
     n = len(ctx.seeds)
-    init = {m: np.array([[_init_grad_norm(_cfg(ctx, s, r=r, scaling=m), ctx) for r in ranks] for s in ctx.seeds])
-            for m in METHODS}
+    grid = [(m, s, r) for m in METHODS for s in ctx.seeds for r in ranks]
+    norms = dict(zip(grid, _init_grad_norms(ctx, [_cfg(ctx, s, r=r, scaling=m) for m, s, r in grid]), strict=True))
+    init = {m: np.array([[norms[m, s, r] for r in ranks] for s in ctx.seeds]) for m in METHODS}
     init_slopes = {m: _seed_slopes(logr, np.log(init[m])) for m in METHODS}
     early = {m: np.array([[_grad_norm(runs[m, r][s])[1] if len(runs[m, r][s]["step"]) > 1 else math.nan
                            for r in ranks] for s in range(n)]) for m in METHODS}

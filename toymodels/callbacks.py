@@ -239,6 +239,33 @@ class WeightSnapshots(AtSteps):
         return out
 
 
+class FullGradientNorm(AtSteps):
+    """Gradient probe: the global norm of every adapter gradient (all LoRA layers, A and B) of the loss on the
+    whole fine-tune set, without dropout (eval mode), at ``steps`` (0 = at initialisation). It computes its own
+    gradient with ``torch.autograd.grad`` and leaves the training gradients, the optimizer and the RNG untouched.
+    History: ``fullgrad_step`` (S,), ``fullgrad_norm`` (S,) = sqrt(sum_l ||dL/dA_l||^2 + ||dL/dB_l||^2).
+
+    At initialisation B = 0, so dL/dA = 0 and dL/dB = s (sum_n g_n (A x_n)^T) / N: the probe of rsLoRA figs. 3-4's
+    gradient norm at init, whose square has expectation s^2 r C over the draws of A (C independent of r).
+    """
+
+    prefix = "fullgrad_"
+
+    @torch.enable_grad()
+    def measure(self, state: TrainState) -> dict[str, float]:
+        model = state.model
+        was = model.training
+        model.eval()
+        try:
+            x, y = state.data.finetune
+            params = [p for m in state.layers for p in (m.lora_A, m.lora_B)]
+            grads = torch.autograd.grad(loss_fn(state.cfg.loss, model(x), y), params, allow_unused=True)
+        finally:
+            model.train(was)
+        sq = sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)
+        return {"norm": math.sqrt(sq)}
+
+
 class CaptureLayerIO(Callback):
     """Every LoRA layer's input X (N, d_in) and output gradient G = dL/dy (N, d_out) of the batch of each step in
     ``steps`` (taken before the step's update, i.e. at the weights of step - 1), through forward hooks and

@@ -330,3 +330,26 @@ def test_public_helpers_reject_unknown_names():
         train.make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(1))], 0.1)
     with pytest.raises(ValueError, match="kind"):
         train.loss_fn("hinge", torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_full_gradient_norm_probe_is_the_full_set_gradient_and_leaves_training_alone():
+    """FullGradientNorm at step 0 = the global adapter-gradient norm of the fine-tune loss computed here with
+    autograd on the engine's initial model; at init B = 0, so only dL/dB is non-zero. Training is unchanged."""
+    from toymodels.callbacks import FullGradientNorm
+
+    cfg = train.FinetuneConfig(**SMALL, r=4, recorders=("loss", "norms"))
+    hist = train.finetune(cfg, callbacks=[FullGradientNorm(steps=(0, cfg.steps))], use_cache=False)
+    plain = train.finetune(cfg, use_cache=False)
+    for k in plain:
+        np.testing.assert_array_equal(hist[k], plain[k], err_msg=k)
+    model = train.build_finetune_model(cfg, torch.device("cpu"))
+    x, y = train.protocol_data(cfg, torch.device("cpu")).finetune
+    layers = lora_modules(model)
+    loss = torch.nn.functional.cross_entropy(model.eval()(x), y)
+    gA = torch.autograd.grad(loss, [m.lora_A for m in layers], retain_graph=True, allow_unused=True)
+    gB = torch.autograd.grad(loss, [m.lora_B for m in layers])
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in gA)  # B = 0 at init
+    expected = float(torch.sqrt(sum((g.double() ** 2).sum() for g in gB)))
+    assert hist["fullgrad_step"].tolist() == [0, cfg.steps]
+    assert hist["fullgrad_norm"][0] == pytest.approx(expected, rel=1e-6)
+    assert hist["fullgrad_norm"][1] != pytest.approx(expected, rel=1e-3)  # the weights moved
