@@ -43,8 +43,11 @@ their callbacks have the same keys (:meth:`toymodels.train.Callback.full_key`).
 
 Bit-for-bit equality whatever the executor and the worker count: each run's randomness comes from its own seed
 (the engines' streams), every task runs with the same torch thread count ``threads`` (default 1; recorded in the
-cache key by :meth:`FinetuneConfig.as_dict`), and the batched engine's numbers depend only on its batch's set of
-configs (:func:`toymodels.batched.canonical_batch`), which the plan fixes. tests/toymodels/test_sweep.py checks
+cache key by :meth:`FinetuneConfig.as_dict`) and as many numpy BLAS threads (what a callback's numpy sums
+depend on; a direct ``finetune`` call in a process with multi-threaded BLAS can differ from it in the last
+bits of such a callback's results, not in the training; a ``concurrent.futures`` thread pool shares one
+process's thread settings: use processes for bit-identity), and the batched engine's numbers depend only on its
+batch's set of configs (:func:`toymodels.batched.canonical_batch`), which the plan fixes. tests/toymodels/test_sweep.py checks
 ``np.array_equal`` on every history array across in-process, local processes, Ray and submitit.
 
 Failures: in-process (``workers=1``) an exception propagates as it is, with a note naming the config. Elsewhere
@@ -282,10 +285,16 @@ def _short(cfg: FinetuneConfig) -> str:
 
 @contextlib.contextmanager
 def _pinned_threads(threads: int):
+    """torch's CPU threads and numpy's BLAS threads (a callback's ``np.linalg.norm`` / ``@`` sum in another order
+    with another thread count) set to ``threads`` for the block: in-process as in the workers (started with
+    ``OMP_NUM_THREADS=threads``), so a task's bits do not depend on where it runs or on the machine's cores."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
