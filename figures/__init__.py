@@ -22,7 +22,8 @@ Declared figures (issue 9). A figure module reads: claim -> criterion -> protoco
 
     @figure("my-id", paper="rsLoRA fig. 2", claim="...", criterion=CRIT, protocols=PROTOCOLS)
     def my_figure(ctx: Context, protocol: Protocol) -> Measurement:
-        runs = run_sweep([...cfg.replace(**protocol.settings)...], device=ctx.device)
+        runs = run_sweep([...cfg.replace(**protocol.settings)...], device=ctx.device, executor=ctx.executor,
+                         workers=ctx.workers)
         gaps = ...                                         # one number per seed
         return Measurement(samples={"gap": gaps}, measured={...}, summary="gap 0.1 [0.05, 0.2]",
                            datasets=["mnist"], config={...}, plot=lambda: draw(runs))

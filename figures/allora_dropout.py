@@ -368,7 +368,8 @@ def grad_std(ctx: Context, protocol: Protocol) -> Measurement:
         spe = _steps_per_epoch(base)
         base = base.replace(steps=epochs * spe, record_every=spe)
         configs[ds] = base.as_dict()
-        hists = engine.run_sweep([base.replace(seed=s) for s in ctx.seeds], device=ctx.device, progress=False)
+        hists = engine.run_sweep([base.replace(seed=s) for s in ctx.seeds], device=ctx.device, progress=False,
+                                 executor=ctx.executor, workers=ctx.workers)
         ep = hists[0]["step"] / spe
         per_seed = {"B": [_entry_stats(h["grad_std_B"]) for h in hists],
                     "A": [_entry_stats(h["grad_std_A"]) for h in hists]}
@@ -840,7 +841,7 @@ def dropout_epochs(ctx: Context, protocol: Protocol) -> Measurement:
     spe = _steps_per_epoch(base)
     base = base.replace(steps=epochs * spe, record_every=spe)
     configs = [base.replace(seed=s, dropout=p) for p in TAB5_RATES for s in ctx.seeds]
-    hists = engine.run_sweep(configs, device=ctx.device, progress=False)
+    hists = engine.run_sweep(configs, device=ctx.device, progress=False, executor=ctx.executor, workers=ctx.workers)
     acc = np.asarray([h["test_acc"] for h in hists]).reshape(len(TAB5_RATES), len(ctx.seeds), -1)  # rate, seed, ep
     ep = hists[0]["step"] / spe
     short = int(np.flatnonzero(ep == TAB5_SHORT_EPOCHS)[0])
