@@ -591,9 +591,12 @@ def _divergence_diagnosis(hist: dict, tau: float, alpha: float) -> dict:
 
     def at(k):
         ratio = np.divide(a[k], b[k], out=np.full_like(a[k], np.inf), where=b[k] > 0)
-        g = [_gamma_minus_one(a[k, i], b[k, i], tau, alpha) for i in range(a.shape[1])]
+        # a record taken while the run was blowing up can hold inf / NaN norms: gamma is then undefined (NaN)
+        g = [float(np.max(_gamma_minus_one(a[k, i], b[k, i], tau, alpha)))
+             if np.isfinite(a[k, i]).all() and np.isfinite(b[k, i]).all() else math.nan for i in range(a.shape[1])]
+        finite = [v for v in g if not math.isnan(v)]
         return {"step": float(hist["step"][k]), "max_a_over_b": float(np.max(ratio)),
-                "max_norm_a": float(np.max(a[k])), "max_gamma_minus_1": float(np.max(g))}
+                "max_norm_a": float(np.max(a[k])), "max_gamma_minus_1": max(finite) if finite else math.nan}
 
     return {"first": at(min(1, len(hist["step"]) - 1)), "last": at(len(hist["step"]) - 1)}
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from analysis.inputs import default_seed
-from figures.lowr import MAIN_LOWR, TAB5_GRID, _divergence_diagnosis, _setting_name, _tab5_criterion
+from figures.lowr import (
+    MAIN_LOWR,
+    TAB5_GRID,
+    _divergence_diagnosis,
+    _gamma_minus_one,
+    _setting_name,
+    _tab5_criterion,
+)
 
 
 def _samples(shift: dict, plus: float, seed: int = 0) -> dict:
@@ -135,3 +142,15 @@ def test_prop41_apart_for_every_n_and_the_closed_form_is_a_sanity_row():
                                       "closed_form": 1e-15}).verdict == "not reproduced"
     out = PROP41_CRITERION.evaluate(dict(far, closed_form=1e-3))  # a broken identity is reported, never decides
     assert out.verdict == "reproduced" and not out.passed["closed_form"]
+
+
+def test_divergence_diagnosis_survives_non_finite_records():
+    """A record taken while the run blew up (inf norms in one layer) gives NaN gamma there, not an error, and the
+    other layer's gamma is still reported."""
+    a = np.array([[[1.0, 2.0], [1.0, 1.0]], [[np.inf, 2.0], [1.0, 3.0]]])
+    b = np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.5], [1.0, 2.0]]])
+    hist = {"step": np.array([0.0, 10.0]), "channel_a": a, "channel_b": b}
+    diag = _divergence_diagnosis(hist, tau=10.0, alpha=1.0)
+    assert diag["last"]["max_norm_a"] == np.inf
+    expected = float(np.max(_gamma_minus_one(a[1, 1], b[1, 1], 10.0, 1.0)))
+    assert diag["last"]["max_gamma_minus_1"] == expected > 0
