@@ -36,6 +36,7 @@ __all__ = [
     "output_norm",
     "product_bound",
     "product_operator_norm",
+    "random_chain",
     "tight_instance",
 ]
 
@@ -156,6 +157,25 @@ def chain_terms(Ws: Sequence, As: Sequence, Bs: Sequence, eta: float, x) -> dict
         "m_bar": float(np.mean(m)),
         "C": C,
     }
+
+
+def random_chain(rng: np.random.Generator, L: int, d: int, r: int, m: float):
+    """A generic LoRA chain of Prop. 1: W_l (d, d) Gaussian / sqrt(d), A_l (r, d) Gaussian / sqrt(d), B_l (d, r)
+    Gaussian rescaled so that m_l = ||B_l A_l|| / ||W_l|| (spectral norms) = m u_l with u_l ~ U(0.5, 1.5); and
+    x (d,) Gaussian. Returns ``(Ws, As, Bs, x)``; draws, in this order, W_l, A_l, B_l, u_l for each layer, then x,
+    from ``rng`` (a caller may keep drawing from it, e.g. an output gradient)."""
+    L, d, r = positive_int("L", L), positive_int("d", d), positive_int("r", r)
+    m = finite_scalar("m", m, positive=True)
+    Ws, As, Bs = [], [], []
+    for _ in range(L):
+        W = rng.standard_normal((d, d)) / np.sqrt(d)
+        A = rng.standard_normal((r, d)) / np.sqrt(d)
+        B = rng.standard_normal((d, r))
+        B *= m * rng.uniform(0.5, 1.5) * np.linalg.norm(W, 2) / np.linalg.norm(B @ A, 2)
+        Ws.append(W)
+        As.append(A)
+        Bs.append(B)
+    return Ws, As, Bs, rng.standard_normal(d)
 
 
 def tight_instance(L: int, d: int, r: int, eta: float, m: float, seed: int = 0):

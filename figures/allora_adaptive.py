@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from analysis import adaptive
+from analysis import adaptive, ripple
 from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure
 from figures.criteria import Criterion, Recalibration, Rule, Test
@@ -261,24 +261,8 @@ def escape(ctx: Context, protocol: Protocol) -> Measurement:
 # ------------------------------------------------------------------------------------------------- Prop. 1
 
 
-def _random_chain(rng: np.random.Generator, L: int, d: int, r: int, m: float):
-    """A generic LoRA chain: Gaussian W_l (d, d) / sqrt(d), Gaussian A_l (r, d), B_l (d, r), B_l rescaled so that
-    m_l = ||B_l A_l|| / ||W_l|| = m u_l with u_l ~ U(0.5, 1.5); Gaussian x (d,)."""
-    Ws, As, Bs = [], [], []
-    for _ in range(L):
-        W = rng.standard_normal((d, d)) / np.sqrt(d)
-        A = rng.standard_normal((r, d)) / np.sqrt(d)
-        B = rng.standard_normal((d, r))
-        B *= m * rng.uniform(0.5, 1.5) * np.linalg.norm(W, 2) / np.linalg.norm(B @ A, 2)
-        Ws.append(W)
-        As.append(A)
-        Bs.append(B)
-    return Ws, As, Bs, rng.standard_normal(d)
-
-
 def _prefix_terms(Ws, As, Bs, x, eta: float) -> dict[str, np.ndarray]:
     """output (eta and 0), product and AM-GM bounds, and C ||x||, of every prefix chain (depth 1..L), via analysis.ripple."""
-    from analysis import ripple
 
     out = {k: [] for k in ("output", "output0", "product", "amgm", "C_x")}
     for depth in range(1, len(Ws) + 1):
@@ -309,7 +293,6 @@ PROP1_CRITERION = Criterion(
         claim="with a constant scaling eta the output norm ||f_L(x)|| can grow exponentially in depth L, at rate "
               "(1 + eta m_bar) per layer in the worst case")
 def ripple_depth(ctx: Context, protocol: Protocol) -> Measurement:
-    from analysis import ripple
 
     L_max = ctx.pick(quick=8, default=16)
     d, r, m = 16, 4, 0.5
@@ -348,7 +331,7 @@ def ripple_depth(ctx: Context, protocol: Protocol) -> Measurement:
     max_excess = 0.0
     for k in range(n_random):
         rng = np.random.default_rng([ctx.seeds[0], k])
-        t = _prefix_terms(*_random_chain(rng, L_max, d, r, m), eta_r)
+        t = _prefix_terms(*ripple.random_chain(rng, L_max, d, r, m), eta_r)
         ratios_out.append(t["output"] / t["amgm"])
         ratios_prod.append(t["product"] / t["amgm"])
         rates.append(float(np.polyfit(depths, np.log(t["output"] / t["C_x"]), 1)[0]))

@@ -170,18 +170,10 @@ def _ripple_config(base, name: str, eta: float, seed: int):
 
 
 def _random_chain(seed: int, L: int, d: int, r: int, m: float):
-    """Gaussian W_l / sqrt(d), A_l / sqrt(d), B_l rescaled to m_l = m U(0.5, 1.5); x, grad_out Gaussian."""
+    """:func:`analysis.ripple.random_chain` from the stream ``[seed, 20]``, and a Gaussian output gradient (d,)."""
     rng = np.random.default_rng([seed, 20])
-    Ws, As, Bs = [], [], []
-    for _ in range(L):
-        W = rng.standard_normal((d, d)) / np.sqrt(d)
-        A = rng.standard_normal((r, d)) / np.sqrt(d)
-        B = rng.standard_normal((d, r))
-        B *= m * rng.uniform(0.5, 1.5) * np.linalg.norm(W, 2) / np.linalg.norm(B @ A, 2)
-        Ws.append(W)
-        As.append(A)
-        Bs.append(B)
-    return Ws, As, Bs, rng.standard_normal(d), rng.standard_normal(d)
+    Ws, As, Bs, x = ripple.random_chain(rng, L, d, r, m)
+    return Ws, As, Bs, x, rng.standard_normal(d)
 
 
 def _chain_amplification(Ws, As, Bs, x, g, method: str, eta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -212,3 +212,24 @@ def test_bad_input():
         tight_instance(2, 4, 2, 1.0, -1.0)
     with pytest.raises(ValueError, match="d"):
         tight_instance(2, 1, 1, 1.0, 1.0)
+
+
+def test_random_chain_layer_ratios_shapes_and_stream():
+    """m_l = ||B_l A_l|| / ||W_l|| lies in m [0.5, 1.5] and differs between layers (so the AM-GM step is strict);
+    shapes follow torch.nn.Linear; the stream is reproducible and the caller can keep drawing from it."""
+    from analysis.ripple import random_chain
+
+    m = 0.5
+    Ws, As, Bs, x = random_chain(np.random.default_rng([SEED, 1]), 6, 10, 3, m)
+    assert [W.shape for W in Ws] == [(10, 10)] * 6 and [A.shape for A in As] == [(3, 10)] * 6
+    assert [B.shape for B in Bs] == [(10, 3)] * 6 and x.shape == (10,)
+    ratios = layer_ratios(Ws, As, Bs)
+    assert np.all(ratios >= 0.5 * m - 1e-12) and np.all(ratios <= 1.5 * m + 1e-12)
+    assert len(set(np.round(ratios, 12))) == 6
+    terms = chain_terms(Ws, As, Bs, 2.0, x)
+    assert terms["output"] <= terms["product"] <= terms["amgm"]
+    assert terms["product"] < terms["amgm"] * (1 - 1e-6)
+    again = random_chain(np.random.default_rng([SEED, 1]), 6, 10, 3, m)
+    np.testing.assert_array_equal(again[3], x)
+    with pytest.raises(ValueError, match="m"):
+        random_chain(np.random.default_rng(0), L=2, d=3, r=1, m=-1.0)

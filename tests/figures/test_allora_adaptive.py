@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from analysis import ripple
 from analysis.inputs import default_seed
 from figures import Context
 from figures._common import base_config
@@ -23,7 +22,6 @@ from figures.allora_adaptive import (
     _first_crossing,
     _loglog_slope,
     _paired,
-    _random_chain,
     _variant_config,
     _variants_table,
 )
@@ -51,19 +49,6 @@ def test_paired_marks_censored_samples_with_an_unbounded_interval():
     assert d["ci_high"] == math.inf and d["censored"] == 1 and d["ci_low"] == 1.0
     finite = _paired([1.0, 2.0, 3.0])
     assert finite["mean"] == pytest.approx(2.0) and finite["ci_low"] < 2.0 < finite["ci_high"]
-
-
-def test_random_chain_has_the_requested_layer_ratios():
-    rng = np.random.default_rng([default_seed(), 1])
-    m = 0.5
-    Ws, As, Bs, x = _random_chain(rng, 6, 10, 3, m)
-    assert [W.shape for W in Ws] == [(10, 10)] * 6 and As[0].shape == (3, 10) and Bs[0].shape == (10, 3)
-    ratios = ripple.layer_ratios(Ws, As, Bs)
-    assert np.all(ratios >= 0.5 * m - 1e-12) and np.all(ratios <= 1.5 * m + 1e-12)
-    assert len(set(np.round(ratios, 12))) == 6  # unequal m_l: the AM-GM step is strict on these chains
-    terms = ripple.chain_terms(Ws, As, Bs, 2.0, x)
-    assert terms["output"] <= terms["product"] <= terms["amgm"]
-    assert terms["product"] < terms["amgm"] * (1 - 1e-6)
 
 
 def test_variant_configs_follow_the_papers_learning_rates_scalings_and_dropout():
