@@ -20,7 +20,9 @@ How a sweep runs:
    called at exit, stops them), "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with
    ``ray.init(num_cpus=workers)``), "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds
    ``folder``, ``cluster`` ("slurm", "local", "debug") and any ``update_parameters`` keyword), or any
-   ``concurrent.futures.Executor``.
+   ``concurrent.futures.Executor`` (a process pool runs tasks in parallel; a thread pool runs them one at a
+   time, :func:`run_task` holds a per-process lock: the loop draws its dropout masks from torch's global RNG,
+   which the threads of a process share).
    Each worker writes each finished run to the run cache itself (atomic rename,
    :func:`toymodels.cache.atomic_write`), so the cache must be a file system every worker sees
    (``$LORA_THEORY_CACHE``; its path is sent with each task). Two sweeps, or two workers, finishing the same
@@ -45,8 +47,7 @@ Bit-for-bit equality whatever the executor and the worker count: each run's rand
 (the engines' streams), every task runs with the same torch thread count ``threads`` (default 1; recorded in the
 cache key by :meth:`FinetuneConfig.as_dict`) and as many numpy BLAS threads (what a callback's numpy sums
 depend on; a direct ``finetune`` call in a process with multi-threaded BLAS can differ from it in the last
-bits of such a callback's results, not in the training; a ``concurrent.futures`` thread pool shares one
-process's thread settings: use processes for bit-identity), and the batched engine's numbers depend only on its
+bits of such a callback's results, not in the training), and the batched engine's numbers depend only on its
 batch's set of configs (:func:`toymodels.batched.canonical_batch`), which the plan fixes. tests/toymodels/test_sweep.py checks
 ``np.array_equal`` on every history array across in-process, local processes, Ray and submitit.
 
@@ -71,6 +72,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -299,6 +301,9 @@ def _pinned_threads(threads: int):
         torch.set_num_threads(before)
 
 
+_TASK_LOCK = threading.RLock()  # see run_task
+
+
 def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, threads: int = 1,
              cache_root: str | None = None) -> list[dict[str, np.ndarray]]:
     """Train (or load) the runs of one task with ``threads`` torch threads; each finished run is written to the
@@ -310,7 +315,10 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
         keys = {run_cache.config_key(c.as_dict()) for c in task.configs}
         if os.environ[KILL_HOOK] in keys:
             os._exit(3)
-    with _pinned_threads(threads):
+    # One task at a time per process: the loop draws its dropout masks from torch's global RNG (seeded per run)
+    # and the thread counts are process-wide, so tasks sharing a process (a thread-pool executor) would interleave
+    # their draws; in a worker process of its own the lock is never contended.
+    with _TASK_LOCK, _pinned_threads(threads):
         if task.kind == "batched":
             return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
                                                 on_diverge="return")
