@@ -79,9 +79,9 @@ _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults
 def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
     """The configs as a list if :func:`finetune_many` can run them together; else ValueError naming the field.
 
-    Each config must use method "lora" in float32 without expected-loss training, LoRA+ or LoWR, and record only
-    :data:`RECORDERS` ("moments" and "grad_std" are not implemented here); every field other than seed,
-    dropout, lr and scaling must be the same in all configs.
+    Each config must use method "lora" in float32 with the ReLU activation, without expected-loss training, LoRA+
+    or LoWR, and record only :data:`RECORDERS` ("moments" and "grad_std" are not implemented here); every field
+    other than seed, dropout, lr and scaling must be the same in all configs.
     """
     if isinstance(configs, FinetuneConfig):
         configs = [configs]
@@ -102,6 +102,9 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
             raise ValueError(f"lowr must be None for the batched engine, got {c.lowr!r}")
         if c.dtype != "float32":
             raise ValueError(f"dtype must be 'float32' for the batched engine, got {c.dtype!r}")
+        if c.activation != "relu":
+            raise ValueError(f"activation must be 'relu' for the batched engine, got {c.activation!r} "
+                             "(use toymodels.train.finetune)")
         bad = [r for r in c.recorders if r not in RECORDERS]
         if bad:
             raise ValueError(f"recorders must be among {RECORDERS} for the batched engine, got {bad}")

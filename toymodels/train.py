@@ -43,7 +43,7 @@ from toymodels.lora import (
     lora_modules,
     lora_plus_param_groups,
 )
-from toymodels.mlp import MLP, auto_device
+from toymodels.mlp import MLP, auto_device, check_activation
 
 ENGINE_VERSION = 1
 
@@ -133,6 +133,7 @@ class FinetuneConfig:
     n_test: int | None = None
     task_shift: str | None = None
     widths: tuple[int, ...] = (784, 256, 256, 10)
+    activation: str = "relu"  # the MLP's hidden activation, toymodels.mlp.ACTIVATIONS ("identity": deep linear)
     pretrain_steps: int = 500
     pretrain_lr: float = 1e-3
     pretrain_batch: int = 128
@@ -172,6 +173,7 @@ class FinetuneConfig:
         object.__setattr__(self, "recorders", tuple(self.recorders))
         if self.dataset not in datasets.DATASETS:
             raise ValueError(f"dataset must be one of {datasets.DATASETS}, got {self.dataset!r}")
+        check_activation(self.activation)
         for name in ("n_pretrain", "n_finetune", "pretrain_steps", "pretrain_batch", "r", "steps", "record_every",
                      "grad_std_masks"):
             positive_int(name, getattr(self, name))
@@ -241,13 +243,18 @@ class FinetuneConfig:
         return d
 
     def pretrain_dict(self) -> dict:
+        """The pretrained model's cache key (the late fields that shape it enter only off their default)."""
         keys = ("dataset", "n_pretrain", "n_finetune", "n_test", "task_shift", "widths", "pretrain_steps",
                 "pretrain_lr", "pretrain_batch", "seed")
-        return {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(),
-                **{k: getattr(self, k) for k in keys}}
+        d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(),
+             **{k: getattr(self, k) for k in keys}}
+        if self.activation != _LATE_FIELDS["activation"]:
+            d["activation"] = self.activation
+        return d
 
 
-_LATE_FIELDS = {"dtype": "float32"}  # fields added after the first cached runs, and their defaults
+# fields added after the first cached runs, and their defaults (a config at the default keeps its old key)
+_LATE_FIELDS = {"dtype": "float32", "activation": "relu"}
 
 
 def datasets_input_dim(name: str) -> int:
@@ -320,13 +327,14 @@ def evaluate(model: nn.Module, split: datasets.Split, loss_kind: str) -> tuple[f
 
 
 def layer_inputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
-    """The input of every layer of the MLP for input ``x`` (layer i gets the ReLU of layer i-1's output)."""
+    """The input of every layer of the MLP for input ``x`` (layer i gets the activation, :meth:`MLP.act`, of layer
+    i-1's output)."""
     inputs = []
     for i, layer in enumerate(model.layers):
         inputs.append(x)
         x = layer(x)
         if i < len(model.layers) - 1:
-            x = torch.relu(x)
+            x = model.act(x)
     return inputs
 
 
@@ -346,7 +354,7 @@ def pretrain(cfg: FinetuneConfig, device: torch.device | None = None, *, use_cac
     def compute():
         streams.seed_global("pretrain")
         data = protocol_data(cfg, device)
-        model = MLP(cfg.widths, seed=streams.seed("pretrain"), device=device)
+        model = MLP(cfg.widths, seed=streams.seed("pretrain"), device=device, activation=cfg.activation)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain_lr)
         x, y = data.pretrain
         for idx in minibatches(len(y), cfg.pretrain_batch, cfg.pretrain_steps, streams.generator("pretrain")):
@@ -357,7 +365,7 @@ def pretrain(cfg: FinetuneConfig, device: torch.device | None = None, *, use_cac
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
     state = run_cache.cached("pretrain", cfg.pretrain_dict(), compute) if use_cache else compute()
-    model = MLP(cfg.widths, seed=cfg.seed, device=device)
+    model = MLP(cfg.widths, seed=cfg.seed, device=device, activation=cfg.activation)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
     return model
 
@@ -502,11 +510,11 @@ def _frozen_prefix(cfg: FinetuneConfig) -> int:
 
 
 def _forward_from(model: MLP, start: int, h: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` given ``h``, the ReLU output of layer ``start - 1`` (the input of layer ``start``): the same
-    operations as :meth:`MLP.forward` from there on."""
+    """``model(x)`` given ``h``, the activated output of layer ``start - 1`` (the input of layer ``start``): the
+    same operations as :meth:`MLP.forward` from there on."""
     last = len(model.layers) - 1
     for i in range(start, last):
-        h = torch.relu(model.layers[i](h))
+        h = model.act(model.layers[i](h))
     return model.layers[last](h)
 
 
@@ -548,7 +556,7 @@ class TrainingRun:
         self.h_frozen = x
         with torch.no_grad():  # the frozen layers' output on the full batch: the same numbers at every step
             for i in range(self.start):
-                self.h_frozen = torch.relu(model.layers[i](self.h_frozen))
+                self.h_frozen = model.act(model.layers[i](self.h_frozen))
         self._done = False
 
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
