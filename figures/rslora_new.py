@@ -8,7 +8,8 @@ r -> infinity at fixed width d, so with gamma_r = alpha r^-beta the root-mean-sq
 r^(1 - 2 beta): exponent 0 for rsLoRA (beta = 1/2), -1 for LoRA (beta = 1). ERRATA.md (rank stabilization, item 2)
 shows that this holds only for r >> d (for r << d the dropped terms give r^(1/2 - 2 beta)); the deep-network
 figures here therefore use a narrow MLP (width 4, synthetic Gaussian task, ``dataset="synthetic"``) and ranks
-32..512 >> d, trained with plain SGD (the theorem's optimizer). The rank-subset figure uses the MNIST protocol
+32..512 >> d, trained with plain SGD (the theorem's optimizer); the multilayer figure measures it both with ReLU
+and without activation (a deep linear network, ``FinetuneConfig(activation="identity")``). The rank-subset figure uses the MNIST protocol
 (:func:`figures._common.base_config`) and Adam, like the paper's fig. 7.
 
 Exponents are fitted per seed (least squares of log RMS against log r) and summarised over seeds with a t-interval;
@@ -129,84 +130,125 @@ def layer_rms(runs: dict, method: str, ranks) -> np.ndarray:
 
 N_DEEP_LAYERS = len(DEEP_WIDTHS) - 1
 MULTILAYER_STEPS = 100
+# the two deep networks of the issue ("a deep MLP (linear and ReLU)"): network -> toymodels.mlp activation
+NETWORKS = {"relu": "relu", "linear": "identity"}
+NETWORK_LABEL = {"relu": "ReLU MLP", "linear": "deep linear network (no activation)"}
 _WHY_EQ = (f"+-{MARGIN}: a quarter-decade of RMS change over r = 32..512 is 'Theta(1)' for exponent 0; the "
            f"finite-rank bias of the one-layer closed form is 0.03 at r >= 32, d = 4")
 
+
+def _multilayer_tests(net: str) -> tuple[Test, ...]:
+    label = NETWORK_LABEL[net]
+    return (
+        tuple(Test(f"{net}_rslora_{i}", f"{label}: exponent of r of layers.{i}'s adapter-output RMS, rsLoRA "
+                   "(per seed)", "equivalent", margin=MARGIN, why=_WHY_EQ) for i in range(N_DEEP_LAYERS))
+        + tuple(Test(f"{net}_lora_{i}", f"{label}: exponent of r of layers.{i}'s adapter-output RMS, LoRA "
+                     "(per seed)", "equivalent", margin=(-1 - MARGIN, -1 + MARGIN),
+                     why=_WHY_EQ.replace("exponent 0", "exponent -1 (the theorem)"))
+                for i in range(N_DEEP_LAYERS))
+        + tuple(Test(f"{net}_gap_{i}", f"{label}, layers.{i}: rsLoRA's exponent minus LoRA's (paired by seed)",
+                     "greater", margin=0.0, why="the weaker, directional form: rsLoRA is flatter in r than LoRA")
+                for i in range(N_DEEP_LAYERS)))
+
+
 MULTILAYER = Criterion(
-    tests=tuple(
-        Test(f"rslora_{i}", f"exponent of r of layers.{i}'s adapter-output RMS, rsLoRA (per seed)", "equivalent",
-             margin=MARGIN, why=_WHY_EQ) for i in range(N_DEEP_LAYERS))
-    + tuple(Test(f"lora_{i}", f"exponent of r of layers.{i}'s adapter-output RMS, LoRA (per seed)", "equivalent",
-                 margin=(-1 - MARGIN, -1 + MARGIN), why=_WHY_EQ.replace("exponent 0", "exponent -1 (the theorem)"))
-            for i in range(N_DEEP_LAYERS))
-    + tuple(Test(f"gap_{i}", f"layers.{i}: rsLoRA's exponent minus LoRA's (paired by seed)", "greater", margin=0.0,
-                 why="the weaker, directional form: rsLoRA is flatter in r than LoRA")
-            for i in range(N_DEEP_LAYERS)),
-    rule=Rule(reproduced=tuple(f"rslora_{i}" for i in range(N_DEEP_LAYERS))
-              + tuple(f"lora_{i}" for i in range(N_DEEP_LAYERS)),
-              partially=(tuple(f"gap_{i}" for i in range(N_DEEP_LAYERS)),)),
-    note="exponents fitted per seed by least squares of ln RMS on ln r; every layer of the deep network adapted",
+    tests=tuple(t for net in NETWORKS for t in _multilayer_tests(net)),
+    rule=Rule(reproduced=tuple(f"{net}_{m}_{i}" for net in NETWORKS for m in ("rslora", "lora")
+                               for i in range(N_DEEP_LAYERS)),
+              partially=(tuple(f"{net}_gap_{i}" for net in NETWORKS for i in range(N_DEEP_LAYERS)),)),
+    note="exponents fitted per seed by least squares of ln RMS on ln r; every layer of the deep network adapted; "
+         "the same seeds, data and ranks for the ReLU MLP and the deep linear network (Holm over both)",
 )
 
 
+def multilayer_runs(ctx: Context, settings: dict) -> dict:
+    """{network: {(method, r): [history per seed]}} of the deep networks of :data:`NETWORKS` after
+    :data:`MULTILAYER_STEPS` steps (one sweep for both; the ReLU runs are :func:`deep_config`'s, run cache shared
+    with rslora-trajectory's n = 100)."""
+    keys = [(net, m, r, s) for net in NETWORKS for m in METHODS for r in deep_ranks(ctx) for s in ctx.seeds]
+    cfgs = [deep_config(s, r=r, scaling=m, steps=MULTILAYER_STEPS, **{**settings, "activation": NETWORKS[net]})
+            for net, m, r, s in keys]
+    hists = run_sweep(cfgs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False)
+    out: dict = {net: {} for net in NETWORKS}
+    for (net, m, r, _), h in zip(keys, hists, strict=True):
+        out[net].setdefault((m, r), []).append(h)
+    return out
+
+
 @figure("rslora-multilayer", paper="rsLoRA sec. 3 (after thm. 3.2)",
-        claim="applied inductively through a deep network with adapters on every layer, every layer's adapter output "
-              "RMS scales as r^(1-2beta): rank-independent for rsLoRA (exponent 0), r^-1 for LoRA (r >> width)",
+        claim="applied inductively through a deep network (linear and ReLU) with adapters on every layer, every "
+              "layer's adapter output RMS scales as r^(1-2beta): rank-independent for rsLoRA (exponent 0), r^-1 "
+              "for LoRA (r >> width)",
         criterion=MULTILAYER, protocols=DEEP_PROTOCOLS)
 def multilayer(ctx: Context, protocol: Protocol) -> Measurement:
     ranks = deep_ranks(ctx)
-    runs = _deep_runs(ctx, (MULTILAYER_STEPS,), protocol.settings)[MULTILAYER_STEPS]
+    runs = multilayer_runs(ctx, protocol.settings)
     logr = np.log(ranks)
-    rms = {m: layer_rms(runs, m, ranks) for m in METHODS}
-    slopes = {m: np.stack([seed_slopes(logr, np.log(rms[m][:, :, i])) for i in range(N_DEEP_LAYERS)], axis=1)
-              for m in METHODS}  # (seeds, layers)
-    samples, layers = {}, {}
-    for i in range(N_DEEP_LAYERS):
-        samples[f"rslora_{i}"] = slopes["rslora"][:, i]
-        samples[f"lora_{i}"] = slopes["lora"][:, i]
-        samples[f"gap_{i}"] = slopes["rslora"][:, i] - slopes["lora"][:, i]
-        layers[f"layers.{i}"] = {m: {"rms_exponent": _ci(slopes[m][:, i]),
-                                     "rms": {str(r): _ci(rms[m][:, j, i]) for j, r in enumerate(ranks)}}
-                                 for m in METHODS}
+    samples: dict = {}
+    networks: dict = {}
+    rms: dict = {}
+    for net in NETWORKS:
+        rms[net] = {m: layer_rms(runs[net], m, ranks) for m in METHODS}  # (seeds, ranks, layers)
+        slopes = {m: np.stack([seed_slopes(logr, np.log(rms[net][m][:, :, i])) for i in range(N_DEEP_LAYERS)],
+                              axis=1) for m in METHODS}  # (seeds, layers)
+        layers = {}
+        for i in range(N_DEEP_LAYERS):
+            samples[f"{net}_rslora_{i}"] = slopes["rslora"][:, i]
+            samples[f"{net}_lora_{i}"] = slopes["lora"][:, i]
+            samples[f"{net}_gap_{i}"] = slopes["rslora"][:, i] - slopes["lora"][:, i]
+            layers[f"layers.{i}"] = {m: {"rms_exponent": _ci(slopes[m][:, i]),
+                                         "rms": {str(r): _ci(rms[net][m][:, j, i]) for j, r in enumerate(ranks)}}
+                                     for m in METHODS}
+        networks[net] = {"activation": NETWORKS[net], "layers": layers,
+                         "mean_exponent_over_layers": {m: float(np.nanmean(slopes[m])) for m in METHODS}}
     measured = {"ranks": list(ranks), "widths": list(DEEP_WIDTHS), "steps": MULTILAYER_STEPS,
-                "protocol": protocol.settings, "alpha": DEEP_ALPHA, "layers": layers}
-    parts = [f"layers.{i}: rsLoRA {_fmt(layers[f'layers.{i}']['rslora']['rms_exponent'], 2)}, LoRA "
-             f"{_fmt(layers[f'layers.{i}']['lora']['rms_exponent'], 2)}" for i in range(N_DEEP_LAYERS)]
+                "protocol": protocol.settings, "alpha": DEEP_ALPHA, "networks": networks}
+
+    def net_summary(net):
+        lay = networks[net]["layers"]
+        return f"{NETWORK_LABEL[net]}: " + "; ".join(
+            f"layers.{i}: rsLoRA {_fmt(lay[f'layers.{i}']['rslora']['rms_exponent'], 2)}, LoRA "
+            f"{_fmt(lay[f'layers.{i}']['lora']['rms_exponent'], 2)}" for i in range(N_DEEP_LAYERS))
+
     summary = (f"Exponent of r of each layer's adapter-output RMS after {MULTILAYER_STEPS} steps (width "
-               f"{DEEP_WIDTHS[0]}, r = {list(ranks)}, {len(ctx.seeds)} seeds; theorem 0 rsLoRA, -1 LoRA): "
-               + "; ".join(parts) + ".")
+               f"{DEEP_WIDTHS[0]}, r = {list(ranks)}, {len(ctx.seeds)} seeds; theorem 0 rsLoRA, -1 LoRA). "
+               + ". ".join(net_summary(net) for net in NETWORKS) + ".")
 
     def plot():
-        fig, axes = new_figure(2, 1, width=4.6, height=3.6)
-        ax = axes[0, 0]
-        for m in METHODS:
-            shades = sns.color_palette("Oranges" if m == "lora" else "Blues", N_DEEP_LAYERS + 2)[2:]
-            for i in range(N_DEEP_LAYERS):
-                ax.plot(ranks, np.exp(np.log(rms[m][:, :, i]).mean(0)), marker="o", ls="--" if m == "lora" else "-",
-                        color=shades[i], label=f"{m}, layers.{i}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("rank r")
-        ax.set_ylabel(f"adapter-output RMS after {MULTILAYER_STEPS} steps (geo. mean)")
-        ax.set_title(f"width {DEEP_WIDTHS[0]}, {N_DEEP_LAYERS} adapted ReLU layers, {protocol.name}", fontsize=8)
-        ax.legend(fontsize=6, ncol=2)
-        ax = axes[0, 1]
-        x = np.arange(N_DEEP_LAYERS)
-        for off, m in ((-0.1, "lora"), (0.1, "rslora")):
-            _errorbars(ax, x + off, [layers[f"layers.{i}"][m]["rms_exponent"] for i in range(N_DEEP_LAYERS)],
-                       fmt="o", color=METHOD_COLOR[m], label=METHOD_LABEL[m])
-            ax.axhspan(PREDICTED_RMS_EXPONENT[m] - MARGIN, PREDICTED_RMS_EXPONENT[m] + MARGIN,
-                       color=METHOD_COLOR[m], alpha=0.12)
-        ax.set_xticks(x, [f"layers.{i}" for i in x])
-        ax.set_ylabel("exponent of r (95% CI over seeds)")
-        ax.set_title("bands: theorem +- equivalence margin", fontsize=8)
-        ax.legend(fontsize=7)
+        fig, axes = new_figure(2, len(NETWORKS), width=4.6, height=3.4)
+        for row, net in enumerate(NETWORKS):
+            lay = networks[net]["layers"]
+            ax = axes[row, 0]
+            for m in METHODS:
+                shades = sns.color_palette("Oranges" if m == "lora" else "Blues", N_DEEP_LAYERS + 2)[2:]
+                for i in range(N_DEEP_LAYERS):
+                    ax.plot(ranks, np.exp(np.log(rms[net][m][:, :, i]).mean(0)), marker="o",
+                            ls="--" if m == "lora" else "-", color=shades[i], label=f"{m}, layers.{i}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(f"adapter-output RMS after {MULTILAYER_STEPS} steps (geo. mean)", fontsize=7)
+            ax.set_title(f"{NETWORK_LABEL[net]}: width {DEEP_WIDTHS[0]}, {N_DEEP_LAYERS} adapted layers, "
+                         f"{protocol.name}", fontsize=8)
+            ax.legend(fontsize=6, ncol=2)
+            ax = axes[row, 1]
+            x = np.arange(N_DEEP_LAYERS)
+            for off, m in ((-0.1, "lora"), (0.1, "rslora")):
+                _errorbars(ax, x + off, [lay[f"layers.{i}"][m]["rms_exponent"] for i in range(N_DEEP_LAYERS)],
+                           fmt="o", color=METHOD_COLOR[m], label=METHOD_LABEL[m])
+                ax.axhspan(PREDICTED_RMS_EXPONENT[m] - MARGIN, PREDICTED_RMS_EXPONENT[m] + MARGIN,
+                           color=METHOD_COLOR[m], alpha=0.12)
+            ax.set_xticks(x, [f"layers.{i}" for i in x])
+            ax.set_ylabel("exponent of r (95% CI over seeds)")
+            ax.set_title(f"{NETWORK_LABEL[net]}; bands: theorem +- equivalence margin", fontsize=8)
+            ax.legend(fontsize=7)
         return fig
 
     config = {"base": deep_config(ctx.seeds[0], r=ranks[0], scaling="lora", steps=MULTILAYER_STEPS,
                                   **protocol.settings).as_dict(),
-              "varies": {"r": list(ranks), "scaling": list(METHODS), "seed": list(ctx.seeds)}}
-    key = {f"rslora_layers.{i}": layers[f"layers.{i}"]["rslora"]["rms_exponent"]["mean"] for i in range(N_DEEP_LAYERS)}
+              "varies": {"activation": list(NETWORKS.values()), "r": list(ranks), "scaling": list(METHODS),
+                         "seed": list(ctx.seeds)}}
+    key = {f"{net}_{m}": networks[net]["mean_exponent_over_layers"][m] for net in NETWORKS for m in METHODS}
     return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["synthetic"],
                        config=config, plot=plot)
 
