@@ -240,7 +240,7 @@ def multilayer(ctx: Context, protocol: Protocol) -> Measurement:
                            color=METHOD_COLOR[m], alpha=0.12)
             ax.set_xticks(x, [f"layers.{i}" for i in x])
             ax.set_ylabel("exponent of r (95% CI over seeds)")
-            ax.set_title(f"{NETWORK_LABEL[net]}; bands: theorem +- equivalence margin", fontsize=8)
+            ax.set_title(f"{NETWORK_LABEL[net].split(' (')[0]}; bands: theorem +- equivalence margin", fontsize=8)
             ax.legend(fontsize=7)
         return fig
 
