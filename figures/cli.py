@@ -36,10 +36,6 @@ def _jsonable(obj):
     return obj
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)  # the package's one atomic write (toymodels.cache)
-
-
 def _legacy_protocol(result: Result) -> dict:
     """The one protocol record of a figure not yet declared with a criterion (rule still in its code)."""
     return {"name": "as run", "protocol": {}, "primary": True, "paper": False, "verdict": result.verdict,
@@ -89,7 +85,7 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
         result.figure.savefig(tmp, dpi=110, format="png")
         os.replace(tmp, out / f"{fig_id}.png")
         plt.close(result.figure)
-    _atomic_write(out / f"{fig_id}.json", json.dumps(_jsonable(record), indent=2).encode())
+    atomic_write_bytes(out / f"{fig_id}.json", json.dumps(_jsonable(record), indent=2).encode())
     return record
 
 
@@ -204,7 +200,7 @@ def write_gallery(out: Path) -> Path:
         lines += ["", "Figures whose rule is not yet declared as data (the rule is stated in their summary): "
                   + ", ".join(legacy) + "."]
     path = out / "README.md"
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 

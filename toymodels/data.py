@@ -192,12 +192,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` into a temporary file next to ``path``, then ``os.replace``
-    (:func:`toymodels.cache.atomic_write`, the one atomic write of the package)."""
-    atomic_write(path, write)
-
-
 def _validate_arrays(name: str, arrays: Mapping[str, np.ndarray]) -> None:
     """Shapes (N, D) uint8 images, (N,) labels in 0..9, matching N; raise ValueError otherwise."""
     dim = DIMS[name]
@@ -213,7 +207,7 @@ def _validate_arrays(name: str, arrays: Mapping[str, np.ndarray]) -> None:
 
 def _write_cache(name: str, arrays: Mapping[str, np.ndarray], source: str) -> tuple[Path, dict]:
     npz, sidecar = cache_paths(name)
-    _atomic_write(npz, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(npz, lambda f: np.savez_compressed(f, **arrays))
     meta = {
         "format": _CACHE_FORMAT,
         "name": name,
@@ -223,7 +217,7 @@ def _write_cache(name: str, arrays: Mapping[str, np.ndarray], source: str) -> tu
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return npz, meta
 
 

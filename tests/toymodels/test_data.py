@@ -278,20 +278,6 @@ def test_cache_round_trip_and_atomic_files(tmp_path, private_cache):
     assert data.available("cifar10")[1].startswith("cache")
 
 
-def test_atomic_write_failure_keeps_the_old_file(tmp_path):
-    target = tmp_path / "f.bin"
-    target.write_bytes(b"old")
-
-    def boom(f):
-        f.write(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        data._atomic_write(target, boom)
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
-
-
 def _flip_byte(path):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
