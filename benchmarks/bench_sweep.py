@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from benchmarks.bench_finetune import machine  # one description of the machine for every benchmark
 from toymodels import train
 from toymodels.train import FinetuneConfig
 
@@ -73,17 +73,6 @@ def timed(fn):
 def same_bits(a, b) -> bool:
     return all(set(x) == set(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
                for x, y in zip(a, b, strict=True))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, numpy {np.__version__}, "
-            f"Python {platform.python_version()}")
 
 
 def load() -> str:
