@@ -168,10 +168,7 @@ def cases(steps: int) -> list[tuple[str, str, int, Callable]]:
             (f"{tag} (c) batched K=16 (1 seed x 16 lr)", "c", 16, lambda cs=one_seed: batched_engine(cs)),
             (f"{tag} (c) batched K=16 (4 seeds x 4 lr)", "c", 16, lambda cs=four_seeds: batched_engine(cs)),
         ]
-        if p > 0:
-            out.append((f"{tag} (c) batched K=16 (4 seeds x 4 lr), fast masks", "c", 16,
-                        lambda cs=four_seeds: batched_engine(cs, masks="fast")))
-        else:
+        if p == 0:
             out.append((f"{tag} (d) torch.func vmap K=16 (1 seed, 1 lr)", "d", 16,
                         lambda c=c: torch_func([c] * 16)))
     return out

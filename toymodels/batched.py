@@ -8,12 +8,10 @@ sequential run, step for step:
 - same pretrained model, data subsets and LoRA initialisation: taken from :func:`train.build_finetune_model`
   and :func:`train.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
 - same mini-batches: :func:`train.minibatches` with a generator seeded ``seed + 3``;
-- same dropout masks: the sequential engine seeds the global RNG with ``seed + 2`` and draws, at every step, one
-  mask per LoRA layer in layer order (``empty_like(input).bernoulli_(1 - p).div_(1 - p)``: what
-  ``nn.Dropout`` does on CPU), shape (batch, d_in) for the input placement, (batch, r) for the bottleneck. Here
-  each run has its own CPU generator seeded ``seed + 2`` that draws the same masks in the same order. On a GPU
-  they are still drawn on the CPU and copied, so a batched run there gives the CPU numbers (up to rounding);
-  the sequential engine on a GPU draws from the CUDA generator instead (the run cache's key holds no device);
+- same dropout masks: both engines draw them from the run's :class:`toymodels.masks.MaskStream` ("masks" seed,
+  ``seed + 2``), at every step one mask per LoRA layer in layer order, shape (batch, d_in) for the input
+  placement, (batch, r) for the bottleneck; drawn on the CPU and copied, so the masks are the same on every
+  device;
 - same optimizer arithmetic: torch's single-tensor SGD / Adam / AdamW update, elementwise, on a flat buffer
   that holds all K runs' parameters (Adam is elementwise, so per-run Adam on a stacked tensor is per-run Adam).
 
@@ -40,9 +38,9 @@ Why it is faster (measured in benchmarks/bench_finetune.py, see BENCHMARKS.md):
    is not dropped out, is one (m r, n) x (n, d) product per seed.
 3. One optimizer update for all runs and parameters: a handful of elementwise kernels on one flat buffer.
 
-With dropout the masks cost more than the rest of a step (torch's CPU ``bernoulli_`` is serial, ~5 ns per entry
-here); ``masks="fast"`` draws them from per-run PCG64 streams instead, ~3.5x cheaper, at the price of numbers
-that differ from the sequential engine's.
+With dropout the masks are drawn per run from numpy's PCG64 (~1.2 ns per entry here; torch's serial CPU
+``bernoulli_``, which both engines used before :mod:`toymodels.masks`, cost ~6.6 ns per entry and was the
+largest single cost of a step).
 
 Shapes follow torch.nn.Linear / PEFT: A (r, d_in), B (d_out, r), layer output x W^T + b + s drop(x) A^T B^T
 (input placement) or x W^T + b + s drop(x A^T) B^T (bottleneck, ALLoRA eq. 1).
@@ -61,13 +59,13 @@ from analysis.inputs import positive_int
 from toymodels import cache as run_cache
 from toymodels import train
 from toymodels.lora import LoRALinear, scaling_factor
+from toymodels.masks import SCHEME as MASK_SCHEME
+from toymodels.masks import scale as scaled_mask
 from toymodels.mlp import auto_device
 from toymodels.train import FinetuneConfig
 
 NAMESPACE = "finetune-batched"  # not the sequential engine's "finetune": equal to rounding, not to the bit
 BATCHED_VERSION = 2  # part of the cache key: change it when the engine's arithmetic changes
-MASKS = ("exact", "fast")
-FAST_MASKS = "pcg64-u32-v1"  # part of the cache key of fast-mask runs: change it when the scheme changes
 VARYING = ("seed", "dropout", "lr", "scaling")
 RECORDERS = ("loss", "norms", "rows", "channels", "grads")
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as train.make_optimizer uses them
@@ -123,7 +121,7 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
 
 
 def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device | None = None, *,
-                  masks: str = "exact", mask_threads: int | None = None, use_cache: bool = True,
+                  mask_threads: int | None = None, use_cache: bool = True,
                   refresh: bool = False, on_diverge: str = "raise") -> list[dict[str, np.ndarray]]:
     """Run (or load from the cache) many fine-tuning runs together; one history per config, in order.
 
@@ -138,30 +136,25 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     :func:`train.finetune`, ``on_diverge="raise"`` raises :class:`train.TrainingDiverged` (after every run has
     been cached), ``"return"`` returns the histories.
 
-    ``masks``: "exact" (default) draws each run's dropout masks from the sequential engine's stream, so the
-    runs are the sequential runs (to rounding). "fast" draws them from a per-run PCG64 stream
-    (:func:`fast_mask_stream`; one 32-bit word w per entry, kept if w < (1 - p) 2^32, so the keep probability
-    is 1 - p to 2^-32): about 3x cheaper than torch's CPU ``bernoulli_`` (two mt19937 words per entry,
-    serial), the same distribution, other numbers (cached under another key, :func:`cache_entry`). Runs
-    without dropout are the same either way. ``mask_threads``: threads drawing the runs' masks in parallel (the masks do not depend on it).
+    Each run draws its dropout masks from its own :class:`toymodels.masks.MaskStream`, the sequential engine's
+    stream, so the runs are the sequential runs (to rounding). ``mask_threads``: threads drawing the runs'
+    masks in parallel (the masks do not depend on it).
     Default: 1 on the CPU, where extra threads compete with torch's own (measured: slower on 2 cores);
     ``torch.get_num_threads()`` when training on another device, which leaves the CPU free for the masks.
     """
     configs = check_batchable(configs)
-    if masks not in MASKS:
-        raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
     if mask_threads is not None:
         mask_threads = positive_int("mask_threads", mask_threads)
     if on_diverge not in ("raise", "return"):
         raise ValueError(f"on_diverge must be 'raise' or 'return', got {on_diverge!r}")
     dev = auto_device(device)
     batch = canonical_batch(configs)
-    entries = {c: cache_entry(c, masks, batch) for c in batch}
+    entries = {c: cache_entry(c, batch) for c in batch}
     paths = {c: _path(ns, run_cache.config_key(d)) for c, (ns, d) in entries.items()}
     found = {c: run_cache.load(paths[c]) for c in batch} if use_cache and not refresh else {}
     missing = [c for c in batch if found.get(c) is None]
     if missing:  # the batch is the unit of computation: trained whole, so every run gets the same bits
-        hists = _Batch(batch, dev, masks, mask_threads).run()
+        hists = _Batch(batch, dev, mask_threads).run()
         for c, hist in zip(batch, hists, strict=True):
             if use_cache and (refresh or c in missing):
                 run_cache.save(paths[c], hist, entries[c][1])
@@ -174,26 +167,25 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     return results  # type: ignore[return-value]
 
 
-def cache_entry(cfg: FinetuneConfig, masks: str = "exact",
-                batch: Sequence[FinetuneConfig] | None = None) -> tuple[str, dict]:
+def cache_entry(cfg: FinetuneConfig, batch: Sequence[FinetuneConfig] | None = None) -> tuple[str, dict]:
     """(namespace, configuration dict) under which the batched engine caches a run trained in ``batch``.
 
     Not the sequential engine's entry ("finetune", ``cfg.as_dict()``): the numbers agree only to float32
     rounding (the sums run in another order), and the cache keys the last bits of a run (its key even holds
     torch's thread count for that reason), so each engine keeps its own. The dict is ``cfg.as_dict()`` plus
-    the engine version, the mask stream ("none" without dropout, "sequential" for masks="exact",
-    :data:`FAST_MASKS` for masks="fast") and ``batch``: the digest of the batch the run was trained in
+    the engine version, the mask stream ("none" without dropout, else :data:`toymodels.masks.SCHEME`) and
+    ``batch``: the digest of the batch the run was trained in
     (:func:`batch_digest`; ``None`` means the run alone). The last bits of a run depend on its batch (the
     runs of a seed share one base matmul, whose blocking depends on how many they are; one lr for the batch
     takes another Adam path than per-run lrs), so a run is cached per batch and a cache hit is always the
     very numbers this batch would compute, whatever ran before.
     """
     batch = [cfg] if batch is None else list(batch)
-    return NAMESPACE, {**_run_entry(cfg, masks), "batch": batch_digest(batch, masks)}
+    return NAMESPACE, {**_run_entry(cfg), "batch": batch_digest(batch)}
 
 
-def _run_entry(cfg: FinetuneConfig, masks: str) -> dict:
-    stream = "none" if cfg.dropout == 0 else ("sequential" if masks == "exact" else FAST_MASKS)
+def _run_entry(cfg: FinetuneConfig) -> dict:
+    stream = "none" if cfg.dropout == 0 else MASK_SCHEME
     return {**cfg.as_dict(), "batched_engine": BATCHED_VERSION, "masks": stream}
 
 
@@ -205,15 +197,10 @@ def canonical_batch(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
     return sorted(unique, key=lambda c: (c.seed, run_cache.config_key(c.as_dict())))
 
 
-def batch_digest(batch: Sequence[FinetuneConfig], masks: str = "exact") -> str:
+def batch_digest(batch: Sequence[FinetuneConfig]) -> str:
     """SHA-256 of the sorted keys of the batch's distinct runs (part of each run's cache key)."""
-    keys = sorted({run_cache.config_key(_run_entry(c, masks)) for c in batch})
+    keys = sorted({run_cache.config_key(_run_entry(c)) for c in batch})
     return run_cache.config_key({"runs": keys})
-
-
-def fast_mask_stream(seed: int) -> np.random.Generator:
-    """The masks="fast" stream of a run: PCG64 seeded by (seed, a fixed tag), independent of the other runs."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0xD209])))
 
 
 def _path(namespace: str, key: str):
@@ -221,12 +208,6 @@ def _path(namespace: str, key: str):
 
 
 # ------------------------------------------------------------------------------------------------- the engine
-
-
-def draw_mask(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
-    """The scaled dropout mask nn.Dropout(p) draws on CPU for an input of ``shape`` (ATen's _dropout_impl:
-    empty_like(input).bernoulli_(1 - p).div_(1 - p)), from ``generator``."""
-    return torch.empty(shape).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
 class _Batch:
@@ -237,8 +218,7 @@ class _Batch:
     the block's weights; otherwise every run is its own block (Gb = K, m = 1), with its seed's weights.
     """
 
-    def __init__(self, configs: list[FinetuneConfig], device: torch.device, masks: str = "exact",
-                 mask_threads: int | None = None):
+    def __init__(self, configs: list[FinetuneConfig], device: torch.device, mask_threads: int | None = None):
         self.dev = device
         seeds = list(dict.fromkeys(c.seed for c in configs))
         self.order = sorted(range(len(configs)), key=lambda i: seeds.index(configs[i].seed))
@@ -322,13 +302,8 @@ class _Batch:
                                    for c in self.runs], device=device).view(K, 1, 1)
         self.p = [c.dropout for c in self.runs]
         self.dropped = [k for k in range(K) if self.p[k] > 0]
-        self.masks = masks
-        if masks == "exact":
-            self.mask_gens = {k: torch.Generator().manual_seed(self.runs[k].seed + 2) for k in self.dropped}
-        else:
-            self.mask_gens = {k: fast_mask_stream(self.runs[k].seed) for k in self.dropped}
-            self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(-1, 1, 1)
-            self.threshold = [np.uint32(min(round((1 - self.p[k]) * 2**32), 2**32 - 1)) for k in self.dropped]
+        self.mask_streams = [self.runs[k].streams.masks() for k in self.dropped]
+        self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(-1, 1, 1)
         self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
         if mask_threads is None:
             mask_threads = 1 if device.type == "cpu" else torch.get_num_threads()
@@ -360,44 +335,34 @@ class _Batch:
 
     def _step_masks(self, n: int) -> dict[int, torch.Tensor] | None:
         """This step's masks: per LoRA layer a (K, n, d_in) (input) or (K, n, r) (bottleneck) tensor, ones for
-        the runs without dropout. Each run draws its layers in order from its own stream (the sequential
-        engine's order); with mask_threads > 1 different runs are drawn in parallel (the kernels release the GIL)."""
+        the runs without dropout. Each run draws its layers in order from its own
+        :class:`toymodels.masks.MaskStream` (the sequential engine's order); with mask_threads > 1 different runs
+        are drawn in parallel (numpy releases the GIL)."""
         if not self.dropped:
             return None
         shapes = {i: (n, self.cfg.widths[i] if self.cfg.placement == "input" else self.r) for i in self.targets}
-        every = len(self.dropped) == self.K
-        if self.masks == "exact":  # in place, row by row: the values of draw_mask
-            out = {i: torch.empty((self.K, *sh)) if every else torch.ones((self.K, *sh)) for i, sh in shapes.items()}
+        kept = {i: np.empty((len(self.dropped), *sh), dtype=bool) for i, sh in shapes.items()}
 
-            def draw(k: int) -> None:
-                keep = 1 - self.p[k]
-                for i in self.targets:
-                    out[i][k].bernoulli_(keep, generator=self.mask_gens[k]).div_(keep)
-        else:  # one 32-bit word per entry from each run's PCG64 stream, kept if below (1 - p) 2^32
-            kept = {i: np.empty((len(self.dropped), *sh), dtype=bool) for i, sh in shapes.items()}
+        def draw(row: int) -> None:
+            stream, p = self.mask_streams[row], self.p[self.dropped[row]]
+            for i in self.targets:
+                stream.kept(shapes[i], p, out=kept[i][row])
 
-            def draw(row: int) -> None:
-                k = self.dropped[row]
-                bits = self.mask_gens[k].bit_generator
-                for i in self.targets:
-                    size = kept[i][row].size
-                    words = bits.random_raw((size + 1) // 2).view(np.uint32)[:size]
-                    np.less(words.reshape(kept[i][row].shape), self.threshold[row], out=kept[i][row])
-        jobs = self.dropped if self.masks == "exact" else range(len(self.dropped))
-        if self.pool is None or len(jobs) < 2:
-            for job in jobs:
-                draw(job)
+        rows = range(len(self.dropped))
+        if self.pool is None or len(rows) < 2:
+            for row in rows:
+                draw(row)
         else:
-            list(self.pool.map(draw, jobs))
-        if self.masks != "exact":
-            out = {}
-            for i, sh in shapes.items():
-                scaled = torch.from_numpy(kept[i]).to(torch.float32).div_(self.keep)
-                if every:
-                    out[i] = scaled
-                else:
-                    out[i] = torch.ones((self.K, *sh))
-                    out[i][self.dropped] = scaled
+            list(self.pool.map(draw, rows))
+        every = len(self.dropped) == self.K
+        out = {}
+        for i, sh in shapes.items():
+            scaled = scaled_mask(kept[i], self.keep)
+            if every:
+                out[i] = scaled
+            else:
+                out[i] = torch.ones((self.K, *sh))
+                out[i][self.dropped] = scaled
         return {i: t.to(self.dev, non_blocking=True) for i, t in out.items()}
 
     # -- one step ------------------------------------------------------------------------------------------

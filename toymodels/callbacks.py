@@ -180,8 +180,8 @@ class AtSteps(Callback):
     parameters, :meth:`params` (JSON-able, enters the cache key with the steps). Each name's values are stacked
     over the steps at which it was returned, with the steps themselves under ``{prefix}step``.
 
-    :meth:`measure` runs after the step's update (and after the callbacks listed before this one). It must not
-    draw from the global torch RNG: use ``state.streams.fork(offset)``.
+    :meth:`measure` runs after the step's update (and after the callbacks listed before this one). A measurement
+    that draws random numbers uses ``state.streams.fork(offset)`` (or its own generator).
     """
 
     prefix = ""  # prepended to every name measure returns (and to "step")

@@ -174,7 +174,10 @@ class LoRALinear(nn.Module):
 
     Parameters: ``lora_A`` (r, d_in), ``lora_B`` (d_out, r) and, for DoRA, ``lora_magnitude`` (d_out,),
     initialised to ||W + s BA||_row as PEFT does. Dropout is the submodule ``lora_dropout`` (``nn.Dropout``,
-    or ``nn.Identity`` when p = 0, as PEFT).
+    or ``nn.Identity`` when p = 0, as PEFT); while the attribute ``mask_stream`` holds a
+    :class:`toymodels.masks.MaskStream` (the training loop sets it for its steps' forward passes), a training-mode
+    forward draws its mask from that stream instead of torch's global RNG (the same law: kept with probability
+    1 - p, scaled by 1 / (1 - p)).
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, d_in, **factory))
         self.lora_B = nn.Parameter(torch.empty(d_out, self.r, **factory))
         self.lora_dropout = nn.Dropout(self.p) if self.p > 0 else nn.Identity()
+        self.mask_stream = None  # a toymodels.masks.MaskStream while the training loop's step runs (see _dropout)
         with torch.no_grad():
             if self.init == "zero_a":  # A = 0, B random with the law of PEFT's A entries (ALLoRA sec. 3.2)
                 if b_init_std > 0:
@@ -315,23 +319,30 @@ class LoRALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
 
+    def _dropout(self, t: torch.Tensor) -> torch.Tensor:
+        """drop(t): ``lora_dropout(t)``, or t times the next mask of ``mask_stream`` when one is set (training mode,
+        p > 0; the product ``input * mask`` as nn.Dropout computes it)."""
+        if self.mask_stream is None or self.p == 0 or not self.training:
+            return self.lora_dropout(t)
+        return t * self.mask_stream.draw(tuple(t.shape), self.p, t.dtype, t.device)
+
     def _bottleneck_mask(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
         """The scaled Bernoulli mask of the bottleneck x A^T, or None when no dropout acts."""
         if self.dropout_placement != "bottleneck" or isinstance(self.lora_dropout, nn.Identity) or not self.training:
             return None
-        return self.lora_dropout(torch.ones(shape, dtype=like.dtype, device=like.device))
+        return self._dropout(torch.ones(shape, dtype=like.dtype, device=like.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         A, B = self.lora_A, self.lora_B
-        h = self.lora_dropout(x) if self.dropout_placement == "input" else x
+        h = self._dropout(x) if self.dropout_placement == "input" else x
         if self.method in ("allora", "allora+d", "allora_od"):
             mask = self._bottleneck_mask(x.shape[:-1] + (self.r,), x)
             return result + AdaptiveLoRAFunction.apply(h, A, B, mask, self.eta, self.method == "allora_od")
 
         z = h @ A.T
         if self.dropout_placement == "bottleneck":
-            z = self.lora_dropout(z)
+            z = self._dropout(z)
         f = z @ B.T
         if self.method == "lora":
             return result + self.scaling * f

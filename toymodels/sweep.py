@@ -21,8 +21,8 @@ How a sweep runs:
    ``ray.init(num_cpus=workers)``), "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds
    ``folder``, ``cluster`` ("slurm", "local", "debug") and any ``update_parameters`` keyword), or any
    ``concurrent.futures.Executor`` (a process pool runs tasks in parallel; a thread pool runs them one at a
-   time, :func:`run_task` holds a per-process lock: the loop draws its dropout masks from torch's global RNG,
-   which the threads of a process share).
+   time, :func:`run_task` holds a per-process lock: the thread counts are process-wide, and callbacks and the
+   loop seed torch's global RNG, which the threads of a process share).
    Each worker writes each finished run to the run cache itself (atomic rename,
    :func:`toymodels.cache.atomic_write`), so the cache must be a file system every worker sees
    (``$LORA_THEORY_CACHE``; its path is sent with each task). Two sweeps, or two workers, finishing the same
@@ -315,9 +315,9 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
         keys = {run_cache.config_key(c.as_dict()) for c in task.configs}
         if os.environ[KILL_HOOK] in keys:
             os._exit(3)
-    # One task at a time per process: the loop draws its dropout masks from torch's global RNG (seeded per run)
-    # and the thread counts are process-wide, so tasks sharing a process (a thread-pool executor) would interleave
-    # their draws; in a worker process of its own the lock is never contended.
+    # One task at a time per process: the thread counts are process-wide, and the loop seeds torch's global RNG
+    # (per run; callbacks fork it), so tasks sharing a process (a thread-pool executor) would interleave their
+    # draws; in a worker process of its own the lock is never contended.
     with _TASK_LOCK, _pinned_threads(threads):
         if task.kind == "batched":
             return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
@@ -331,7 +331,7 @@ def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
     with _pinned_threads(threads):
         if task.kind == "batched":
             batch = batched_engine.canonical_batch(task.configs)
-            entries = [batched_engine.cache_entry(c, "exact", batch) for c in task.configs]
+            entries = [batched_engine.cache_entry(c, batch) for c in task.configs]
         else:
             entries = [("finetune", train.run_key(c, task.callbacks_of(i)))  # finetune's own key
                        for i, c in enumerate(task.configs)]

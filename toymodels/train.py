@@ -43,6 +43,8 @@ from toymodels.lora import (
     lora_modules,
     lora_plus_param_groups,
 )
+from toymodels.masks import SCHEME as MASK_SCHEME
+from toymodels.masks import MaskStream
 from toymodels.mlp import MLP, auto_device, check_activation
 
 ENGINE_VERSION = 1
@@ -72,7 +74,8 @@ class SeedStreams:
 
     Stream ``name`` is seeded ``seed + SeedStreams.OFFSETS[name]``: "pretrain" (+0: the pretrained MLP's init,
     its batches and the data subsets), "init" (+1: the LoRA initialisation, a CPU generator), "masks" (+2: the
-    global torch RNG that draws the dropout masks), "batches" (+3: the mini-batch permutations), "probe" (+4:
+    dropout masks of the training steps, :meth:`masks`; the global torch RNG is seeded with it too, for
+    anything else a step may draw), "batches" (+3: the mini-batch permutations), "probe" (+4:
     the probe mini-batch of the recorders), "grad_std" (+5: the masks of the grad_std recorder, drawn from a
     forked RNG). A callback that draws random numbers must not touch the training streams: it uses
     :meth:`fork` (a forked global RNG seeded ``seed + offset``, restored afterwards) or its own generator.
@@ -98,8 +101,13 @@ class SeedStreams:
         """A fresh CPU generator seeded for ``stream`` (CPU draws give the same numbers on every device)."""
         return torch.Generator(device="cpu").manual_seed(self.seed(stream))
 
+    def masks(self) -> MaskStream:
+        """A fresh dropout-mask stream of the run (:class:`toymodels.masks.MaskStream`, "masks" seed): what the
+        training steps of both engines draw their masks from."""
+        return MaskStream(self.seed("masks"))
+
     def seed_global(self, stream: str) -> None:
-        """Seed torch's global RNG (CPU and CUDA) for ``stream``: the dropout masks are drawn from it."""
+        """Seed torch's global RNG (CPU and CUDA) for ``stream``."""
         torch.manual_seed(self.seed(stream))
 
     @contextlib.contextmanager
@@ -240,6 +248,8 @@ class FinetuneConfig:
                 del d[name]
         if "grad_std" in self.recorders:
             d["grad_std_rng"] = "forked"  # since the grad_std masks stopped consuming the training RNG
+        if self.dropout > 0:
+            d["mask_stream"] = MASK_SCHEME  # since the masks left torch's global RNG (toymodels.masks)
         return d
 
     def pretrain_dict(self) -> dict:
@@ -460,8 +470,10 @@ class Callback:
     - ``on_record``: at the record steps (0, every ``record_every``, the last), after every ``on_step_end``;
     - ``on_train_end``: after the last step, or after the step whose loss was non-finite (``state.diverged_step``).
 
-    A callback must not draw from the global torch RNG (it holds the dropout masks of the next steps): use
-    ``state.streams.fork(offset)``. :meth:`key` (JSON-able) enters the run-cache key together with the class's
+    A callback that draws random numbers uses ``state.streams.fork(offset)`` or its own generator (the global RNG
+    is seeded with the run's "masks" seed, so a draw from it would make the run depend on the callback; the
+    dropout masks themselves come from the run's :class:`toymodels.masks.MaskStream` during the steps' forward
+    passes only, so a callback's own train-mode forward never consumes them). :meth:`key` (JSON-able) enters the run-cache key together with the class's
     qualified name and :attr:`version`; :meth:`result` (name -> array) is merged into the run's history and
     cached with it (a name that another callback or the engine already uses raises ValueError). A callback
     object is used for one run: :func:`finetune` calls :meth:`reset` before a run.
@@ -577,6 +589,7 @@ class TrainingRun:
         cfg, state, cbs, device = self.cfg, self.state, self.callbacks, self.device
         model, opt = state.model, state.optimizer
         state.streams.seed_global("masks")
+        masks = state.streams.masks()
         gen = state.streams.generator("batches")
         x, y = state.data.finetune
         hist: dict[str, list] = {"step": [], "batch_loss": []}
@@ -595,7 +608,8 @@ class TrainingRun:
             for cb in cbs:
                 cb.on_step_begin(state)
             opt.zero_grad(set_to_none=True)
-            loss = state.loss = self._loss(xb, yb)
+            with _mask_stream(state.layers, masks):
+                loss = state.loss = self._loss(xb, yb)
             if not torch.isfinite(loss):  # stop, keep what was recorded (cached: a diverging run is not retrained)
                 state.diverged_step = step
                 break
@@ -624,6 +638,18 @@ class TrainingRun:
                                      "history")
                 out[name] = np.asarray(value)
         return out
+
+
+@contextlib.contextmanager
+def _mask_stream(layers: Sequence[LoRALinear], stream: MaskStream) -> Iterator[None]:
+    """The step's forward pass: every LoRA layer draws its dropout mask from the run's stream, in layer order."""
+    for layer in layers:
+        layer.mask_stream = stream
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mask_stream = None
 
 
 def _train(cfg: FinetuneConfig, device: torch.device, callbacks: Sequence[Callback] = ()) -> dict[str, np.ndarray]:

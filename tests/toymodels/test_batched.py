@@ -38,8 +38,8 @@ def _env(_cache_root, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def cached_path(config: train.FinetuneConfig, masks: str = "exact", batch=None):
-    namespace, key_dict = batched.cache_entry(config, masks, batch)
+def cached_path(config: train.FinetuneConfig, batch=None):
+    namespace, key_dict = batched.cache_entry(config, batch)
     return run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz"
 
 
@@ -102,18 +102,6 @@ def test_equals_sequential_other_settings(changes, layout):
     assert_same_runs(configs)
 
 
-def test_draw_mask_is_nn_dropout_on_cpu():
-    """The mask the sequential engine draws: nn.Dropout after torch.manual_seed, consecutive draws included."""
-    p = 0.3
-    torch.manual_seed(SEED + 2)
-    drop = torch.nn.Dropout(p)
-    want = [drop(torch.ones(8, 5)), drop(torch.ones(3, 2))]
-    gen = torch.Generator().manual_seed(SEED + 2)
-    got = [batched.draw_mask((8, 5), p, gen), batched.draw_mask((3, 2), p, gen)]
-    for w, g in zip(want, got, strict=True):
-        assert torch.equal(w, g)
-
-
 def test_cached_under_its_own_key(monkeypatch):
     """Reloaded without training, duplicates computed once; never mixed with the sequential engine's entries
     (equal to rounding, not to the bit)."""
@@ -137,27 +125,22 @@ def test_cached_under_its_own_key(monkeypatch):
         np.testing.assert_array_equal(again[0][key], first[1][key])
 
 
-def test_fast_masks_cached_apart_and_equal_without_dropout():
+def test_a_dropout_run_does_not_depend_on_its_batch():
+    """Each run draws its masks from its own stream: trained alone or beside other runs, the same run (to
+    rounding), and unlike the run without dropout."""
     dropped, plain = cfg(dropout=0.2, lr=1.3e-3), cfg(lr=1.3e-3)  # lr used by no other test
-    both = [dropped, plain]
-    fast = batched.finetune_many(both, masks="fast")
-    assert cached_path(dropped, "fast", both).exists() and not cached_path(dropped, batch=both).exists()
-    assert cached_path(plain, "fast", both).exists() and not cached_path(plain, batch=both).exists()
-    exact = batched.finetune_many(both)  # not taken from the fast run's entry
-    assert not np.allclose(fast[0]["batch_loss"], exact[0]["batch_loss"])  # other masks
-    np.testing.assert_array_equal(fast[1]["batch_loss"], exact[1]["batch_loss"])  # no masks: the same run
-    # a fast-mask run does not depend on the runs batched with it
-    alone = batched.finetune_many([dropped], masks="fast", use_cache=False)[0]
-    np.testing.assert_allclose(alone["batch_loss"], fast[0]["batch_loss"], **TOL)
+    both = batched.finetune_many([dropped, plain], use_cache=False)
+    alone = batched.finetune_many([dropped], use_cache=False)[0]
+    np.testing.assert_allclose(alone["batch_loss"], both[0]["batch_loss"], **TOL)
+    assert not np.allclose(both[0]["batch_loss"], both[1]["batch_loss"])
 
 
-@pytest.mark.parametrize("masks", ["exact", "fast"])
-def test_mask_distribution(masks):
+def test_mask_distribution():
     """Masks take the values 0 and 1/(1-p); the kept fraction is Binomial(N, 1-p) (|z| <= 5); runs with their
     own seeds draw different masks, and a run with p = 0 gets ones."""
     ps = (0.1, 0.5, 0.0, 0.5)
     configs = [cfg(dropout=p, lr=1e-3 * (i + 1), seed=SEED + i) for i, p in enumerate(ps)]
-    engine = batched._Batch(configs, torch.device("cpu"), masks)
+    engine = batched._Batch(configs, torch.device("cpu"))
     kept = {i: [] for i in range(len(ps))}
     for _ in range(40):
         for mask in engine._step_masks(16).values():
@@ -212,7 +195,6 @@ def test_divergence_as_the_sequential_engine():
         ([cfg(), cfg(placement="bottleneck")], {}, "placement"),
         ([cfg(), cfg(optimizer="sgd")], {}, "optimizer"),
         ([cfg(), cfg(steps=10)], {}, "steps"),
-        ([cfg()], {"masks": "magic"}, "masks"),
         ([cfg()], {"mask_threads": 0}, "mask_threads"),
         ([cfg()], {"on_diverge": "ignore"}, "on_diverge"),
     ],

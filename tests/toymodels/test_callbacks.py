@@ -13,6 +13,7 @@ from analysis import channels
 from toymodels import train
 from toymodels.callbacks import AtSteps, CaptureLayerIO, ScaleAdapters, WeightSnapshots
 from toymodels.lora import lora_modules
+from toymodels.masks import MaskStream
 
 SMALL = dict(dataset="synthetic", widths=(16, 32, 32, 10), n_pretrain=128, n_finetune=64, n_test=256,
              pretrain_steps=20, steps=10, batch_size=16, record_every=4)
@@ -87,14 +88,17 @@ def test_hooks_run_in_order_and_see_the_right_states():
 
 
 def _independent_loop(cfg: train.FinetuneConfig) -> dict[str, list]:
-    """The fine-tuning run written out plainly (no engine loop): the streams seed + 2 (masks, global RNG) and
-    seed + 3 (batch permutations), Adam, cross-entropy; records at 0, every record_every steps and the end."""
+    """The fine-tuning run written out plainly (no engine loop): the streams seed + 2 (masks: one MaskStream
+    shared by the layers, drawn in layer order) and seed + 3 (batch permutations), Adam, cross-entropy; records at
+    0, every record_every steps and the end (eval mode: no masks drawn)."""
     model = train.build_finetune_model(cfg, torch.device("cpu"))
     data = train.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     layers = lora_modules(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    torch.manual_seed(cfg.seed + 2)
+    stream = MaskStream(cfg.seed + 2)
+    for m in layers:
+        m.mask_stream = stream
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     out: dict[str, list] = {"step": [], "batch_loss": [], "norm_A": [], "norm_B": [], "test_loss": [], "test_acc": []}
 
