@@ -1,6 +1,9 @@
 """Sweep benchmark (issue 8): 64 default-protocol MNIST fine-tuning runs (4 dropout rates x 16 seeds), cold cache.
 
-Side by side in one process, each mode with its own empty run cache (so each pays its pretraining too):
+Side by side in one process, each mode with its own empty run cache, in two variants: "cold" (nothing cached:
+each mode pays the 16 pretrainings too) and "pretrained" (the 16 pretrained base models copied into the empty
+cache beforehand: the sweep of fine-tuning runs proper, as in a figure run after the first, whose base models
+are shared by every figure):
 
 - (a) today's sequential ``run_sweep``: one run after another through the loop, in-process, 1 torch thread;
 - (b) ``run_sweep(workers=W, batched=False)``: the loop in W local worker processes;
@@ -13,9 +16,11 @@ of a sweep to 8, 32 and 128 workers from the measured per-run cost and overhead:
 
     T(W) = start-up + ceil(tasks / W) * (cost per task + overhead per task)
 
+The 16 pretrainings alone are timed too (in-process, one after the other). (b) runs only cold.
+
 Run: ``.venv/bin/python -m benchmarks.bench_sweep [--quick] [--workers 2] [--json out.json]`` (``--quick``: 2
 rates x 4 seeds, 40 steps: a smoke run). The bit-for-bit check at the end compares (b), (c), (d) with the
-in-process result of the same routing (np.array_equal on every history array).
+in-process result of the same routing (np.array_equal on every history array), cold and pretrained.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,9 +58,12 @@ def sweep_configs(quick: bool) -> list[FinetuneConfig]:
 
 
 @contextmanager
-def fresh_cache():
+def fresh_cache(pretrained: str | None = None):
+    """An empty run cache for the block; with ``pretrained`` (a cache directory) its pretrained models copied in."""
     before = os.environ.get("LORA_THEORY_CACHE")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as root:
+        if pretrained is not None:
+            shutil.copytree(Path(pretrained) / "pretrain", Path(root) / "pretrain")
         os.environ["LORA_THEORY_CACHE"] = root
         try:
             yield root
@@ -97,43 +107,64 @@ def main(argv: list[str] | None = None) -> int:
           f"{W} workers | {machine()}")
     print(f"  1-min/5-min/15-min load average at start: {load()}")
     rows, out = [], {"runs": n, "workers": W, "machine": machine(), "load_start": load()}
+    with ExitStack() as stack:
+        # the 16 pretrained models, once, into a cache that the "pretrained" variants copy from
+        models = stack.enter_context(fresh_cache())
+        seeds = {c.seed: c for c in configs}
+        t_pre, _ = timed(lambda: [train.pretrain(c) for c in seeds.values()])
+        print(f"  {len(seeds)} pretrainings, in-process, one after the other: {t_pre:.1f} s "
+              f"({t_pre / len(seeds):.2f} s each)", flush=True)
+        out["pretraining_s"] = t_pre
+        return _modes(configs, W, args, rows, out, models, stack)
 
-    def mode(label, **kwargs):
-        with fresh_cache():
+
+def _modes(configs, W, args, rows, out, models, stack) -> int:
+    n = len(configs)
+
+    def mode(key, label, variant, **kwargs):
+        with fresh_cache(models if variant == "pretrained" else None):
             t, hists = timed(lambda: train.run_sweep(configs, progress=False, **kwargs))
-        rows.append((label, t))
-        print(f"  {label:<58} {t:8.1f} s   {n / t:6.2f} runs/s   load {load()}", flush=True)
+        rows.append((key, label, variant, t))
+        print(f"  {key} {label:<46} {variant:<10} {t:8.1f} s   {n / t:6.2f} runs/s   load {load()}", flush=True)
         return t, hists
 
-    t_seq, h_seq = mode("(a) sequential run_sweep (loop, in-process)", workers=1, batched=False)
-    t_b, h_b = mode(f"(b) workers={W}, loop", workers=W, batched=False)
-    t_c, h_c = mode(f"(c) workers={W}, batched routing", workers=W)
-    with fresh_cache():
-        t_inproc_batched, h_ref_batched = timed(lambda: train.run_sweep(configs, progress=False, workers=1))
-    print(f"  {'    (batched routing, in-process, for the bit check)':<58} {t_inproc_batched:8.1f} s", flush=True)
-    bits = {"(b) == (a)": same_bits(h_b, h_seq), "(c) == batched in-process": same_bits(h_c, h_ref_batched)}
+    h, bits = {}, {}
+    for variant in ("cold", "pretrained"):
+        _, h["a", variant] = mode("(a)", "sequential run_sweep (loop, in-process)", variant, workers=1, batched=False)
+        if variant == "cold":
+            _, h["b", variant] = mode("(b)", f"workers={W}, loop", variant, workers=W, batched=False)
+            bits["(b) == (a)"] = same_bits(h["b", variant], h["a", variant])
+        _, h["c", variant] = mode("(c)", f"workers={W}, batched routing", variant, workers=W)
+        _, h["ref", variant] = mode("(r)", "batched routing in-process (the bit reference)", variant, workers=1)
+        bits[f"(c) == batched in-process, {variant}"] = same_bits(h["c", variant], h["ref", variant])
     ray_numbers = {}
     if not args.skip_ray:
         import ray
 
         t_start, _ = timed(lambda: ray.init(num_cpus=W, include_dashboard=False, log_to_driver=False))
         print(f"  Ray start-up (ray.init(num_cpus={W})): {t_start:.1f} s")
-        t_d, h_d = mode(f"(d) Ray, {W} workers, batched routing", executor="ray", workers=W)
-        bits["(d) == batched in-process"] = same_bits(h_d, h_ref_batched)
+        for variant in ("cold", "pretrained"):
+            _, h_d = mode("(d)", f"Ray, {W} workers, batched routing", variant, executor="ray", workers=W)
+            bits[f"(d) == batched in-process, {variant}"] = same_bits(h_d, h["ref", variant])
         ray_numbers = ray_overhead(ray)
         ray_numbers["startup_s"] = t_start
         ray.shutdown()
         out["ray"] = ray_numbers
-    print("  speed-up over (a): " + ", ".join(f"{label.split(')')[0]}) {t_seq / t:.2f}x" for label, t in rows[1:]))
+    times = {(key, variant): t for key, _, variant, t in rows}
+    for variant in ("cold", "pretrained"):
+        t_seq = times["(a)", variant]
+        print(f"  speed-up over (a), {variant}: " + ", ".join(
+            f"{m} {t_seq / t:.2f}x" for (m, v), t in times.items() if v == variant and m != "(a)"))
     print("  bit for bit: " + ", ".join(f"{k} {v}" for k, v in bits.items()))
-    per_run_loop = t_seq / n
-    per_run_batched = t_inproc_batched / n
-    print(f"  measured cost per run on 1 core: loop {per_run_loop:.2f} s, batched (groups of 16) "
-          f"{per_run_batched:.2f} s (pretraining included)")
+    per_run_loop = times["(a)", "cold"] / n
+    per_run_batched = times["(r)", "cold"] / n
+    print(f"  measured cost per run on 1 core (cold: pretraining included): loop {per_run_loop:.2f} s, batched "
+          f"(groups of 16) {per_run_batched:.2f} s; pretrained: loop {times['(a)', 'pretrained'] / n:.2f} s, "
+          f"batched {times['(r)', 'pretrained'] / n:.2f} s")
     if ray_numbers:
         projection(n, per_run_loop, per_run_batched, ray_numbers)
-    out.update(modes={label: t for label, t in rows}, bit_for_bit=bits, cost_per_run_loop_s=per_run_loop,
-               cost_per_run_batched_s=per_run_batched, load_end=load())
+    out.update(modes={f"{key} {label} [{variant}]": t for key, label, variant, t in rows}, bit_for_bit=bits,
+               cost_per_run_loop_s=per_run_loop, cost_per_run_batched_s=per_run_batched, load_end=load())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
