@@ -8,6 +8,7 @@ are shared by every figure):
 - (a) today's sequential ``run_sweep``: one run after another through the loop, in-process, 1 torch thread;
 - (b) ``run_sweep(workers=W, batched=False)``: the loop in W local worker processes;
 - (c) ``run_sweep(workers=W)``: batched routing (groups of <= 16 runs to ``finetune_many``) + W workers;
+  (c') the same sweep again on the workers of (c), which a process keeps for its next sweep (pretrained only);
 - (d) ``run_sweep(executor="ray", workers=W)``: (c) on a local Ray cluster (``ray.init(num_cpus=W)``; its
   start-up is timed apart).
 
@@ -16,7 +17,8 @@ of a sweep to 8, 32 and 128 workers from the measured per-run cost and overhead:
 
     T(W) = start-up + ceil(tasks / W) * (cost per task + overhead per task)
 
-The 16 pretrainings alone are timed too (in-process, one after the other). (b) runs only cold.
+The 16 pretrainings alone are timed too (in-process, one after the other). (b) runs only cold. The local
+modes (b), (c) start their workers inside their time (spawn, imports), except (c').
 
 Run: ``.venv/bin/python -m benchmarks.bench_sweep [--quick] [--workers 2] [--json out.json]`` (``--quick``: 2
 rates x 4 seeds, 40 steps: a smoke run). The bit-for-bit check at the end compares (b), (c), (d) with the
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_finetune import machine  # one description of the machine for every benchmark
-from toymodels import train
+from toymodels import sweep, train
 from toymodels.train import FinetuneConfig
 
 
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 def _modes(configs, W, args, rows, out, models, stack) -> int:
     n = len(configs)
 
-    def mode(key, label, variant, **kwargs):
+    def mode(key, label, variant, warm=False, **kwargs):
+        if not warm:
+            sweep.shutdown_workers()  # every local mode starts its workers (spawn + imports) inside its time
         with fresh_cache(models if variant == "pretrained" else None):
             t, hists = timed(lambda: train.run_sweep(configs, progress=False, **kwargs))
         rows.append((key, label, variant, t))
@@ -135,6 +139,9 @@ def _modes(configs, W, args, rows, out, models, stack) -> int:
             _, h["b", variant] = mode("(b)", f"workers={W}, loop", variant, workers=W, batched=False)
             bits["(b) == (a)"] = same_bits(h["b", variant], h["a", variant])
         _, h["c", variant] = mode("(c)", f"workers={W}, batched routing", variant, workers=W)
+        if variant == "pretrained":  # the same sweep again on the idle workers of the previous one
+            _, h["cw", variant] = mode("(c')", "as (c), workers already started", variant, warm=True, workers=W)
+            bits["(c') == (c)"] = same_bits(h["cw", variant], h["c", variant])
         _, h["ref", variant] = mode("(r)", "batched routing in-process (the bit reference)", variant, workers=1)
         bits[f"(c) == batched in-process, {variant}"] = same_bits(h["c", variant], h["ref", variant])
     ray_numbers = {}

@@ -15,7 +15,8 @@ How a sweep runs:
 3. **Execute** the other tasks (:func:`run_task`) on ``executor``: "local" (worker processes started with
    ``spawn``, ``workers`` of them, default one per CPU core; ``workers=1``, or a single task, runs in-process;
    a sweep that finishes cleanly keeps its idle workers for the next sweep of the process if that one has the
-   same ``threads`` and environment (variables, working directory, sys.path; else a fresh pool), so a program
+   same ``threads`` and environment (variables but ``$LORA_THEORY_CACHE``, which travels with each task; working
+   directory, sys.path; else a fresh pool), so a program
    that runs many sweeps (the figures, the tests) starts its workers once; :func:`shutdown_workers`, also
    called at exit, stops them), "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with
    ``ray.init(num_cpus=workers)``), "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds
@@ -468,7 +469,11 @@ class _LocalPool:
 
 #: threads -> (pool, the environment it was started in): idle local workers kept between sweeps
 _POOLS: dict[int, tuple[_LocalPool, tuple]] = {}
-_ENV_IGNORED = ("PYTEST_CURRENT_TEST",)  # changes at every test, means nothing to a worker
+# not part of the environment a pool is kept for: PYTEST_CURRENT_TEST changes at every test and means nothing to a
+# worker; the run cache's path is sent with every task (run_task), so a pool serves sweeps on any cache; torch
+# itself sets TORCHINDUCTOR_CACHE_DIR the first time a process imports its compiler stack (torch.optim does), which
+# would replace the workers of the first sweep for nothing (they compile nothing)
+_ENV_IGNORED = ("PYTEST_CURRENT_TEST", "LORA_THEORY_CACHE", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _environment() -> tuple:

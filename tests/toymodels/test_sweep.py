@@ -424,9 +424,9 @@ def test_unpicklable_callback_is_named(cache_dir, monkeypatch):
 
 
 def test_idle_workers_serve_the_next_sweep_in_the_same_environment(cache_dir, monkeypatch):
-    """A sweep that finished keeps its workers: the next one (same threads, same environment) uses the same
-    processes, with the same bits as direct calls; a changed environment gets fresh workers; shutdown stops
-    them."""
+    """A sweep that finished keeps its workers: the next one (same threads, same environment, any run cache) uses
+    the same processes, with the same bits as direct calls; a changed environment gets fresh workers; shutdown
+    stops them."""
     first, second = CONFIGS[4:6], [c.replace(seed=7) for c in CONFIGS[4:6]]
     train.run_sweep(first, workers=2, progress=False)
     procs = [p for p, _ in sweep._POOLS[1][0].workers]
@@ -434,6 +434,11 @@ def test_idle_workers_serve_the_next_sweep_in_the_same_environment(cache_dir, mo
     got = train.run_sweep(second, workers=2, progress=False)
     assert [p for p, _ in sweep._POOLS[1][0].workers] == procs
     assert_bitwise_equal(got, [train.finetune(c, use_cache=False) for c in second])
+    other = cache_dir.parent / "other-runs"  # another run cache: the same workers, which write the runs there
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(other))
+    again = train.run_sweep(first, workers=2, progress=False)
+    assert [p for p, _ in sweep._POOLS[1][0].workers] == procs and len(entries(other)) == len(first)
+    assert_bitwise_equal(again, [train.finetune(c, use_cache=False) for c in first])
     assert sweep._local_pool(2, threads=2) is not sweep._POOLS[1][0]  # other threads: another pool
     monkeypatch.setenv("LORA_THEORY_SWEEP_TEST_MARKER", "1")
     fresh = sweep._local_pool(2, threads=1)  # what the next sweep gets (workers start on its first task)
