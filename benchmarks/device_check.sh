@@ -135,7 +135,7 @@ rows = []
 t = timed(lambda: [train.finetune(c, device="cuda", use_cache=False) for c in cfgs[:4]]); rows.append(("sequential loop, cuda", 4, t))
 t = timed(lambda: batched.finetune_many(cfgs[:4], "cuda", use_cache=False)); rows.append(("batched K=4, cuda", 4, t))
 t = timed(lambda: batched.finetune_many(cfgs, "cuda", use_cache=False)); rows.append(("batched K=16, cuda", 16, t))
-t = timed(lambda: batched.finetune_many(cfgs, "cuda", masks="fast", use_cache=False)); rows.append(("batched K=16 fast masks, cuda", 16, t))
+t = timed(lambda: batched.finetune_many(cfgs, "cuda", mask_threads=1, use_cache=False)); rows.append(("batched K=16, masks on 1 CPU thread, cuda", 16, t))
 t = timed(lambda: [train.finetune(c, device="cpu", use_cache=False) for c in cfgs[:2]]); rows.append(("sequential loop, cpu 1 thread", 2, t))
 print(f"timing: {base['dataset']} {base['widths']}, {base['steps']} steps, records every {base['record_every']}, "
       f"dropout 0-0.3 | {torch.cuda.get_device_name(0)}")
