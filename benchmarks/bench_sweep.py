@@ -35,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -109,18 +109,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{W} workers | {machine()}")
     print(f"  1-min/5-min/15-min load average at start: {load()}")
     rows, out = [], {"runs": n, "workers": W, "machine": machine(), "load_start": load()}
-    with ExitStack() as stack:
-        # the 16 pretrained models, once, into a cache that the "pretrained" variants copy from
-        models = stack.enter_context(fresh_cache())
+    with fresh_cache() as models:  # the 16 pretrained models, once, into a cache the "pretrained" variants copy
         seeds = {c.seed: c for c in configs}
         t_pre, _ = timed(lambda: [train.pretrain(c) for c in seeds.values()])
         print(f"  {len(seeds)} pretrainings, in-process, one after the other: {t_pre:.1f} s "
               f"({t_pre / len(seeds):.2f} s each)", flush=True)
         out["pretraining_s"] = t_pre
-        return _modes(configs, W, args, rows, out, models, stack)
+        return _modes(configs, W, args, rows, out, models)
 
 
-def _modes(configs, W, args, rows, out, models, stack) -> int:
+def _modes(configs, W, args, rows, out, models) -> int:
     n = len(configs)
 
     def mode(key, label, variant, warm=False, **kwargs):
