@@ -470,13 +470,13 @@ class Callback:
     - ``on_record``: at the record steps (0, every ``record_every``, the last), after every ``on_step_end``;
     - ``on_train_end``: after the last step, or after the step whose loss was non-finite (``state.diverged_step``).
 
-    A callback that draws random numbers uses ``state.streams.fork(offset)`` or its own generator (the global RNG
-    is seeded with the run's "masks" seed, so a draw from it would make the run depend on the callback; the
-    dropout masks themselves come from the run's :class:`toymodels.masks.MaskStream` during the steps' forward
-    passes only, so a callback's own train-mode forward never consumes them). :meth:`key` (JSON-able) enters the run-cache key together with the class's
-    qualified name and :attr:`version`; :meth:`result` (name -> array) is merged into the run's history and
-    cached with it (a name that another callback or the engine already uses raises ValueError). A callback
-    object is used for one run: :func:`finetune` calls :meth:`reset` before a run.
+    A callback that draws random numbers uses ``state.streams.fork(offset)`` or its own generator, so that its
+    numbers depend neither on the callbacks before it nor on the step (the dropout masks of the steps come from
+    the run's :class:`toymodels.masks.MaskStream`, set on the layers during the steps' forward passes only, so a
+    callback's own train-mode forward never consumes them). :meth:`key` (JSON-able) enters the run-cache key
+    together with the class's qualified name and :attr:`version`; :meth:`result` (name -> array) is merged into
+    the run's history and cached with it (a name that another callback or the engine already uses raises
+    ValueError). A callback object is used for one run: :func:`finetune` calls :meth:`reset` before a run.
     """
 
     version: int = 0  # bump when what the callback computes changes (it is part of the cache key)
