@@ -3,53 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files; never require a screen
-
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
-
 from figures.criteria import ci_dict, mean_ci  # noqa: E402,F401  (re-exported: figures not yet migrated)
+from figures.framework import real_datasets  # noqa: E402,F401  (re-exported: figures not yet converted)
+from figures.style import colors, new_figure  # noqa: E402,F401  (re-exported: figures not yet converted)
 from toymodels import data as datasets  # noqa: E402
-
-PALETTE = "colorblind"
-
-
-def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.4, **kwargs):
-    """A seaborn-styled (colour-blind palette) figure with ``nrows x ncols`` axes."""
-    sns.set_theme(style="whitegrid", palette=PALETTE, context="paper")
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
-    return fig, axes
-
-
-def colors(n: int) -> list:
-    return sns.color_palette(PALETTE, n)
-
-
-def real_datasets(prefer: Sequence[str] = ("mnist", "cifar10")) -> tuple[list[str], dict[str, str]]:
-    """The preferred real data sets that are available, with CIFAR-10 replaced by Fashion-MNIST when absent.
-
-    Returns ``(names, notes)``: ``notes`` maps a missing data set to the reason (for the JSON), so a figure
-    can say clearly that CIFAR-10 is missing and how to get it.
-    """
-    names, notes = [], {}
-    for name in prefer:
-        ok, why = datasets.available(name, probe_network=False)
-        if ok:
-            names.append(name)
-            continue
-        notes[name] = why
-        if name == "cifar10":
-            alt = "fashion-mnist"
-            ok_alt, why_alt = datasets.available(alt, probe_network=False)
-            if ok_alt and alt not in names:
-                names.append(alt)
-            elif not ok_alt:
-                notes[alt] = why_alt
-    return names, notes
 
 
 def unavailable(reason: str, **extra):

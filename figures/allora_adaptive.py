@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from analysis import adaptive, ripple
+from analysis import ripple
 from figures import Context, Measurement, Protocol, figure
 from figures._common import base_config, ci_dict, colors, mean_ci, new_figure
 from figures.criteria import Criterion, Recalibration, Rule, Test
@@ -25,45 +25,6 @@ def _sweep(ctx: Context, configs, **kwargs):
     if "executor" in inspect.signature(run_sweep).parameters:
         kwargs.update(executor=ctx.executor, workers=ctx.workers)
     return run_sweep(list(configs), device=ctx.device, progress=False, **kwargs)
-
-
-FIG6_CRITERION = Criterion(
-    tests=(Test("identity_error", "SANITY: max |error| of f(0) = eta and f(3/eta^2) = eta/2 over eta^2 in {1, 2, "
-                "4}, plus 1 if f is not strictly decreasing on x >= 0", "less", margin=1e-12, method="exact",
-                why="a closed-form identity: float64 rounding only"),),
-    rule=Rule(reproduced=("identity_error",)), note=SANITY_NOTE,
-    recalibrations=(Recalibration(old="reproduced if the identities hold", new="same test, labelled a sanity check",
-                                  why="a closed form evaluated on a grid cannot fail: it is not evidence for a "
-                                      "claim about training"),))
-
-
-@figure("allora-fig6-adaptive-fn", paper="ALLoRA fig. 6",
-        claim="1/sqrt(|x| + 1/eta^2) equals eta at x = 0 and tapers off as |x| grows (eta^2 in {1, 2, 4})",
-        criterion=FIG6_CRITERION,
-        protocols=(Protocol("closed form", {}, primary=True, note="sanity check: no training, no seeds"),))
-def adaptive_fn(ctx: Context, protocol: Protocol) -> Measurement:
-    x = np.linspace(-4, 4, 801)
-    fig, axes = new_figure()
-    ax = axes[0, 0]
-    measured = {}
-    err = 0.0
-    for color, eta2 in zip(colors(3), (1.0, 2.0, 4.0), strict=True):
-        eta = np.sqrt(eta2)
-        y = adaptive.adaptive_function(x, eta)
-        ax.plot(x, y, color=color, label=f"eta^2 = {eta2:g}")
-        peak = float(y[np.argmin(np.abs(x))])
-        # halving point: |x| where the rate is eta/2, i.e. |x| + 1/eta^2 = 4/eta^2 -> |x| = 3/eta^2
-        half = float(adaptive.adaptive_function(3.0 / eta2, eta))
-        measured[f"eta2={eta2:g}"] = {"value_at_0": peak, "eta": float(eta), "value_at_3/eta^2": half}
-        err = max(err, abs(peak - eta), abs(half - eta / 2)) + (0.0 if np.all(np.diff(y[x >= 0]) < 0) else 1.0)
-    ax.set_xlabel("x (row norm ||(BA)_i,:|| or output |f_i|)")
-    ax.set_ylabel("adaptive factor 1/sqrt(|x| + 1/eta^2)")
-    ax.legend()
-    summary = ("At x = 0 the factor equals eta for every eta^2 (max error "
-               f"{max(abs(v['value_at_0'] - v['eta']) for v in measured.values()):.1e}), it halves at |x| = 3/eta^2 "
-               "and decreases strictly with |x|: it decays like |x|^-1/2, not like 1/|x| (see ERRATA.md).")
-    return Measurement(samples={"identity_error": err}, measured=measured, summary=summary,
-                       key={"identity_error": err}, datasets=[], config={"x_range": [-4, 4]}, plot=lambda: fig)
 
 
 # ------------------------------------------------------------------------------------------------- shared helpers

@@ -47,7 +47,8 @@ Example (a figure module)::
     outcome = CRITERION.evaluate({"rs_slope": slopes_rs, "lora_flat": slopes_lora, "init_ok": 1.0})
     outcome.verdict, outcome.as_dict()   # -> "reproduced", {...per test: p, p_holm, ci, passed...}
 
-Also here: :func:`mean_ci` / :func:`ci_dict` (t intervals over seeds), used by every figure.
+Also here, for every figure: :func:`mean_ci` / :func:`ci_dict` (t intervals over seeds), :func:`ci_finite` (the
+same over the finite values, for runs that may diverge) and :func:`fmt_ci` (the one formatter of an interval).
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ def ci_dict(values, confidence: float = 0.95) -> dict:
     m, lo, hi = mean_ci(np.asarray(values, dtype=np.float64).ravel(), confidence)
     return {"mean": float(m), "ci_low": float(lo), "ci_high": float(hi), "n": int(np.size(values)),
             "confidence": confidence}
+
+
+def ci_finite(values, confidence: float = 0.95) -> dict:
+    """:func:`ci_dict` over the finite values only (a diverged run is NaN), with ``n_excluded``: how many were
+    dropped. With no finite value: NaN mean and bounds, ``n`` 0."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    ok = v[np.isfinite(v)]
+    if ok.size == 0:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0, "confidence": confidence,
+                "n_excluded": int(v.size)}
+    return {**ci_dict(ok, confidence), "n_excluded": int(v.size - ok.size)}
+
+
+def fmt_ci(d: Mapping, spec: str = ".3g", scale: float = 1.0, unit: str = "") -> str:
+    """A CI dict as text, ``mean [ci_low, ci_high]``, each ``scale`` x value formatted with ``spec`` and
+    followed by ``unit`` after the mean (e.g. ``fmt_ci(d, ".0f", 100, "%")`` -> ``"31% [25, 37]"``)."""
+    return (f"{scale * d['mean']:{spec}}{unit} [{scale * d['ci_low']:{spec}}, {scale * d['ci_high']:{spec}}]")
 
 
 # ------------------------------------------------------------------------------------------ declarations

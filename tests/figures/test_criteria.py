@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from figures import Context, Measurement, Protocol, Spec, run_figure
-from figures.cli import write_gallery
 from figures.criteria import Criterion, Estimate, Recalibration, Rule, Test, ci_dict, holm, mean_ci, tost_t
+from figures.gallery import write_gallery
 
 # a fixed, symmetric pattern (mean 0, sd 1 exactly) scaled per test: deterministic, no Monte-Carlo noise
 _PATTERN = np.array([-1.5, -1.0, -0.5, -0.25, 0.0, 0.0, 0.25, 0.5, 1.0, 1.5])
@@ -344,7 +344,7 @@ def test_protocol_declarations_are_checked():
 
 
 def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):
-    from figures.cli import regenerate  # noqa: F401  (the JSON writer; the record is built as it would be)
+    from figures.gallery import regenerate  # noqa: F401  (the JSON writer; the record is built as it would be)
 
     grid = run_figure(_spec(), Context(fidelity="quick", seeds=(0, 1), robustness=True))
     from figures import holds_count
@@ -365,3 +365,21 @@ def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):
     assert "## Methods" in text
     assert "| mean > 0 | one-sided t, \\|gap\\| on the log scale | a mean alone is not evidence |" in text
     assert "gap (per seed)" in text  # the criterion's prose comes from the declaration
+
+
+def test_ci_finite_drops_nonfinite_values_and_counts_them():
+    from figures.criteria import ci_finite
+
+    d = ci_finite([1.0, math.nan, 3.0, math.inf, 2.0])
+    assert d == {**ci_dict([1.0, 3.0, 2.0]), "n_excluded": 2}
+    empty = ci_finite([math.nan, math.nan])
+    assert empty["n"] == 0 and empty["n_excluded"] == 2 and math.isnan(empty["mean"]) and math.isnan(empty["ci_low"])
+
+
+def test_fmt_ci_formats_mean_and_interval():
+    from figures.criteria import fmt_ci
+
+    d = {"mean": 0.3125, "ci_low": 0.25, "ci_high": 0.375}
+    assert fmt_ci(d) == "0.312 [0.25, 0.375]"
+    assert fmt_ci(d, "+.2f") == "+0.31 [+0.25, +0.38]"
+    assert fmt_ci(d, ".0f", 100, "%") == "31% [25, 38]"

@@ -1,0 +1,90 @@
+"""What the ALLoRA figures share: the paper's constants, the runs of table 5 (two figures read the same cached
+runs), and the measurements several figures make (the last layer's least-squares problem, the escape step).
+
+Placement: the paper's analysis (eq. 1) puts dropout at the bottleneck x A^T; figs. 1-4 use
+``placement="bottleneck"``; table 5 is the paper's LLM experiment run with PEFT, so it uses ``"input"`` (see
+ERRATA.md D5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from figures._common import base_config
+from toymodels.lora import LoRALinear
+
+ETA2 = 4.0  # listing 1: 1/eta^2 = 1/4
+SANITY_NOTE = ("Sanity check, not a test of an empirical claim: the figure evaluates a closed form (or a "
+               "construction that attains a proved bound), so its test cannot fail short of a code bug.")
+
+TAB5_RATES = (0.0, 0.05, 0.1, 0.2, 0.4)  # table 5's dropout rates
+TAB5_EPOCHS = 100  # of the fine-tune set (quick: 15)
+
+
+def steps_per_epoch(cfg) -> int:
+    """Optimizer steps per pass over the fine-tune set (1 for full-batch training)."""
+    return max(1, cfg.n_finetune // cfg.batch_size) if cfg.batch_size else 1
+
+
+def tab5_runs(ctx, placement: str):
+    """The runs of table 5 (allora-tab5-dropout-epochs and allora-tab5-best-epoch read the same cached runs):
+    ``TAB5_EPOCHS`` epochs of the fine-tune set, one record per epoch, dropout at ``placement``, one config per
+    rate of :data:`TAB5_RATES`. Returns (base config, steps per epoch, {"p=<rate>": config})."""
+    base = base_config(ctx, "mnist", placement=placement, recorders=("loss",))
+    spe = steps_per_epoch(base)
+    base = base.replace(steps=ctx.pick(quick=15, default=TAB5_EPOCHS) * spe, record_every=spe)
+    return base, spe, {f"p={p:g}": base.replace(dropout=p) for p in TAB5_RATES}
+
+
+@torch.no_grad()
+def last_layer_problem(model, layer: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """The least-squares problem of the last layer (float64): X = penultimate features (dropout-free), Y =
+    one-hot minus the bias (so the prediction is X W^T + s X A^T B^T), W, A, B and the scaling s."""
+    was = model.training
+    model.eval()
+    X = model.features(x).double().cpu().numpy()
+    model.train(was)
+    Y = nn.functional.one_hot(y, layer.out_features).double().cpu().numpy() - layer.base.bias.double().cpu().numpy()
+    return {"X": X, "Y": Y, "W": layer.base.weight.double().cpu().numpy(), "A": layer.lora_A.double().cpu().numpy(),
+            "B": layer.lora_B.double().cpu().numpy(), "s": np.float64(layer.scaling)}
+
+
+def row_norm_curve(hist: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, mean over the LoRA layers of the mean row norm of s BA) of a run recorded with "rows"."""
+    return hist["step"], hist["row_norm_BA"].mean(axis=1)
+
+
+def escape_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:
+    """The first (fractional) step at which ``values`` reaches ``threshold``, interpolated linearly in log(value)
+    between records; inf if it is never reached (censor it at the horizon where a number is needed:
+    ``min(t, horizon)``)."""
+    above = np.nonzero(values >= threshold)[0]
+    if above.size == 0:
+        return float("inf")
+    k = int(above[0])
+    if k == 0 or values[k - 1] <= 0:
+        return float(steps[k])
+    lo, hi = np.log(values[k - 1]), np.log(values[k])
+    frac = (np.log(threshold) - lo) / (hi - lo) if hi > lo else 1.0
+    return float(steps[k - 1] + frac * (steps[k] - steps[k - 1]))
+
+
+def log_ratio_ci(num, den) -> dict:
+    """CI over seeds of log(num / den), returned as ratios (geometric mean and its interval)."""
+    from figures.criteria import ci_dict
+
+    d = ci_dict(np.log(np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)))
+    return {"ratio": math.exp(d["mean"]), "ci_low": math.exp(d["ci_low"]), "ci_high": math.exp(d["ci_high"]),
+            "n": d["n"], "confidence": d["confidence"]}
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (0 for a constant ``y``)."""
+    if np.ptp(np.asarray(y, dtype=np.float64)) == 0:
+        return 0.0
+    return float(stats.spearmanr(x, y).statistic)

@@ -1,0 +1,418 @@
+"""The figure framework: what every figure file shares, so that a figure file holds only its claim.
+
+A figure is one module, ``figures/<paper>/<name>.py``, read top to bottom::
+
+    ID, PAPER, CLAIM        # the figure id (a contract), the paper's figure, the one-line claim
+    CRITERION, PROTOCOLS    # the declared criterion (figures.criteria) and the protocols it is judged under
+    def configs(ctx) -> dict[str, FinetuneConfig | Runs]      # the runs of ctx.protocol (no seeds: see below)
+    def measure(ctx, runs) -> Measurement                     # samples for the criterion, JSON numbers, summary
+    def draw(numbers) -> matplotlib.figure.Figure             # from Measurement.draw alone (as saved in the JSON)
+
+and is listed once in :mod:`figures.registry`. The framework (:func:`run_figure`) owns, per protocol:
+
+- **the seed fan-out and the sweep**: every entry of ``configs(ctx)`` is run once per seed of ``ctx.seeds``
+  (``cfg.replace(seed=s)``; :class:`Runs` for custom callbacks or the first seed only), all of one protocol in one
+  cached, parallel :func:`toymodels.train.run_sweep`; ``runs[name]`` is the list of histories, one per seed;
+- **the one way to read a diverged run**: sweeps return a diverged run truncated, with ``diverged_step``;
+  :func:`diverged` says so and :func:`final` reads a last value as NaN for it;
+- **the criterion's evaluation** (:meth:`figures.criteria.Criterion.evaluate` on ``Measurement.samples``), the
+  headline verdict (the primary protocol) and the per-protocol records of the JSON;
+- **the drawing**: ``draw`` receives ``Measurement.draw`` of the headline protocol after a round trip through
+  JSON (so ``lora-theory figures --redraw`` draws the same picture from the saved JSON, without training).
+
+A figure that needs no training (closed forms, Monte Carlo) returns ``{}`` from ``configs``. A figure that cannot
+be made here (a data set missing) raises :class:`Unavailable` from ``configs`` or ``measure``. Monte-Carlo seeds
+of figures come from :mod:`figures.seeds`; shared plot style from :mod:`figures.style`; CI helper and formatter
+from :mod:`figures.criteria`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from figures.criteria import VERDICTS, Criterion, Outcome
+from toymodels.callbacks import AtSteps
+
+FIDELITIES = ("quick", "default", "large")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One training protocol a careful reader would question: ``settings`` (the FinetuneConfig fields it
+    changes, or any figure-specific knobs), ``primary`` (exactly one per figure: the headline, run without
+    ``--robustness``), ``paper`` (the paper states this protocol) and a ``note`` (why it is in the grid)."""
+
+    name: str
+    settings: dict = field(default_factory=dict)
+    primary: bool = False
+    paper: bool = False
+    note: str = ""
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"settings must be a dict, got {type(self.settings).__name__}")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "settings": dict(self.settings), "primary": self.primary,
+                "paper": self.paper, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a figure gets: fidelity, seeds, device, sweep executor, whether to run every declared protocol, and
+    (inside :func:`run_figure`) the ``protocol`` being measured."""
+
+    fidelity: str = "default"
+    seeds: tuple[int, ...] = tuple(range(10))
+    device: torch.device = torch.device("cpu")
+    workers: int | None = None  # sweep workers; None: one per CPU core; 1: in-process
+    executor: str = "local"  # "local", "ray" or "slurm"
+    robustness: bool = False
+    protocol: Protocol | None = None
+
+    @property
+    def quick(self) -> bool:
+        return self.fidelity == "quick"
+
+    @property
+    def settings(self) -> dict:
+        """The settings of the protocol being measured ({} outside a protocol)."""
+        return dict(self.protocol.settings) if self.protocol is not None else {}
+
+    def pick(self, quick, default, large=None):
+        """The value for this fidelity (``large`` falls back to ``default``)."""
+        if self.fidelity == "quick":
+            return quick
+        if self.fidelity == "large" and large is not None:
+            return large
+        return default
+
+    def with_protocol(self, protocol: Protocol) -> Context:
+        return dataclasses.replace(self, protocol=protocol)
+
+
+@dataclass
+class Result:
+    """A figure's outcome. ``measured`` holds only numbers computed in this run (JSON-serialisable); ``draw`` the
+    numbers its ``draw`` function needs (None for a figure without one)."""
+
+    verdict: str
+    summary: str  # one or two sentences: the measured number(s) that support or refute the claim
+    measured: dict = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    figure: object | None = None  # a matplotlib Figure (None only when unavailable)
+    criterion: dict | None = None  # the declared criterion (Criterion.as_dict()); None for undeclared figures
+    protocols: list[dict] | None = None  # one dict per protocol run: protocol, verdict, outcome, key numbers
+    draw: dict | None = None  # the headline protocol's numbers for draw() (saved in the JSON)
+    headline: str | None = None  # the headline protocol's name
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass
+class Measurement:
+    """What ``measure`` returns: ``samples`` (test name -> per-seed values / Estimate / number, the input of
+    :meth:`Criterion.evaluate`), ``measured`` (JSON numbers), ``summary`` (the key numbers in one or two
+    sentences, without restating the rule), ``key`` (a few numbers for the protocol map), ``draw`` (the numbers
+    ``draw`` needs, JSON-able), and for figures in the old form ``plot`` (a callable drawing the figure).
+    ``unavailable`` (a reason) when the measurement cannot be made here."""
+
+    samples: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+    summary: str = ""
+    key: dict = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    plot: Callable[[], object] | None = None
+    unavailable: str | None = None
+    draw: dict | None = None
+
+
+class Unavailable(Exception):  # noqa: N818  (a state, not an error: the figure cannot be made here)
+    """Raised by ``configs`` / ``measure`` when the figure cannot be made here (its message says why)."""
+
+
+@dataclass(frozen=True)
+class Runs:
+    """An entry of ``configs(ctx)`` that is more than a config: custom ``callbacks`` (measurements of the live
+    model, :class:`Probe`), or ``first_seed_only`` (one run, at ``ctx.seeds[0]``)."""
+
+    config: object  # a toymodels FinetuneConfig
+    callbacks: tuple = ()
+    first_seed_only: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A registered figure. New form: ``module`` with ``configs`` / ``measure`` / ``draw``; old form (until every
+    figure is converted): ``run`` (legacy) or ``measure(ctx, protocol)`` (declared with ``@figure``)."""
+
+    id: str
+    paper: str
+    claim: str
+    run: Callable[[Context], Result]
+    criterion: Criterion | None = None
+    protocols: tuple[Protocol, ...] = ()
+    measure: Callable | None = None
+    configs: Callable | None = None
+    draw: Callable | None = None
+    module: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class Probe(AtSteps):
+    """A figure's measurement of the live model at chosen steps (a :class:`toymodels.callbacks.AtSteps`):
+    :meth:`of` returns its part of a run's history, prefix removed. ``cache_name`` (optional) is the class path
+    that enters the run-cache key in place of this class's own: it keeps the cache entries of a measurement whose
+    code moved to another module unchanged (bump ``version`` when what it computes changes)."""
+
+    cache_name: str | None = None
+
+    def full_key(self) -> dict:
+        key = super().full_key()
+        if self.cache_name:
+            key["callback"] = self.cache_name
+        return key
+
+    @classmethod
+    def of(cls, hist: Mapping) -> dict[str, np.ndarray]:
+        return {k[len(cls.prefix):]: v for k, v in hist.items() if k.startswith(cls.prefix)}
+
+
+def diverged(hist: Mapping) -> bool:
+    """Whether a sweep's run diverged (its history is then truncated at ``diverged_step``): the one test."""
+    return "diverged_step" in hist
+
+
+def final(hist: Mapping, key: str) -> float:
+    """The last recorded value of ``key``, NaN for a diverged run."""
+    return math.nan if diverged(hist) else float(np.asarray(hist[key])[-1])
+
+
+def real_datasets(prefer: Sequence[str] = ("mnist", "cifar10")) -> tuple[list[str], dict[str, str]]:
+    """The preferred real data sets that are available, with CIFAR-10 replaced by Fashion-MNIST when absent.
+
+    Returns ``(names, notes)``: ``notes`` maps a missing data set to the reason (for the JSON), so a figure
+    can say clearly that CIFAR-10 is missing and how to get it.
+    """
+    from toymodels import data
+
+    names, notes = [], {}
+    for name in prefer:
+        ok, why = data.available(name, probe_network=False)
+        if ok:
+            names.append(name)
+            continue
+        notes[name] = why
+        if name == "cifar10":
+            alt = "fashion-mnist"
+            ok_alt, why_alt = data.available(alt, probe_network=False)
+            if ok_alt and alt not in names:
+                names.append(alt)
+            elif not ok_alt:
+                notes[alt] = why_alt
+    return names, notes
+
+
+def require_datasets(*names: str) -> None:
+    """The one "data missing" check: :class:`Unavailable` naming the first of ``names`` that is not available
+    here, and why."""
+    from toymodels import data
+
+    for name in names:
+        ok, why = data.available(name, probe_network=False)
+        if not ok:
+            raise Unavailable(f"{name} is not available here: {why}")
+
+
+def check_protocols(protocols: tuple[Protocol, ...]) -> None:
+    names = [p.name for p in protocols]
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocols must have unique names, got {names}")
+    primary = [p for p in protocols if p.primary]
+    if len(primary) != 1:
+        raise ValueError(f"protocols must mark exactly one primary protocol, got {len(primary)}")
+    if any(p.paper for p in protocols) and not primary[0].paper:
+        raise ValueError("protocols: the primary protocol must be the paper's where the paper states one "
+                         f"(primary {primary[0].name!r} is not marked paper=True)")
+
+
+_MODULE_FIELDS = ("ID", "PAPER", "CLAIM", "CRITERION", "PROTOCOLS", "configs", "measure", "draw")
+
+
+def spec_of(module: ModuleType) -> Spec:
+    """The :class:`Spec` of a figure module (ValueError naming the missing part)."""
+    missing = [f for f in _MODULE_FIELDS if not hasattr(module, f)]
+    if missing:
+        raise ValueError(f"module {module.__name__} lacks {missing} (see figures.framework)")
+    if not isinstance(module.CRITERION, Criterion):
+        raise ValueError(f"{module.__name__}.CRITERION must be a figures.criteria.Criterion")
+    protocols = tuple(module.PROTOCOLS)
+    check_protocols(protocols)
+    holder: dict[str, Spec] = {}
+
+    def run(ctx: Context) -> Result:
+        return run_figure(holder["spec"], ctx)
+
+    holder["spec"] = Spec(module.ID, module.PAPER, module.CLAIM, run, module.CRITERION, protocols, module.measure,
+                          module.configs, module.draw, module.__name__)
+    return holder["spec"]
+
+
+def sweep(ctx: Context, runs: Mapping[str, object]) -> dict[str, list[dict]]:
+    """Run every entry of ``runs`` (a config or :class:`Runs`) once per seed of ``ctx`` (or the first seed), in one
+    cached parallel sweep; diverged runs come back truncated with ``diverged_step``. Returns name -> histories."""
+    from toymodels.train import run_sweep
+
+    plan, configs, callbacks = [], [], []
+    for name, entry in runs.items():
+        entry = entry if isinstance(entry, Runs) else Runs(entry)
+        seeds = ctx.seeds[:1] if entry.first_seed_only else ctx.seeds
+        plan.append((name, len(seeds)))
+        configs += [entry.config.replace(seed=s) for s in seeds]
+        callbacks += [list(entry.callbacks)] * len(seeds)
+    if not configs:
+        return {name: [] for name in runs}
+    hists = run_sweep(configs, device=ctx.device, executor=ctx.executor, workers=ctx.workers, progress=False,
+                      on_diverge="return", callbacks=callbacks if any(callbacks) else None)
+    out, i = {}, 0
+    for name, n in plan:
+        out[name] = hists[i:i + n]
+        i += n
+    return out
+
+
+def jsonable(obj):
+    """``obj`` with numpy arrays / scalars as lists / numbers and non-finite Python floats as None / "inf" /
+    "-inf" (a numpy scalar NaN stays NaN, as the committed JSONs have it)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, torch.device | PurePath):
+        return str(obj)
+    return obj
+
+
+def as_saved(numbers):
+    """``numbers`` as ``draw`` will read them back from the JSON (a round trip through :func:`jsonable`)."""
+    return json.loads(json.dumps(jsonable(numbers)))
+
+
+def floats(values) -> np.ndarray:
+    """A saved list of numbers as a float array (None -> NaN, "inf" / "-inf" -> +-inf): the inverse of
+    :func:`jsonable` for ``draw``."""
+    def conv(v):
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if v is None:
+            return math.nan
+        if isinstance(v, str):
+            return float(v)
+        return v
+
+    return np.asarray(conv(values), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def holds_count(protocols: list[dict]) -> dict:
+    """{"reproduced": k, "partially reproduced": j, ..., "n": n} over a figure's protocol records."""
+    counts = {v: 0 for v in VERDICTS}
+    for p in protocols:
+        counts[p["verdict"]] += 1
+    return {**counts, "n": len(protocols)}
+
+
+def _measure(spec: Spec, ctx: Context, prot: Protocol) -> Measurement:
+    pctx = ctx.with_protocol(prot)
+    try:
+        if spec.configs is None:  # a figure in the old form: measure(ctx, protocol) does everything
+            meas = spec.measure(ctx, prot)
+        else:
+            meas = spec.measure(pctx, sweep(pctx, spec.configs(pctx)))
+    except Unavailable as exc:
+        return Measurement(unavailable=str(exc))
+    except Exception as exc:
+        if prot.primary:
+            raise
+        traceback.print_exc()
+        return Measurement(unavailable=f"error in protocol {prot.name}: {type(exc).__name__}: {exc}")
+    if not isinstance(meas, Measurement):
+        raise ValueError(f"{spec.id}: measure must return a Measurement, got {type(meas).__name__}")
+    return meas
+
+
+def run_figure(spec: Spec, ctx: Context) -> Result:
+    """Measure each protocol to run (primary only, or all with ``ctx.robustness``; the primary first), evaluate
+    the criterion in each, and return the headline (primary) protocol's Result with ``criterion``, ``protocols``
+    and ``draw`` filled and its figure drawn. An error in a non-primary protocol makes that protocol
+    ``unavailable`` (and is printed); an error in the primary one propagates."""
+    crit = spec.criterion
+    if crit is None or spec.measure is None:
+        raise ValueError(f"spec: {spec.id} is not a declared figure (no criterion / measure)")
+    primary = [p for p in spec.protocols if p.primary]
+    todo = primary + ([p for p in spec.protocols if not p.primary] if ctx.robustness else [])
+    records, headline, head_meas = [], None, None
+    for prot in todo:
+        meas = _measure(spec, ctx, prot)
+        outcome = Outcome.unavailable(meas.unavailable) if meas.unavailable else crit.evaluate(meas.samples)
+        summary = meas.unavailable or meas.summary
+        rec = {"name": prot.name, "protocol": dict(prot.settings), "primary": prot.primary, "paper": prot.paper,
+               "note": prot.note, "verdict": outcome.verdict, "summary": summary, "key": meas.key,
+               "tests": outcome.describe(), "outcome": outcome.as_dict()}
+        records.append(rec)
+        if prot.primary:
+            headline, head_meas = rec, meas
+    assert headline is not None and head_meas is not None
+    order = {p.name: i for i, p in enumerate(spec.protocols)}
+    records.sort(key=lambda r: order[r["name"]])
+    counts = holds_count(records)
+    where = "the paper's protocol" if headline["paper"] else "the primary protocol (the paper states none)"
+    summary = f"At {where} ({headline['name']}): {headline['summary']}"
+    if headline["verdict"] != "unavailable":
+        tests = headline["outcome"]["tests"]
+        if len(tests) <= 6:
+            summary += f" Tests: {headline['tests']}."
+        else:  # many tests (e.g. one per fitted exponent): count them, name the failures; statistics in the JSON
+            claims = [t for t in tests if t["role"] == "claim"]
+            failed = [t["name"] for t in tests if not t["passed"]]
+            summary += (f" Tests: {sum(t['passed'] for t in claims)} of {len(claims)} claim tests pass"
+                        + (f"; failing: {', '.join(failed)}" if failed else "") + " (statistics in the JSON).")
+    if len(records) > 1:
+        summary += (f" Holds (reproduced) in {counts['reproduced']} of {counts['n']} protocols, partially in "
+                    f"{counts['partially reproduced']}.")
+    numbers, fig = None, None
+    if not head_meas.unavailable:
+        if spec.draw is not None and head_meas.draw is not None:
+            numbers = as_saved(head_meas.draw)
+            fig = spec.draw(numbers)
+        elif head_meas.plot is not None:
+            fig = head_meas.plot()
+    return Result(headline["verdict"], summary, dict(head_meas.measured), list(head_meas.datasets),
+                  dict(head_meas.config), fig, criterion=crit.as_dict(), protocols=records, draw=numbers,
+                  headline=headline["name"])

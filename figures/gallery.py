@@ -1,0 +1,209 @@
+"""The figures' outputs: one JSON record and one PNG per figure, and the gallery ``README.md`` rebuilt from the
+JSONs. :func:`regenerate` runs a figure and writes both; :func:`redraw` draws a figure's PNG again from its saved
+JSON (the ``draw`` numbers) without training; :func:`write_gallery` rebuilds the README from the JSONs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from figures import registry
+from figures.framework import Context, Result, Spec, holds_count, jsonable
+from figures.style import save_png, title
+from toymodels.cache import atomic_write_bytes
+
+DEFAULT_OUT = Path(__file__).resolve().parent
+
+
+def _legacy_protocol(result: Result) -> dict:
+    """The one protocol record of a figure without a declared criterion (rule still in its code)."""
+    return {"name": "as run", "protocol": {}, "primary": True, "paper": False, "verdict": result.verdict,
+            "summary": result.summary, "key": {},
+            "note": "not yet declared: one protocol, the rule is in the figure's code (see the summary)"}
+
+
+def _headline(record: dict) -> str | None:
+    for p in record.get("protocols") or []:
+        if p.get("primary"):
+            return p["name"]
+    return None
+
+
+def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
+    """Run one figure and write its PNG and JSON into ``out``; returns the JSON record."""
+    spec = registry.specs()[fig_id]
+    start = time.perf_counter()
+    try:
+        result = spec.run(ctx)
+    except Exception as exc:  # a crashing figure is reported, not hidden
+        traceback.print_exc()
+        result = Result(verdict="unavailable", summary=f"error while regenerating: {type(exc).__name__}: {exc}")
+        result.measured = {"error": True}
+    runtime = time.perf_counter() - start
+    record = {
+        "id": fig_id,
+        "paper": spec.paper,
+        "claim": spec.claim,
+        "verdict": result.verdict,
+        "summary": result.summary,
+        "measured": result.measured,
+        "datasets": result.datasets,
+        "seeds": list(ctx.seeds),
+        "fidelity": ctx.fidelity,
+        "device": str(ctx.device),
+        "config": result.config,
+        "runtime_s": round(runtime, 2),
+        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "image": f"{fig_id}.png" if result.figure is not None else None,
+        "robustness": bool(ctx.robustness),
+        "criterion": result.criterion,
+        "protocols": result.protocols if result.protocols is not None else [_legacy_protocol(result)],
+    }
+    record["holds"] = holds_count(record["protocols"])
+    if result.draw is not None:
+        record["draw"] = result.draw
+    out.mkdir(parents=True, exist_ok=True)
+    if result.figure is not None:
+        save_png(result.figure, out / f"{fig_id}.png",
+                 title(spec.paper, fig_id, result.verdict, _headline(record)))
+    atomic_write_bytes(out / f"{fig_id}.json", json.dumps(jsonable(record), indent=2).encode())
+    return record
+
+
+def redraw(spec: Spec, out: Path) -> str | None:
+    """Draw ``<out>/<id>.png`` again from ``<out>/<id>.json`` (its ``draw`` numbers), without training. Returns
+    None when done, else why it cannot be redrawn."""
+    path = out / f"{spec.id}.json"
+    if not path.exists():
+        return f"no {path.name} in {out} (run the figure first)"
+    record = json.loads(path.read_text())
+    if spec.draw is None:
+        return "an old-form figure without a draw function (regenerate it instead)"
+    if record.get("draw") is None:
+        return f"{path.name} holds no draw numbers (written before --redraw existed, or unavailable): regenerate it"
+    fig = spec.draw(record["draw"])
+    save_png(fig, out / f"{spec.id}.png", title(spec.paper, spec.id, record["verdict"], _headline(record)))
+    return None
+
+
+def _robustness_cell(r: dict) -> str:
+    h = r.get("holds") or holds_count(r.get("protocols") or [])
+    if not r.get("criterion"):
+        return "not declared"
+    if h["n"] <= 1:
+        return "primary protocol only"
+    return f"{h['reproduced']}/{h['n']} (partially {h['partially reproduced']})"
+
+
+def _cell(text) -> str:
+    """Text safe inside a markdown table cell (a literal | would split the cell)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _settings_text(settings: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in settings.items()) or "(figure's defaults)"
+
+
+def _key_text(key: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return "; ".join(f"{k} {fmt(v)}" for k, v in key.items())
+
+
+def _protocol_map(r: dict) -> list[str]:
+    """The claim x protocol map of one figure (one row per protocol run)."""
+    lines = ["| protocol | settings | paper's | verdict | key numbers |", "|---|---|---|---|---|"]
+    for p in r["protocols"]:
+        name = f"**{p['name']}** (primary)" if p.get("primary") else p["name"]
+        lines.append(f"| {_cell(name)} | {_cell(_settings_text(p.get('protocol') or {}))} | "
+                     f"{'yes' if p.get('paper') else ''} | {p['verdict']} | {_cell(_key_text(p.get('key') or {}))} |")
+    return lines
+
+
+_METHODS_INTRO = [
+    "## Methods",
+    "",
+    "Every declared figure states its criterion as data (`figures/criteria.py`): the quantity measured per seed,",
+    "the direction and margin of the test (and why that margin), the test (one-sample t over seeds, bootstrap of",
+    "the mean, z on a known-error estimate, exact comparison, or sign test), the family-wise level, and the rule",
+    "mapping the tests to a verdict. The prose of each criterion is rendered from that declaration. Claims of",
+    "\"no change\" or \"same order\" are tested for equivalence with a margin declared up front (two one-sided",
+    "tests), never by \"the interval includes 0\". Several claim tests of one figure are corrected with Holm's",
+    "step-down procedure. Rows marked *sanity* are reported but do not count. Intervals are two-sided at 1 - 2",
+    "alpha (90% for alpha = 0.05), so a one-sided test passes exactly when its interval clears the margin before",
+    "the multiplicity correction. The headline verdict is the one at the paper's protocol where the paper states",
+    "it, otherwise at the figure's declared primary protocol; the robustness column counts the protocols where the",
+    "claim is reproduced (`lora-theory figures --robustness` runs the grid).",
+]
+
+
+def write_gallery(out: Path) -> Path:
+    """Rebuild ``<out>/README.md`` from every ``<id>.json`` in ``out`` (contract order): the top table (with a
+    robustness column), per figure its criterion (rendered from the declaration), "holds in k of n protocols"
+    and the claim x protocol map, and a Methods section with every recalibrated rule."""
+    records = []
+    for fig_id in registry.FIGURE_IDS:
+        path = out / f"{fig_id}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            r.setdefault("protocols", [_legacy_protocol(Result(r["verdict"], r["summary"]))])
+            r.setdefault("criterion", None)
+            r["holds"] = holds_count(r["protocols"])
+            records.append(r)
+    lines = [
+        "# Figure gallery",
+        "",
+        "Regenerated by `lora-theory figures` (the README's main command); every number below comes from the run",
+        "that drew the figure (see each `<id>.json` for seeds, configuration, the declared criterion, per-protocol",
+        "verdicts and measured values). Runtime is this figure's wall time in that regeneration: training runs",
+        "shared between figures are paid by the first figure that needs them and come from the run cache",
+        "afterwards. How verdicts are decided: see [Methods](#methods).",
+        "",
+        "| figure | paper | verdict | robustness (reproduced in k/n protocols) | seeds | fidelity | runtime (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{r['verdict']}** | {_robustness_cell(r)} | "
+                     f"{len(r['seeds'])} | {r['fidelity']} | {r['runtime_s']} |")
+    for r in records:
+        lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
+                  f"**Verdict: {r['verdict']}.** {r['summary']}", ""]
+        crit = r.get("criterion")
+        if crit:
+            lines += ["**Criterion.** " + crit["description"].replace("\n", "  \n"), ""]
+            h = r["holds"]
+            lines += [f"**Holds in {h['reproduced']} of {h['n']} protocol{'s' if h['n'] != 1 else ''}** "
+                      f"(partially in {h['partially reproduced']}, not in {h['not reproduced']}, unavailable in "
+                      f"{h['unavailable']}).", ""]
+            lines += _protocol_map(r) + [""]
+        if r.get("image"):
+            lines += [f"![{r['id']}]({r['image']})", ""]
+        lines.append(f"Data: {', '.join(r['datasets']) or 'none (closed form / synthetic)'}; seeds "
+                     f"{r['seeds']}; fidelity {r['fidelity']}; {r['runtime_s']} s on {r['device']}.")
+    lines += [""] + _METHODS_INTRO + ["", "### Recalibrated rules", ""]
+    recal = [(r["id"], c) for r in records for c in ((r.get("criterion") or {}).get("recalibrations") or [])]
+    if recal:
+        lines += ["| figure | old rule | new rule | why |", "|---|---|---|---|"]
+        lines += [f"| [{fid}](#{fid}) | {_cell(c['old'])} | {_cell(c['new'])} | {_cell(c['why'])} |"
+                  for fid, c in recal]
+    else:
+        lines.append("None recorded in these JSONs.")
+    legacy = [r["id"] for r in records if not r.get("criterion")]
+    if legacy:
+        lines += ["", "Figures whose rule is not yet declared as data (the rule is stated in their summary): "
+                  + ", ".join(legacy) + "."]
+    path = out / "README.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

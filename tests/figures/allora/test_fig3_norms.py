@@ -1,0 +1,65 @@
+"""figures.allora.fig3_norms: its callback measures the run's own weights; the spread of the final norms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import dropout as dr
+from figures.allora import fig3_norms as fig3
+from figures.allora.protocol import last_layer_problem
+from toymodels import train
+from toymodels.lora import lora_modules
+
+SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
+             pretrain_steps=10, steps=12, batch_size=16, record_every=4)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("placement", ["bottleneck", "input"])
+def test_fig3_measurement_matches_the_runs_weights(placement):
+    """fig. 3's callback: ||A - A0|| and the closed-form strengths equal those computed from the run's weight
+    snapshots at the record steps (same run, same cache entry)."""
+    from toymodels.callbacks import WeightSnapshots
+
+    cfg = train.FinetuneConfig(**SMALL, dropout=0.3, placement=placement, recorders=("loss", "norms"))
+    snaps = WeightSnapshots(cfg.record_steps())
+    hist = train.finetune(cfg, callbacks=[fig3.DecayStrengths(), snaps], use_cache=False)
+    got = fig3.DecayStrengths.of(hist)
+    np.testing.assert_array_equal(got["step"], hist["step"])
+    n_layers = hist["norm_A"].shape[1]
+    dist = np.array([[np.linalg.norm(hist[f"snapshot_A{i}"][t] - hist[f"snapshot_A{i}"][0]) for i in range(n_layers)]
+                     for t in range(len(hist["step"]))])
+    np.testing.assert_allclose(got["dist_A"], dist, rtol=1e-5, atol=1e-7)
+    assert got["dist_A"][0].max() == 0 and got["dist_A"][-1].min() > 0
+    model = train.build_finetune_model(cfg, torch.device("cpu"))
+    data = train.protocol_data(cfg, torch.device("cpu"))
+    with torch.no_grad():  # the model at the last step, from the snapshots (its features depend on every layer)
+        for i, m in enumerate(lora_modules(model)):
+            m.lora_A.copy_(torch.from_numpy(hist[f"snapshot_A{i}"][-1]))
+            m.lora_B.copy_(torch.from_numpy(hist[f"snapshot_B{i}"][-1]))
+    layer = lora_modules(model)[-1]
+    prob = last_layer_problem(model, layer, *data.finetune)
+    on_a, on_b = dr.penalty_strengths(prob["X"] / math.sqrt(len(prob["X"])), prob["A"], prob["B"], 0.3,
+                                      scaling=float(prob["s"]))
+    np.testing.assert_allclose(got["strength_A"][-1], on_a, rtol=1e-6)
+    np.testing.assert_allclose(got["strength_B"][-1], on_b, rtol=1e-6)
+
+
+def test_spread_is_max_over_min_minus_one_per_seed():
+    assert fig3.spread(np.array([[1.0, 2.0, 1.5], [2.0, 2.0, 2.0]])).tolist() == [1.0, 0.0]
+
+
+def test_norm_of_sums_layers_or_takes_the_last():
+    norms = np.array([[3.0, 4.0], [6.0, 8.0]])
+    assert fig3.norm_of(norms, "summed").tolist() == [5.0, 10.0]
+    assert fig3.norm_of(norms, "last").tolist() == [4.0, 8.0]
+    with pytest.raises(ValueError, match="which"):
+        fig3.norm_of(norms, "first")

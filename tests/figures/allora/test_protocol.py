@@ -1,0 +1,62 @@
+"""figures.allora.protocol: the last-layer problem that figs. 1-3 hand to analysis.dropout uses the engine's
+conventions (bias in Y, loss = mean); the shared summary helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import dropout as dr
+from analysis.inputs import default_seed
+from figures.allora import protocol
+from figures.allora.protocol import last_layer_problem
+from toymodels import train
+from toymodels.lora import lora_modules
+
+SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
+             pretrain_steps=10, steps=12, batch_size=16, record_every=4)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
+
+
+def _last_layer_model(p: float, placement: str):
+    cfg = train.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
+                               recorders=())
+    model = train.build_finetune_model(cfg, torch.device("cpu")).double()
+    layer = lora_modules(model)[-1]
+    gen = torch.Generator().manual_seed(default_seed())
+    with torch.no_grad():  # a nonzero B, as after fine-tuning
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
+    data = train.protocol_data(cfg, torch.device("cpu"))
+    x, y = data.finetune
+    return model, layer, x[:16].double(), y[:16]
+
+
+def test_last_layer_problem_matches_the_model_output():
+    model, layer, x, y = _last_layer_model(0.2, "bottleneck")
+    prob = last_layer_problem(model, layer, x, y)
+    model.eval()
+    with torch.no_grad():
+        out = model(x).numpy()
+    target = torch.nn.functional.one_hot(y, layer.out_features).double().numpy()
+    X, Y, W, A, B, s = (prob[k] for k in ("X", "Y", "W", "A", "B", "s"))
+    resid = Y - X @ W.T - s * X @ A.T @ B.T  # the residual of analysis.dropout's convention, dropout-free
+    np.testing.assert_allclose(resid, target - out, rtol=1e-12, atol=1e-12)
+    # and the dropout-free loss is E[L] at p = 0 (sum over the batch) = N x the engine's mean MSE
+    mse = ((target - out) ** 2).sum(1).mean()
+    assert dr.expected_loss(X, Y, W, A, B, 0.0, scaling=float(s)) == pytest.approx(len(y) * mse, rel=1e-12)
+
+
+def test_summary_helpers():
+    r = protocol.log_ratio_ci([2.0, 8.0, 4.0], [1.0, 2.0, 1.0])
+    assert r["ratio"] == pytest.approx(math.exp(np.mean(np.log([2.0, 4.0, 4.0]))))
+    assert r["ci_low"] < r["ratio"] < r["ci_high"]
+    assert protocol.spearman([1, 2, 3], [3, 3, 3]) == 0.0
+    assert protocol.spearman([1, 2, 3], [1, 5, 9]) == pytest.approx(1.0)
+    assert protocol.steps_per_epoch(train.FinetuneConfig(**SMALL)) == 4
