@@ -10,4 +10,5 @@ def run_all(quick: bool = False) -> int:
     status = bench_sample_loss.main(quick=quick)
     from benchmarks import bench_sweep
 
-    return bench_sweep.main(["--quick"] if quick else []) or status
+    # quick: a smoke run in seconds (the test suite runs it), so without Ray's start-up (tests/toymodels cover Ray)
+    return bench_sweep.main(["--quick", "--skip-ray"] if quick else []) or status

@@ -43,9 +43,15 @@ from toymodels import batched, train
 LRS = (1e-3, 2e-3, 5e-4, 3e-3)
 
 
-def base_config(steps: int, dropout: float = 0.0) -> train.FinetuneConfig:
+# --quick: a smoke run of every engine in seconds (the test suite runs it): synthetic data, a 64-32-32-10 MLP
+QUICK_SIZES = dict(dataset="synthetic", widths=(64, 32, 32, 10), n_pretrain=256, pretrain_steps=20, n_finetune=128,
+                   n_test=128)
+
+
+def base_config(steps: int, dropout: float = 0.0, quick: bool = False) -> train.FinetuneConfig:
     """The protocol with recording off (record_every = steps: one record at the end, no evaluation)."""
-    return train.FinetuneConfig(dataset="mnist", steps=steps, dropout=dropout, recorders=(), record_every=steps)
+    sizes = QUICK_SIZES if quick else dict(dataset="mnist")
+    return train.FinetuneConfig(steps=steps, dropout=dropout, recorders=(), record_every=steps, **sizes)
 
 
 # ---------------------------------------------------------------------------------------------- the engines
@@ -95,9 +101,9 @@ def sequential(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
     return loop
 
 
-def batched_engine(configs: list[train.FinetuneConfig], masks: str = "exact") -> Callable[[], list[float]]:
+def batched_engine(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]:
     """(c) toymodels.batched: all configs in one loop; returns the first run's losses."""
-    engine = batched._Batch(configs, torch.device("cpu"), masks)
+    engine = batched._Batch(configs, torch.device("cpu"))
 
     def run() -> list[float]:
         return list(engine.run()[0]["batch_loss"])
@@ -152,11 +158,11 @@ def _timed(factory: Callable[[], Callable[[], list[float]]]) -> tuple[float, flo
     return setup, time.perf_counter() - start, losses
 
 
-def cases(steps: int) -> list[tuple[str, str, int, Callable]]:
+def cases(steps: int, quick: bool = False) -> list[tuple[str, str, int, Callable]]:
     """(label, kind, runs K, factory) for every engine and configuration set measured."""
     out = []
     for p in (0.0, 0.1):
-        c = base_config(steps, p)
+        c = base_config(steps, p, quick)
         one_seed = [c.replace(lr=LRS[i % 4] * (1 + i // 4)) for i in range(16)]
         four_seeds = [c.replace(seed=s, lr=lr) for s in range(4) for lr in LRS]
         tag = f"p={p}"
@@ -186,13 +192,13 @@ def machine() -> str:
 
 
 def run(quick: bool = False, rounds: int | None = None) -> dict:
-    steps = 24 if quick else 200
+    steps = 8 if quick else 200
     rounds = rounds or (1 if quick else 5)
-    todo = cases(steps)
+    todo = cases(steps, quick)
     # warm up: pretrained models (cached on disk after the first time) and a short run of every engine
     for s in range(4):
-        train.pretrain(base_config(steps).replace(seed=s))
-    for _, _, _, factory in cases(8):
+        train.pretrain(base_config(steps, quick=quick).replace(seed=s))
+    for _, _, _, factory in cases(2 if quick else 8, quick):
         factory()()
     loads = [os.getloadavg()[0]]
     times: dict[str, list[float]] = {label: [] for label, *_ in todo}
@@ -208,9 +214,10 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     return dict(steps=steps, rounds=rounds, cases=todo, times=times, setups=setups, losses=losses, loads=loads)
 
 
-def end_to_end(steps: int) -> tuple[float, float, float]:
+def end_to_end(steps: int, quick: bool = False) -> tuple[float, float, float]:
     """(sequential seconds, batched seconds, max relative difference of the test losses) for 4 default runs."""
-    configs = [train.FinetuneConfig(seed=s, lr=lr, steps=steps) for s in (0, 1) for lr in LRS[:2]]
+    sizes = QUICK_SIZES if quick else {}
+    configs = [train.FinetuneConfig(seed=s, lr=lr, steps=steps, **sizes) for s in (0, 1) for lr in LRS[:2]]
     start = time.perf_counter()
     seq = [train.finetune(c, use_cache=False) for c in configs]
     t_seq = time.perf_counter() - start
@@ -224,8 +231,11 @@ def end_to_end(steps: int) -> tuple[float, float, float]:
 
 def main(quick: bool = False, strict: bool = False) -> int:
     """Print the table; returns 1 (raises RuntimeError if ``strict``) when (b) and (c) K=1 disagree."""
-    print(f"fine-tuning benchmark: MNIST, 784-256-256-10 MLP, LoRA r=8 on all 3 layers, 512 images, batch 64, "
-          f"Adam | {machine()}")
+    if quick:  # a smoke run: one thread, so that it stays seconds on a loaded machine (no spinning thread pool)
+        torch.set_num_threads(1)
+    what = ("QUICK smoke run (synthetic data, 64-32-32-10 MLP, 128 images)" if quick else
+            "MNIST, 784-256-256-10 MLP, LoRA r=8 on all 3 layers, 512 images")
+    print(f"fine-tuning benchmark: {what}, batch 64, Adam | {machine()}")
     res = run(quick)
     steps, todo, times = res["steps"], res["cases"], res["times"]
     print(f"  {steps} steps per run, {res['rounds']} interleaved rounds; 1-min load average during the rounds: "
@@ -253,7 +263,7 @@ def main(quick: bool = False, strict: bool = False) -> int:
     print(f"  sanity: (b) and (c) K=1 losses equal to rtol 1e-4: p=0 {same}, p=0.1 {same_p}; mean loss of the "
           f"last 8 steps: (a) {last['p=0.0 (a) DataLoader + PEFT']:.3f}, (b) {last['p=0.0 (b) sequential engine']:.3f}"
           f", (c) {last['p=0.0 (c) batched K=1']:.3f} (p=0)")
-    t_seq, t_bat, diff = end_to_end(20 if quick else 200)
+    t_seq, t_bat, diff = end_to_end(20 if quick else 200, quick)
     print(f"  end to end, 4 runs x {20 if quick else 200} steps with the default recorders: train.finetune one by one "
           f"{t_seq:.1f} s, batched.finetune_many {t_bat:.1f} s: {t_seq / t_bat:.2f}x (test losses agree to "
           f"{diff:.0e})")

@@ -53,7 +53,7 @@ def _rate(fn, n) -> tuple[float, np.ndarray]:
 def run(quick: bool = False) -> dict:
     X, Y, W, A, B = _problem()
     p = 0.1
-    n_loop, n_fast = (200, 5_000) if quick else (2_000, 200_000)
+    n_loop, n_fast = (8, 400) if quick else (2_000, 200_000)
     results = {}
     for placement in ("bottleneck", "input"):
         nf = n_fast if placement == "bottleneck" else n_fast // 20

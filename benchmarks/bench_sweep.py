@@ -21,7 +21,7 @@ The 16 pretrainings alone are timed too (in-process, one after the other). (b) r
 modes (b), (c) start their workers inside their time (spawn, imports), except (c').
 
 Run: ``.venv/bin/python -m benchmarks.bench_sweep [--quick] [--workers 2] [--json out.json]`` (``--quick``: 2
-rates x 4 seeds, 40 steps: a smoke run). The bit-for-bit check at the end compares (b), (c), (d) with the
+rates x 2 seeds, 10 steps of a tiny synthetic protocol: a smoke run). The bit-for-bit check at the end compares (b), (c), (d) with the
 in-process result of the same routing (np.array_equal on every history array), cold and pretrained.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_finetune import machine  # one description of the machine for every benchmark
+from benchmarks.bench_finetune import QUICK_SIZES, machine  # one machine description, one quick protocol
 from toymodels import sweep, train
 from toymodels.train import FinetuneConfig
 
@@ -49,14 +49,16 @@ from toymodels.train import FinetuneConfig
 def sweep_configs(quick: bool) -> list[FinetuneConfig]:
     """figures/_common.base_config's default sizes (784-256-256-10, 4096 pretraining images / 500 steps, 512
     fine-tuning images with a pixel permutation, 2000 test images, 300 steps, records every 25), LoRA r = 8 on
-    all layers, input dropout p in (0, 0.1, 0.2, 0.3), seeds 0..15."""
+    all layers, input dropout p in (0, 0.1, 0.2, 0.3), seeds 0..15. Quick: a smoke run in seconds (2 rates x 2
+    seeds, 10 steps, the quick sizes of bench_finetune: synthetic data, a 64-32-32-10 MLP)."""
+    if quick:
+        return [FinetuneConfig(dropout=p, seed=s, steps=10, record_every=5, **QUICK_SIZES)
+                for p in (0.0, 0.1) for s in range(2)]
     from figures import Context
     from figures._common import base_config
 
     ctx = Context(fidelity="default")
-    rates, seeds = ((0.0, 0.1), range(4)) if quick else ((0.0, 0.1, 0.2, 0.3), range(16))
-    extra = dict(steps=40, pretrain_steps=100, record_every=10) if quick else {}
-    return [base_config(ctx, dropout=p, seed=s, **extra) for p in rates for s in seeds]
+    return [base_config(ctx, dropout=p, seed=s) for p in (0.0, 0.1, 0.2, 0.3) for s in range(16)]
 
 
 @contextmanager
@@ -96,7 +98,7 @@ def load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rates x 4 seeds, 40 steps (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="2 rates x 2 seeds, 10 steps, tiny synthetic protocol (smoke run)")
     parser.add_argument("--workers", type=int, default=2, help="workers of (b), (c), (d) (default 2)")
     parser.add_argument("--skip-ray", action="store_true", help="leave out (d) and the Ray overhead")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     W = args.workers
     configs = sweep_configs(args.quick)
     n = len(configs)
-    print(f"sweep benchmark: {n} MNIST runs ({'quick' if args.quick else 'default protocol'}), cold cache per mode, "
+    print(f"sweep benchmark: {n} runs ({'QUICK smoke run, synthetic' if args.quick else 'MNIST, default protocol'}), "
+          f"cold cache per mode, "
           f"{W} workers | {machine()}")
     print(f"  1-min/5-min/15-min load average at start: {load()}")
     rows, out = [], {"runs": n, "workers": W, "machine": machine(), "load_start": load()}

@@ -35,7 +35,6 @@ the rest of the process, keyed on the cache file's size and mtime).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -862,73 +861,3 @@ def finetune_protocol(
         pretrain_classes=pre_cls,
         finetune_classes=ft_cls,
     )
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def data_command(argv: list[str] | None = None) -> int:
-    """``lora-theory data``: table of the data sets and their sources; ``--fetch NAME...`` fills the cache."""
-    parser = argparse.ArgumentParser(
-        prog="lora-theory data",
-        description="Show which data sets are available and from where; --fetch converts them into the cache.",
-    )
-    parser.add_argument(
-        "--fetch",
-        nargs="+",
-        metavar="NAME",
-        help=f"convert into the cache: {', '.join(REAL_DATASETS)} or 'all'",
-    )
-    parser.add_argument("--refresh", action="store_true", help="with --fetch: re-convert even if cached")
-    parser.add_argument(
-        "--cifar10-dir", default=None, help="cifar-10-batches-py directory (or $LORA_THEORY_CIFAR10)"
-    )
-    parser.add_argument("--no-network", action="store_true", help="do not probe the network for torchvision")
-    args = parser.parse_args(argv)
-
-    rc = 0
-    if args.fetch:
-        names = list(REAL_DATASETS) if "all" in args.fetch else args.fetch
-        for nm in names:
-            try:
-                nm = _check_name(nm, allow_synthetic=False)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            t0 = time.perf_counter()
-            try:
-                path = fetch(nm, cifar10_dir=args.cifar10_dir, refresh=args.refresh)
-            except DatasetUnavailable as exc:
-                print(f"{nm}: UNAVAILABLE: {exc}", file=sys.stderr)
-                rc = 1
-                continue
-            meta = json.loads(path.with_suffix(".json").read_text())
-            print(
-                f"{nm}: cached in {path} ({path.stat().st_size / 2**20:.1f} MiB, from {meta['source']}, "
-                f"{time.perf_counter() - t0:.1f} s)"
-            )
-        print()
-
-    print(f"cache directory: {cache_dir()}")
-    rows = [("data set", "available", "train/test", "source or reason")]
-    for nm in DATASETS:
-        ok, where = available(nm, cifar10_dir=args.cifar10_dir, probe_network=not args.no_network)
-        if nm == "synthetic":
-            sizes = f"{SYNTHETIC_DEFAULTS['n_train']}/{SYNTHETIC_DEFAULTS['n_test']}"
-        else:
-            sizes = "{train}/{test}".format(**OFFICIAL_SIZES[nm])
-            meta_path = cache_paths(nm)[1]
-            if ok and where.startswith("cache") and meta_path.exists():
-                shapes = json.loads(meta_path.read_text())["shapes"]
-                sizes = f"{shapes['x_train'][0]}/{shapes['x_test'][0]}"
-        rows.append((nm, "yes" if ok else "NO", sizes, where))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
-    if not available("cifar10", cifar10_dir=args.cifar10_dir, probe_network=False)[0]:
-        print(f"\nsecond real data set: {second_dataset(cifar10_dir=args.cifar10_dir)} (CIFAR-10 absent)")
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(data_command())

@@ -8,6 +8,7 @@ Fashion-MNIST sources are converted once per session into a session directory.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from toymodels import data
+from toymodels import data, data_cli
 
 # Official class counts (LeCun et al.'s MNIST page; Fashion-MNIST README: 6000/1000 per class).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -562,23 +563,33 @@ def test_device_cuda():
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def data_command(argv: list[str]) -> int:
+    """``lora-theory data ARGV`` through the command's own parser (as lora_theory.cli builds it)."""
+    parser = argparse.ArgumentParser(prog="lora-theory data")
+    data_cli.add_arguments(parser)
+    return data_cli.run(parser.parse_args(argv))
+
+
 def test_data_command_table_and_fetch(tmp_path, monkeypatch, capsys, private_cache):
     monkeypatch.setattr(data, "_torchvision_importable", lambda: False)
-    assert data.data_command(["--no-network"]) == 0
+    assert data_command(["--no-network"]) == 0
     out = capsys.readouterr().out
     for name in data.DATASETS:
         assert name in out
     assert "second real data set: fashion-mnist" in out
 
-    assert data.data_command(["--fetch", "cifar10", "--no-network"]) == 1
+    assert data_command(["--fetch", "cifar10", "--no-network"]) == 1
     assert "CIFAR-10 is missing" in capsys.readouterr().err
 
     d, _ = write_cifar_dir(tmp_path / "src")
     with pytest.warns(UserWarning, match="not the official sizes"):
-        assert data.data_command(["--fetch", "cifar10", "--cifar10-dir", str(d), "--no-network"]) == 0
+        assert data_command(["--fetch", "cifar10", "--cifar10-dir", str(d), "--no-network"]) == 0
     out = capsys.readouterr().out
     assert "cifar10: cached in" in out and (private_cache / "cifar10.npz").exists()
     assert "20/4" in out  # sizes read from the cache sidecar (5 batches of 4, one test batch)
 
-    assert data.data_command(["--fetch", "bogus"]) == 2
-    assert "name must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: exit 2, the message names the option and the choices
+        data_command(["--fetch", "bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fetch" in err and "bogus" in err and "mnist" in err
