@@ -13,7 +13,8 @@ the base model (``model.layers.0.self_attn.q_proj``; the saved name prefixes it 
 matched against the keys of ``rank_pattern`` / ``alpha_pattern`` by ``peft.utils.other.get_pattern_key``
 (``re.match(rf"(.*\\.)?({key})$", name)``, first key in order wins), else ``r`` / ``lora_alpha``. The scaling is
 then ``alpha / sqrt(r)`` with ``use_rslora`` (rsLoRA eq. 4) and ``alpha / r`` otherwise
-(``LoraLayer.update_layer``). PEFT's own ``get_pattern_key`` is used when PEFT is installed.
+(``LoraLayer.update_layer``). That rule is re-stated here (:func:`get_pattern_key`): reading a folder never imports
+peft or transformers.
 
 Shapes (torch.nn.Linear / PEFT): A = lora_A (r, d_in), B = lora_B (d_out, r); the layer's update is
 scaling * B @ A (d_out, d_in). For GPT-2's ``Conv1D`` (``fan_in_fan_out=True``) A and B have the same shapes;
@@ -62,6 +63,7 @@ class AdaptedLayer:
     fan_in_fan_out: bool
     magnitude: np.ndarray | None = None  # DoRA magnitude vector (d_out,)
     lora_bias: np.ndarray | None = None  # lora_B bias (lora_bias=True), not part of BA
+    merged: bool = False  # a PeftModel layer merged into its base weight (merge_adapter)
 
     @property
     def d_in(self) -> int:
@@ -84,25 +86,41 @@ class Adapter:
     adapter_name: str = "default"
     peft_model: object | None = None  # the PeftModel when read from one
 
+    def missing_by_stack(self) -> list[str]:
+        """Modules missing from a stack of same-role layers, without the base model: a stack
+        (``...layers.*.self_attn.q_proj``) lacking an index that other stacks of the adapter have
+        (e.g. q_proj saved for layers 0-15 but layer 5). Empty when ``layers_to_transform`` restricts the layers
+        on purpose. With the base model, :meth:`diagnose.base.BaseSource.missing_modules` is exact."""
+        if self.config.get("layers_to_transform") not in (None, []):
+            return []
+        stacks: dict[str, set[int]] = {}
+        names = [lay.name for lay in self.layers] + [u["name"] for u in self.unsupported]
+        for name in names:
+            parts = name.split(".")
+            idx = [i for i, p in enumerate(parts) if p.isdigit()]
+            if idx:
+                i = idx[-1]
+                stacks.setdefault(".".join(parts[:i] + ["*"] + parts[i + 1:]), set()).add(int(parts[i]))
+        if len(stacks) == 0:
+            return []
+        seen = set().union(*stacks.values())
+        return sorted((pattern.replace("*", str(i)) for pattern, got in stacks.items() for i in seen - got),
+                      key=natural_order)
+
 
 def natural_order(name: str) -> tuple:
     """Sort key of a module path with its numeric parts as integers (layers.2 before layers.10)."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _get_pattern_key():
-    try:
-        from peft.utils.other import get_pattern_key
-
-        return get_pattern_key
-    except ImportError:  # same rule as peft.utils.other.get_pattern_key (peft 0.10 - 0.21)
-        def get_pattern_key(pattern_keys, key_to_match):
-            for key in pattern_keys:
-                if re.match(rf"(.*\.)?({key})$", key_to_match):
-                    return key
-            return key_to_match
-
-        return get_pattern_key
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    r"""PEFT's ``peft.utils.other.get_pattern_key`` (0.10 - 0.21) re-stated, so that reading an adapter never imports
+    peft (4 s): the first key ``k`` with ``re.match(rf"(.*\.)?({k})$", name)`` wins; the name itself otherwise.
+    ``tests/diagnose`` checks it against PEFT's own function."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
 
 
 def resolve_rank_alpha(config: dict, key: str) -> tuple[int, float, float]:
@@ -111,7 +129,6 @@ def resolve_rank_alpha(config: dict, key: str) -> tuple[int, float, float]:
     r = rank_pattern[match] else config r; alpha = alpha_pattern[match] else lora_alpha; scaling = alpha/sqrt(r)
     if use_rslora else alpha/r (PEFT ``LoraLayer.update_layer``; rsLoRA eq. 4 vs LoRA's alpha/r).
     """
-    get_pattern_key = _get_pattern_key()
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(list(rank_pattern.keys()), key), config.get("r", 8))
@@ -331,12 +348,16 @@ def _load_peft_model(model, adapter_name: str | None) -> Adapter:
         if mags is not None and name in mags:
             magnitude = mags[name].weight.detach().cpu().double().numpy().reshape(-1)
         bias = module.lora_B[name].bias
+        merged = name in (getattr(module, "merged_adapters", None) or [])
+        if merged and magnitude is not None:
+            raise DiagnoseError(f"{module_name}: the DoRA adapter {name!r} is merged into the base weights; call "
+                                f"model.unmerge_adapter() first (DoRA's merge cannot be undone from A and B alone)")
         layers.append(AdaptedLayer(
             name=module_name, key=_strip_prefix(module_name), A=A, B=B, r=int(module.r[name]),
             alpha=float(module.lora_alpha[name]), scaling=float(module.scaling[name]),
             use_rslora=bool(module.use_rslora.get(name, False)), dropout=p,
             fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)), magnitude=magnitude,
-            lora_bias=None if bias is None else bias.detach().cpu().double().numpy()))
+            lora_bias=None if bias is None else bias.detach().cpu().double().numpy(), merged=merged))
     if not layers and not unsupported:
         raise DiagnoseError(f"the PeftModel has no LoRA layer for adapter {name!r}")
     layers.sort(key=lambda lay: natural_order(lay.name))

@@ -24,7 +24,8 @@ functions of :mod:`analysis` where it has them.
 - With W: m = ||s B A||_2 / ||W||_2 (``ripple.layer_ratios``, ALLoRA sec. 3.3) and the intruder dimensions of
   W + s B A (Shuttleworth et al. 2024, arXiv 2410.21228, as PEFT's ``reduce_intruder_dimension``: among the top-k
   left singular vectors of W + s B A, those whose largest |cosine| with any left singular vector of W is below
-  epsilon). Cost: two SVDs of a d_out x d_in matrix per layer (seconds at d = 4096).
+  epsilon), abstaining where W's spectrum is flat (see :func:`base_quantities`). Cost: two SVDs of a
+  d_out x d_in matrix per layer (seconds at d = 4096).
 - With inputs X: the exact expected loss of one dropout realisation at PEFT's placement ("input": the mask is on
   x before lora_A) with the layer's own dropout-free output as target, Y = X W^T + s X (BA)^T, so that
   E[L] = the dropout penalty v s^2 sum_j D_j ||(BA)_:j||^2 (``dropout.expected_loss``, ALLoRA sec. 3.1), its
@@ -39,10 +40,12 @@ import math
 
 import numpy as np
 
-from analysis import adaptive, channels, dropout, rank_scaling, ripple
+from analysis import adaptive, channels, dropout, rank_scaling
 
 __all__ = [
     "PEFT_A_EXCESS_KURTOSIS",
+    "update_ratio",
+    "intruder_cluster_size",
     "adapter_quantities",
     "base_quantities",
     "calibration_quantities",
@@ -129,24 +132,61 @@ def adapter_quantities(A, B, scaling: float, *, use_rslora: bool, eta: float = 2
     }
 
 
-def base_quantities(W, A, B, scaling: float, *, intruder_top_k: int = 10, intruder_epsilon: float = 0.5) -> dict:
+def update_ratio(spectral_norm_update: float, spectral_norm_W: float) -> float | None:
+    """m = ||s B A||_2 / ||W||_2 (ALLoRA sec. 3.3, ``analysis.ripple.layer_ratios`` with the scaling folded into
+    B); None when W = 0. The one place m is computed (report and monitor alike)."""
+    return float(spectral_norm_update) / float(spectral_norm_W) if spectral_norm_W > 0 else None
+
+
+def intruder_cluster_size(epsilon: float) -> int:
+    """The smallest cluster of W's singular vectors inside which a rotation can fake an intruder: a unit vector in
+    the span of n orthonormal vectors has |cos| >= 1/sqrt(n) with one of them, so below n = 1/eps^2 it cannot
+    look new; from ceil(1/eps^2) on it can (4 at PEFT's eps = 0.5)."""
+    return max(1, math.ceil(1.0 / float(epsilon) ** 2 - 1e-12))
+
+
+def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None = None, intruder_top_k: int = 10,
+                    intruder_epsilon: float = 0.5) -> dict:
     """m = ||s B A||_2 / ||W||_2 (and its Frobenius analogue) and the intruder dimensions of W + s B A.
 
-    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first).
+    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first). One SVD of W gives ||W||_2 and its
+    left singular vectors U_W; one of W + s B A its top-k directions u_j (singular values s_j). Intruder test (as
+    PEFT's ``reduce_intruder_dimension``): u_j is an intruder when max_i |<u_j, U_W[:, i]>| < epsilon.
+
+    Abstention (a flat spectrum): by Weyl's inequality each singular value moves by at most delta = ||s B A||_2, so
+    where W has a cluster of at least ``intruder_cluster_size(epsilon)`` singular values within delta of s_j, the
+    update can rotate W's own singular vectors inside it into a u_j with every |cos| < epsilon (in an exactly
+    flat spectrum every direction is a singular vector of W). The test abstains for u_j (``abstained``; not
+    counted) when both hold: such a cluster exists and u_j is not the update's own direction, i.e. less than
+    1 - eps^2 of its energy lies in the update's column space (||Q_B^T u_j||^2 < 1 - eps^2, Q_B an orthonormal
+    basis of span(B)). A direction the update put there (its part outside span(B) shorter than eps) is judged.
+    ``spectral_gap``: (sigma_1 - sigma_{k+1}) / sigma_1 of W, the relative spread of its top k+1 singular values.
     """
     W = np.asarray(W, dtype=np.float64)
+    A = np.asarray(A, dtype=np.float64)
     sB = float(scaling) * np.asarray(B, dtype=np.float64)
-    m = float(ripple.layer_ratios([W], [A], [sB])[0])
+    if sigma_update is None:
+        sigma_update = update_singular_values(A, B, scaling)
+    delta_2 = float(sigma_update[0]) if len(sigma_update) else 0.0
     delta = sB @ A
-    U_w = np.linalg.svd(W, full_matrices=False)[0]
-    U_m = np.linalg.svd(W + delta, full_matrices=False)[0]
+    U_w, S_w, _ = np.linalg.svd(W, full_matrices=False)
+    U_m, S_m, _ = np.linalg.svd(W + delta, full_matrices=False)
+    norm_W = float(np.linalg.norm(W))
     k = min(int(intruder_top_k), U_m.shape[1])
     cos = np.abs(U_m[:, :k].T @ U_w).max(axis=1)
+    cluster = np.array([int(np.sum(np.abs(S_w - S_m[j]) <= delta_2 * (1 + 1e-12))) for j in range(k)])
+    Q_B = np.linalg.qr(B)[0] if np.any(B) else np.zeros((B.shape[0], 0))
+    in_update = ((Q_B.T @ U_m[:, :k]) ** 2).sum(axis=0)
+    abstain = (cluster >= intruder_cluster_size(intruder_epsilon)) & (in_update < 1.0 - intruder_epsilon**2)
+    intruder = (cos < intruder_epsilon) & ~abstain
+    spectral_gap = float((S_w[0] - S_w[min(k, len(S_w) - 1)]) / S_w[0]) if S_w[0] > 0 else None
     return {
-        "norm_W": float(np.linalg.norm(W)), "spectral_norm_W": float(np.linalg.norm(W, 2)),
-        "m": m, "m_frobenius": float(np.linalg.norm(delta) / np.linalg.norm(W)),
+        "norm_W": norm_W, "spectral_norm_W": float(S_w[0]),
+        "m": update_ratio(delta_2, S_w[0]),
+        "m_frobenius": float(np.linalg.norm(delta) / norm_W) if norm_W > 0 else None,
         "intruder": {"top_k": k, "epsilon": float(intruder_epsilon), "max_abs_cos": cos,
-                     "count": int((cos < intruder_epsilon).sum())},
+                     "count": int(intruder.sum()), "abstained": int(abstain.sum()), "cluster_sizes": cluster,
+                     "energy_in_update": in_update, "spectral_gap": spectral_gap},
     }
 
 

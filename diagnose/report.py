@@ -1,60 +1,53 @@
 """``diagnose_adapter``: the report of one PEFT LoRA adapter against the three papers, and its outputs.
 
-JSON contract: a top-level ``layers`` list, one dict per adapted linear layer with at least ``name`` (the module
-path as PEFT writes it, ``base_model.model.model.layers.0.self_attn.q_proj``), ``r``, ``scaling``, ``norm_A``,
-``norm_B``, ``norm_BA`` (Frobenius norm of scaling * B @ A) and ``flags`` (list of str); a top-level ``flags``
-list (every flag raised anywhere, sorted) with ``flag_details`` (flag -> explanation and layers), plus
-``unsupported`` (layers named, with why they are not analysed), ``stacks`` (ripple bound per stack, with a base
-model), ``settings`` and ``source``.
+The JSON form (``Report.to_dict`` / ``to_json``) is described by ``diagnose/report.schema.json`` (JSON Schema,
+checked by the tests on every adapter of the suite) and versioned by ``schema_version``. Its rules: every key is
+always present (``null`` when a quantity is not computed, with the reason in the matching ``*_skipped`` field);
+a number field is a number or ``null`` (an infinite or undefined value is ``null``, never a string); the flags raised
+are split into ``problems`` and ``notes`` (kinds declared once in :mod:`diagnose.flags`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from analysis.jsonable import to_jsonable
 from diagnose.adapter import Adapter, load_adapter
 from diagnose.errors import DiagnoseError
+from diagnose.flags import FLAGS, default_thresholds, flag, layer_facts, raised_layer_flags
 from diagnose.quantities import adapter_quantities, base_quantities, calibration_quantities
 
-__all__ = ["FLAG_EXPLANATIONS", "LayerReport", "Report", "Thresholds", "diagnose_adapter"]
+__all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "diagnose_adapter", "schema", "tool_version"]
+
+#: Version of the JSON report's layout (``diagnose/report.schema.json``); bumped on any incompatible change.
+SCHEMA_VERSION = "2.0"
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """The stated rules of the flags (every flag's explanation quotes its rule)."""
+def tool_version() -> str:
+    """The installed lora-theory version (``0+unknown`` from a bare checkout)."""
+    try:
+        from importlib.metadata import version
 
-    dead_rms: float = 1e-6  # dead_adapter: RMS entry of s B A below this (or B exactly zero)
-    scale_min: float = 0.25  # scale_small: scaling below this
-    scale_max: float = 8.0  # scale_large: scaling above this
-    dominate_m: float = 1.0  # update_dominates: m = ||s B A||_2 / ||W||_2 at least this
-    dropout_steps: int = 100  # dropout_below_noise: more steps than this to resolve the penalty
+        return version("lora-theory")
+    except Exception:  # PackageNotFoundError, or a broken metadata install
+        return "0+unknown"
 
 
-FLAG_EXPLANATIONS = {
-    "dead_adapter": "B is exactly zero or the RMS entry of s*B@A is below {dead_rms:g}: the adapter changes "
-                    "nothing (never trained, B stuck at its zero init, or lost in sharded saving)",
-    "scale_small": "scaling < {scale_min:g}: the update s*B@A is shrunk; with Adam (steps ~ lr whatever the "
-                   "gradient) it learns 1/s times slower than at s = 1 (PEFT's default alpha = r = 8 gives 1)",
-    "scale_large": "scaling > {scale_max:g}: the scale, not the learned weights, sets the size of the update "
-                   "(ALLoRA sec. 3.3 ripple: each adapted layer multiplies the output bound by 1 + s||BA||/||W||)",
-    "rank_exceeds_dims": "r > min(d_in, d_out): B@A has rank <= min(d_in, d_out), so r - min(d_in, d_out) "
-                         "channels are redundant (and rsLoRA's alpha/sqrt(r) no longer matches the usable rank)",
-    "dora": "DoRA magnitude vector present: the effective update is m * (W + s*B@A) / ||W + s*B@A||_row - W; the "
-            "norms reported are those of s*B@A alone",
-    "update_dominates": "m = ||s*B@A||_2 / ||W||_2 >= {dominate_m:g}: the adapter outweighs the frozen weight "
-                        "(ALLoRA sec. 3.3: the ripple bound's factor 1 + m >= 2 per layer)",
-    "intruder_dimensions": "some top singular directions of W + s*B@A have |cos| < epsilon with every singular "
-                           "direction of W: new directions (the 'intruder dimensions' of LoRA vs full fine-tuning)",
-    "dropout_below_noise": "at this batch, more than {dropout_steps} dropout realisations (steps) are needed before "
-                           "the expected penalty exceeds the Monte-Carlo noise Std/sqrt(n) (ALLoRA app. A)",
-    "unsupported_layer": "LoRA weights of a layer type that is not a linear map (embedding, convolution, "
-                         "parameter); named in `unsupported`, not analysed",
-}
+def schema() -> dict:
+    """The JSON Schema of :meth:`Report.to_dict` (``diagnose/report.schema.json``)."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _split(names) -> tuple[list[str], list[str]]:
+    kinds = {f.name: f.kind for f in FLAGS}
+    return [n for n in names if kinds[n] == "problem"], [n for n in names if kinds[n] == "note"]
 
 
 @dataclass
@@ -70,7 +63,9 @@ class LayerReport:
     dropout: float
     quantities: dict
     base: dict | None = None
+    base_skipped: str | None = None
     calibration: dict | None = None
+    calibration_skipped: str | None = None
     dora_magnitude: dict | None = None
     flags: list[str] = field(default_factory=list)
 
@@ -80,9 +75,23 @@ class LayerReport:
             return quantities[item]
         raise AttributeError(item)
 
+    @property
+    def problems(self) -> list[str]:
+        return _split(self.flags)[0]
+
+    @property
+    def notes(self) -> list[str]:
+        return _split(self.flags)[1]
+
     def to_dict(self, *, full: bool = False) -> dict:
         """JSON-ready dict; ``full`` adds the per-row ALLoRA arrays (length d_out) and the intruder cosines."""
         q = self.quantities
+        base = None
+        if self.base is not None:
+            base = dict(self.base)
+            if not full:
+                base["intruder"] = {k: v for k, v in base["intruder"].items()
+                                    if k not in ("max_abs_cos", "cluster_sizes", "energy_in_update")}
         out = {
             "name": self.name, "r": self.r, "alpha": self.alpha, "scaling": self.scaling, "d_in": self.d_in,
             "d_out": self.d_out, "lora_dropout": self.dropout,
@@ -91,37 +100,19 @@ class LayerReport:
             "stable_rank": q["stable_rank"], "effective_rank": q["effective_rank"],
             "b_exactly_zero": q["b_exactly_zero"], "rslora": q["rslora"],
             "allora": {k: v for k, v in q["allora"].items() if full or k not in ("row_norms", "factors")},
-            "lowr": q["lowr"], "flags": list(self.flags),
+            "lowr": q["lowr"], "dora_magnitude": self.dora_magnitude,
+            "base": base, "base_skipped": self.base_skipped,
+            "calibration": self.calibration, "calibration_skipped": self.calibration_skipped,
+            "problems": self.problems, "notes": self.notes, "flags": list(self.flags),
         }
-        if self.dora_magnitude is not None:
-            out["dora_magnitude"] = self.dora_magnitude
-        if self.base is not None:
-            base = dict(self.base)
-            if not full:
-                base["intruder"] = {k: v for k, v in base["intruder"].items() if k != "max_abs_cos"}
-            out["base"] = base
-        if self.calibration is not None:
-            out["calibration"] = self.calibration
-        return _jsonable(out)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
+        return to_jsonable(out, nonfinite="null")
 
 
 @dataclass
 class Report:
-    """The diagnosis: ``layers`` (:class:`LayerReport`), ``flags`` (sorted names), ``stacks``, ``unsupported``."""
+    """The diagnosis: ``layers`` (:class:`LayerReport`), ``flags`` (names raised), ``problems`` / ``notes`` (the
+    same split by kind), ``flag_details`` (name -> kind, rule, explanation, threshold, layers), ``stacks``,
+    ``unsupported``, ``missing_modules``, ``messages`` (sentences: what was skipped and why)."""
 
     source: str
     layers: list[LayerReport]
@@ -131,7 +122,17 @@ class Report:
     other_tensors: list[str]
     stacks: list[dict] | None
     settings: dict
-    notes: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    missing_modules: list[str] = field(default_factory=list)
+    base_info: dict | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        return _split(self.flags)[0]
+
+    @property
+    def notes(self) -> list[str]:
+        return _split(self.flags)[1]
 
     def layer(self, name: str) -> LayerReport:
         for lay in self.layers:
@@ -140,23 +141,26 @@ class Report:
         raise KeyError(name)
 
     def to_dict(self, *, full: bool = False) -> dict:
-        return _jsonable({
-            "source": self.source, "settings": self.settings, "flags": self.flags, "flag_details": self.flag_details,
+        return to_jsonable({
+            "schema_version": SCHEMA_VERSION, "tool_version": tool_version(),
+            "source": self.source, "settings": self.settings,
+            "problems": self.problems, "notes": self.notes, "flags": self.flags, "flag_details": self.flag_details,
             "layers": [lay.to_dict(full=full) for lay in self.layers], "stacks": self.stacks,
-            "unsupported": self.unsupported, "other_tensors": self.other_tensors, "notes": self.notes,
-        })
+            "unsupported": self.unsupported, "missing_modules": self.missing_modules,
+            "other_tensors": self.other_tensors, "base_model": self.base_info, "messages": self.messages,
+        }, nonfinite="null")
 
     def to_json(self, path: str | Path | None = None, *, full: bool = False) -> str:
-        """The JSON text (strict JSON: inf as the string "inf"); written to ``path`` too when given."""
+        """The JSON text (strict JSON; see the module docstring); written to ``path`` too when given."""
         text = json.dumps(self.to_dict(full=full), indent=2, allow_nan=False)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
 
-    def table(self) -> str:
+    def table(self, *, wide: bool = False, width: int = 100) -> str:
         from diagnose.render import table
 
-        return table(self)
+        return table(self, wide=wide, width=width)
 
     def plot(self, path: str | Path) -> Path:
         from diagnose.render import plot
@@ -183,7 +187,7 @@ def _stacks(layers: list[LayerReport]) -> list[dict]:
     groups: dict[str, list] = {}
     for lay in layers:
         key = _stack_key(lay.name)
-        if key is not None and lay.base is not None:
+        if key is not None and lay.base is not None and lay.base["m"] is not None:
             groups.setdefault(key[0], []).append((key[1], lay.base["m"]))
     out = []
     for pattern, items in sorted(groups.items()):
@@ -195,9 +199,28 @@ def _stacks(layers: list[LayerReport]) -> list[dict]:
     return out
 
 
+#: init_lora_weights values whose initialisation subtracts the initial adapter from W (PEFT: the base weight is
+#: replaced by a residual): pissa (and pissa_niter_*), olora, corda, loftq. EVA only sets A (B = 0, W untouched).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _init_changes_base(config: dict) -> bool:
+    init = config.get("init_lora_weights", True)
+    return isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)
+
+
+def _check_number(name, value, *, low=0.0, allow_inf=False, strict=True):
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (allow_inf or math.isfinite(value)) and (value > low if strict else value >= low)
+    if not ok:
+        raise DiagnoseError(f"{name} must be a {'' if allow_inf else 'finite '}number {'>' if strict else '>='} "
+                            f"{low:g}{' (inf allowed)' if allow_inf else ''}, got {value!r}")
+
+
 def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, lowr_alpha: float = 1.0,
                      lowr_tau: float = math.inf, intruder_top_k: int = 10, intruder_epsilon: float = 0.5,
-                     thresholds: Thresholds | None = None, adapter_name: str | None = None,
+                     thresholds: dict | None = None, adapter_name: str | None = None, layers: str | None = None,
+                     strict: bool = False, base_fingerprint: str | None = None, progress: bool = False,
                      max_bytes: int = 2**28) -> Report:
     """Diagnose a PEFT LoRA adapter: a ``save_pretrained`` folder (str / Path) or a loaded ``PeftModel``.
 
@@ -205,30 +228,82 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
     dimensions (a ``PeftModel`` brings its own base weights). ``calibration``: token ids (file or array, see
     :func:`diagnose.base.load_calibration`) for the exact dropout penalty on the captured layer inputs; it needs a
     base model. ``eta``: ALLoRA's eta (default 2, listing 1's 1/eta^2 = 1/4). ``lowr_alpha``, ``lowr_tau``:
-    LoWR's Algorithm 1 hyper-parameters for the gamma_i shown. Raises :class:`DiagnoseError` on bad input.
+    LoWR's Algorithm 1 hyper-parameters for the gamma_i shown. ``thresholds``: {flag name: value} overriding the
+    defaults of :data:`diagnose.flags.FLAGS`. ``layers``: a regular expression; only the layers whose name it
+    matches (``re.search``) are analysed. ``strict``: missing modules are an error instead of a flag.
+    ``base_fingerprint``: the expected fingerprint of the base weights (``base_model.fingerprint`` of an earlier
+    report); a different one raises ``base_mismatch``. Raises :class:`DiagnoseError` on bad input.
     """
-    th = thresholds or Thresholds()
-    if not (isinstance(eta, int | float) and math.isfinite(eta) and eta > 0):
-        raise DiagnoseError(f"eta (ALLoRA) must be a finite number > 0, got {eta!r}")
-    if not (isinstance(lowr_alpha, int | float) and math.isfinite(lowr_alpha) and lowr_alpha >= 0):
-        raise DiagnoseError(f"lowr_alpha must be a finite number >= 0, got {lowr_alpha!r}")
-    if not (isinstance(lowr_tau, int | float) and lowr_tau > 0):
-        raise DiagnoseError(f"lowr_tau must be > 0 (inf allowed), got {lowr_tau!r}")
+    _check_number("eta (ALLoRA)", eta)
+    _check_number("lowr_alpha", lowr_alpha, strict=False)
+    _check_number("lowr_tau", lowr_tau, allow_inf=True)
+    _check_number("intruder_epsilon", intruder_epsilon)
+    th = default_thresholds()
+    th["intruder_dimensions"] = float(intruder_epsilon)
+    for name, value in (thresholds or {}).items():
+        if name not in th:
+            raise DiagnoseError(f"thresholds: unknown flag {name!r}; flags with a threshold: {', '.join(th)}")
+        _check_number(f"thresholds[{name!r}]", value, strict=False)
+        th[name] = value
+    intruder_epsilon = th["intruder_dimensions"]
+    pattern = None
+    if layers is not None:
+        try:
+            pattern = re.compile(layers)
+        except re.error as exc:
+            raise DiagnoseError(f"layers: {layers!r} is not a valid regular expression ({exc})") from exc
     ad: Adapter = load_adapter(adapter, adapter_name)
-    notes: list[str] = []
+    messages: list[str] = []
+    adapter_flags: dict[str, list[str]] = {}
+    selected = ad.layers
+    if pattern is not None:
+        selected = [lay for lay in ad.layers if pattern.search(lay.name)]
+        if not selected:
+            raise DiagnoseError(f"layers: {layers!r} matches none of the {len(ad.layers)} adapted layers (e.g. "
+                                f"{ad.layers[0].name if ad.layers else '-'})")
+        messages.append(f"--layers {layers!r}: {len(selected)} of {len(ad.layers)} layers analysed")
 
-    model = None
-    if base is not None:
-        from diagnose.base import load_base_model
+    from diagnose.base import open_base
 
-        model = load_base_model(base, ad)
-    elif ad.peft_model is not None:
-        model = ad.peft_model
-    if calibration is not None and model is None:
+    source = open_base(base, ad) if base is not None else (open_base(ad.peft_model, ad) if ad.peft_model else None)
+    if calibration is not None and source is None:
         raise DiagnoseError("calibration needs the base model: pass base= (--base MODEL) or a PeftModel")
 
-    layers = []
-    for lay in ad.layers:
+    # adapter-level facts: missing modules, patterns, rsLoRA, merged, base identity, init
+    missing = source.missing_modules(ad) if source is not None else ad.missing_by_stack()
+    if missing:
+        if strict:
+            raise DiagnoseError(f"{ad.source}: {len(missing)} targeted module(s) have no saved lora_A / lora_B: "
+                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (a lost shard?)")
+        adapter_flags["missing_modules"] = missing
+    if ad.config.get("rank_pattern") or ad.config.get("alpha_pattern"):
+        adapter_flags["patterns_in_force"] = [lay.name for lay in ad.layers
+                                              if (lay.r, lay.alpha) != (ad.config.get("r"),
+                                                                        ad.config.get("lora_alpha"))]
+    if ad.config.get("use_rslora"):
+        adapter_flags["rslora_engine_factor"] = []
+    if any(lay.merged for lay in ad.layers):
+        adapter_flags["merged_model"] = [lay.name for lay in ad.layers if lay.merged]
+    base_info = None
+    withhold_base = None
+    if source is not None:
+        base_info = source.identity(ad, expected_fingerprint=base_fingerprint)
+        if base_info["mismatch"]:
+            adapter_flags["base_mismatch"] = []
+            messages.append(f"base_mismatch: {base_info['mismatch']}")
+        if _init_changes_base(ad.config) and not source.is_peft_model:
+            adapter_flags["init_changes_base"] = []
+            withhold_base = (f"init_lora_weights={ad.config.get('init_lora_weights')!r} changed W during "
+                             f"initialisation; this adapter needs the residual base (the PeftModel it was trained "
+                             f"in) or a converted save (path_initial_model_for_weight_conversion)")
+
+    reports = []
+    iterator = selected
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(selected, desc="diagnose", unit="layer", leave=False)
+    for lay in iterator:
         q = adapter_quantities(lay.A, lay.B, lay.scaling, use_rslora=lay.use_rslora, eta=eta,
                                lowr_alpha=lowr_alpha, lowr_tau=lowr_tau)
         rep = LayerReport(name=lay.name, r=lay.r, alpha=lay.alpha, scaling=lay.scaling, d_in=lay.d_in,
@@ -236,80 +311,89 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
         if lay.magnitude is not None:
             mag = lay.magnitude
             rep.dora_magnitude = {"norm": float(np.linalg.norm(mag)), "min": float(mag.min()),
-                                  "mean": float(mag.mean()), "max": float(mag.max())}
-        layers.append(rep)
-
-    if model is not None:
-        from diagnose.base import base_weight
-
-        for lay, rep in zip(ad.layers, layers, strict=True):
-            W = base_weight(model, lay)
+                                  "mean": float(mag.mean()), "max": float(mag.max()),
+                                  "norm_effective_update": None, "norm_rows_W_plus_update": None}
+        if source is None:
+            rep.base_skipped = "no base model given"
+        elif withhold_base:
+            rep.base_skipped = withhold_base
+        else:
+            W = source.weight(lay)
             if lay.magnitude is not None:
-                mag = lay.magnitude
                 merged = W + lay.scaling * lay.B @ lay.A
-                dora_delta = mag[:, None] * merged / np.linalg.norm(merged, axis=1, keepdims=True) - W
+                dora_delta = lay.magnitude[:, None] * merged / np.linalg.norm(merged, axis=1, keepdims=True) - W
                 rep.dora_magnitude["norm_effective_update"] = float(np.linalg.norm(dora_delta))
                 rep.dora_magnitude["norm_rows_W_plus_update"] = float(np.linalg.norm(np.linalg.norm(merged, axis=1)))
-            rep.base = base_quantities(W, lay.A, lay.B, lay.scaling, intruder_top_k=intruder_top_k,
-                                       intruder_epsilon=intruder_epsilon)
+            rep.base = base_quantities(W, lay.A, lay.B, lay.scaling, sigma_update=q["singular_values"],
+                                       intruder_top_k=intruder_top_k, intruder_epsilon=intruder_epsilon)
+        reports.append(rep)
 
     if calibration is not None:
-        from diagnose.base import base_weight, capture_inputs, load_calibration, vocab_size
+        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, max_bytes)
+    else:
+        for rep in reports:
+            rep.calibration_skipped = "no calibration batch given"
 
-        ids = load_calibration(calibration, vocab_size(model))
-        peft_forward = model is ad.peft_model or hasattr(model, "peft_config")
-        if not peft_forward and any(lay.magnitude is not None for lay in ad.layers):
-            notes.append("calibration skipped: a DoRA adapter's forward needs the PeftModel (pass it instead of the "
-                         "folder)")
-        else:
-            if peft_forward and model is not ad.peft_model:
-                notes.append("base is itself a PeftModel: its own adapter's forward is used for the calibration")
-            inputs = capture_inputs(model, ad, ids, peft_forward=peft_forward)
-            for lay, rep in zip(ad.layers, layers, strict=True):
-                if lay.magnitude is not None:
-                    rep.calibration = {"skipped": "DoRA layer: the closed form is for plain LoRA"}
-                    continue
-                rep.calibration = calibration_quantities(inputs[lay.name], base_weight(model, lay), lay.A, lay.B,
-                                                         lay.scaling, lay.dropout, max_bytes=max_bytes)
-
-    # flags
-    for lay, rep in zip(ad.layers, layers, strict=True):
+    # flags: layer flags from the declared rules, adapter flags from the checks above
+    details: dict[str, dict] = {}
+    for rep in reports:
         q = rep.quantities
-        rms = q["norm_BA"] / math.sqrt(rep.d_in * rep.d_out)
-        if q["b_exactly_zero"] or rms < th.dead_rms:
-            rep.flags.append("dead_adapter")
-        if abs(rep.scaling) < th.scale_min:
-            rep.flags.append("scale_small")
-        if abs(rep.scaling) > th.scale_max:
-            rep.flags.append("scale_large")
-        if rep.r > min(rep.d_in, rep.d_out):
-            rep.flags.append("rank_exceeds_dims")
-        if lay.magnitude is not None:
-            rep.flags.append("dora")
-        if rep.base is not None:
-            if rep.base["m"] >= th.dominate_m:
-                rep.flags.append("update_dominates")
-            if rep.base["intruder"]["count"] > 0 and "dead_adapter" not in rep.flags:
-                rep.flags.append("intruder_dimensions")
-        cal = rep.calibration
-        if cal and cal.get("steps_to_resolve") is not None and cal["steps_to_resolve"] > th.dropout_steps:
-            rep.flags.append("dropout_below_noise")
-    rules = {k: v for k, v in vars(th).items()}
-    details = {}
-    for rep in layers:
-        for f in rep.flags:
-            details.setdefault(f, {"explanation": FLAG_EXPLANATIONS[f].format(**rules), "layers": []})
-            details[f]["layers"].append(rep.name)
+        intr = rep.base["intruder"] if rep.base else None
+        facts = layer_facts(b_exactly_zero=q["b_exactly_zero"], norm_update=q["norm_BA"], scaling=rep.scaling,
+                            r=rep.r, d_in=rep.d_in, d_out=rep.d_out, dora=rep.dora_magnitude is not None,
+                            m=rep.base["m"] if rep.base else None,
+                            intruder_count=intr["count"] if intr else None,
+                            intruder_abstained=intr["abstained"] if intr else None,
+                            steps_to_resolve=(rep.calibration or {}).get("steps_to_resolve"))
+        rep.flags = raised_layer_flags(facts, th)
+        for name in rep.flags:
+            details.setdefault(name, []).append(rep.name)
     if ad.unsupported:
-        details["unsupported_layer"] = {"explanation": FLAG_EXPLANATIONS["unsupported_layer"],
-                                        "layers": [u["name"] for u in ad.unsupported]}
-    if not layers:
-        notes.append("no LoRA linear layer to analyse: every LoRA layer is of an unsupported type")
+        adapter_flags["unsupported_layer"] = [u["name"] for u in ad.unsupported]
+    details.update(adapter_flags)
+    order = [f.name for f in FLAGS]
+    flag_details = {name: {"kind": flag(name).kind, "rule": flag(name).rule_text(th.get(name)),
+                           "explanation": flag(name).explanation, "threshold": th.get(name),
+                           "layers": details[name]}
+                    for name in order if name in details}
+    if not reports:
+        messages.append("no LoRA linear layer to analyse: every LoRA layer is of an unsupported type")
     settings = {"eta": eta, "lowr_alpha": lowr_alpha, "lowr_tau": lowr_tau, "intruder_top_k": intruder_top_k,
-                "intruder_epsilon": intruder_epsilon, "thresholds": rules, "base": base is not None or model is not None,
+                "intruder_epsilon": intruder_epsilon, "thresholds": th, "base": source is not None,
                 "calibration": calibration is not None, "use_rslora": bool(ad.config.get("use_rslora", False)),
                 "lora_alpha": ad.config.get("lora_alpha"), "r": ad.config.get("r"),
-                "rank_pattern": ad.config.get("rank_pattern") or {}, "alpha_pattern": ad.config.get("alpha_pattern") or {}}
-    return Report(source=ad.source, layers=layers, flags=sorted(details), flag_details=details,
+                "rank_pattern": ad.config.get("rank_pattern") or {},
+                "alpha_pattern": ad.config.get("alpha_pattern") or {}, "layers": layers, "strict": strict}
+    return Report(source=ad.source, layers=reports, flags=list(flag_details), flag_details=flag_details,
                   unsupported=ad.unsupported, other_tensors=ad.other_tensors,
-                  stacks=_stacks(layers) if model is not None else None, settings=settings, notes=notes)
+                  stacks=_stacks(reports) if source is not None else None, settings=settings, messages=messages,
+                  missing_modules=missing, base_info=base_info)
+
+
+def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, max_bytes):
+    from diagnose.base import load_calibration
+
+    model = source.model()
+    ids = load_calibration(calibration, source.vocab_size(), source.context_length())
+    peft_forward = source.is_peft_model
+    reason = None
+    if withhold_base:
+        reason = withhold_base
+    elif not peft_forward and any(lay.magnitude is not None for lay in selected):
+        reason = "a DoRA adapter's forward needs the PeftModel (pass it instead of the folder)"
+    if reason:
+        messages.append(f"calibration skipped: {reason}")
+        for rep in reports:
+            rep.calibration_skipped = reason
+        return
+    if peft_forward and model is not ad.peft_model:
+        messages.append("base is itself a PeftModel: its own adapter's forward is used for the calibration")
+    from diagnose.base import capture_inputs
+
+    inputs = capture_inputs(model, selected, ids, peft_forward=peft_forward)
+    for lay, rep in zip(selected, reports, strict=True):
+        if lay.magnitude is not None:
+            rep.calibration_skipped = "DoRA layer: the closed form is for plain LoRA"
+            continue
+        rep.calibration = calibration_quantities(inputs[lay.name], source.weight(lay), lay.A, lay.B,
+                                                 lay.scaling, lay.dropout, max_bytes=max_bytes)

@@ -114,7 +114,8 @@ def test_untrained_adapter_is_dead(tmp_path_factory):
     assert all(lay.flags == ["dead_adapter"] for lay in rep.layers) and rep.flags == ["dead_adapter"]
     assert all(lay.norm_BA == 0 and lay.effective_rank == 0 for lay in rep.layers)
     assert rep.layers[0].norm_A > 0  # A keeps its random init
-    assert "B is exactly zero" in rep.flag_details["dead_adapter"]["explanation"]
+    assert rep.flag_details["dead_adapter"]["rule"] == "B == 0 or RMS entry of s*B@A < 1e-06"
+    assert rep.problems == ["dead_adapter"] and rep.layers[0].problems == ["dead_adapter"]
 
 
 def test_scale_rank_and_dora_flags(tmp_path_factory):

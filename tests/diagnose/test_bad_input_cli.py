@@ -143,12 +143,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(copy_of, capsys):
     assert not (copy_of / "x.json").exists()  # never a partial report
 
 
-def test_plain_table_without_rich(llama_with_base, monkeypatch):
-    import sys
-
+def test_narrow_table_fits_100_columns_and_wide_shows_all(llama_with_base):
     model, _, _, _, _ = llama_with_base
-    monkeypatch.setitem(sys.modules, "rich.console", None)
-    text = diagnose_adapter(model).table()
-    lines = text.splitlines()
-    assert lines[1].split()[:3] == ["layer", "r", "scaling"]
+    rep = diagnose_adapter(model)
+    lines = rep.table().splitlines()
+    assert lines[1].split() == ["layer", "r", "s", "||sBA||", "m", "problems"]
     assert lines[2].split()[0] == "layers.0.self_attn.q_proj" and lines[2].split()[1] == "4"
+    assert max(len(line) for line in lines) <= 100
+    wide = rep.table(wide=True).splitlines()
+    assert {"regime", "s*sqrt(r)", "ALLoRA", "eff.rank"} <= set(wide[1].split())

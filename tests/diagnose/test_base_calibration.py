@@ -29,11 +29,18 @@ def test_base_quantities_match_an_independent_svd(llama_with_base):
         W, delta = _base_and_delta(model, lay.name)
         m = (torch.linalg.matrix_norm(delta, 2) / torch.linalg.matrix_norm(W, 2)).item()
         assert lay.base["m"] == pytest.approx(m, rel=1e-5)  # PEFT's delta is float32
-        U0 = torch.linalg.svd(W)[0]
-        U1 = torch.linalg.svd(W + delta)[0][:, :10]
-        cos = (U1.T @ U0).abs().max(dim=1).values.numpy()
-        assert lay.base["intruder"]["count"] == int((cos < 0.5).sum())
+        U0, S0, _ = torch.linalg.svd(W)
+        U1, S1, _ = torch.linalg.svd(W + delta)
+        cos = (U1[:, :10].T @ U0).abs().max(dim=1).values.numpy()
         np.testing.assert_allclose(lay.base["intruder"]["max_abs_cos"], cos, rtol=1e-4)
+        # abstention: >= 4 singular values of W within ||delta||_2 of s_j, and < 3/4 of u_j's energy in span(B)
+        d2 = torch.linalg.matrix_norm(delta, 2).item()
+        cluster = np.array([(abs(S0 - S1[j]) <= d2).sum().item() for j in range(10)])
+        QB = torch.linalg.qr(model.get_submodule(lay.name).lora_B["default"].weight.detach().double())[0]
+        energy = ((QB.T @ U1[:, :10]) ** 2).sum(0).numpy()
+        abstain = (cluster >= 4) & (energy < 0.75)
+        assert lay.base["intruder"]["abstained"] == int(abstain.sum())
+        assert lay.base["intruder"]["count"] == int(((cos < 0.5) & ~abstain).sum())
     # ripple per stack: prod (1 + m_l) over layers.0 / layers.1 of the same projection, >= 1, AM-GM above it
     assert {st["stack"] for st in rep.stacks} == {"base_model.model.model.layers.*.self_attn.q_proj",
                                                   "base_model.model.model.layers.*.self_attn.v_proj"}

@@ -30,8 +30,10 @@ def test_monitor_watches_b_escape_zero(tmp_path):
         opt.step()
         opt.zero_grad()
         monitor.step()
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 2, 4]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["event"] == "run_start" and lines[0]["adapter"]["r"] == 4 and lines[0]["schema_version"]
+    records = lines[1:]
+    assert [r["step"] for r in records] == [0, 2, 4] and {r["run_id"] for r in records} == {lines[0]["run_id"]}
     mods = dict(model.named_modules())
     for lay in records[-1]["layers"]:  # the last record is the final state of the model
         B = mods[lay["name"]].lora_B["default"].weight.detach().double()
@@ -52,16 +54,25 @@ def test_trainer_callback_logs_during_a_real_run(tmp_path):
     model = _peft(lora_dropout=0.1)
     g = torch.Generator().manual_seed(SEED)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (8, 8), generator=g)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2,
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=2,
                              learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
                              disable_tqdm=True, seed=SEED)
     log = tmp_path / "cb.jsonl"
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[DiagnoseCallback(log, every=2)]).train()
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[DiagnoseCallback(log, every=2)])
+    trainer.train()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["event"] == "run_start"
+    records = lines[1:]
+    # every 2 steps, and the last step (5, not a multiple of 2) at the end of training
+    assert [r["step"] for r in records] == [2, 4, 5]
     names = sorted(n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj")))
     assert sorted(lay["name"] for lay in records[-1]["layers"]) == names
     mods = dict(model.named_modules())
     for lay in records[-1]["layers"]:
         B = mods[lay["name"]].lora_B["default"].weight.detach().double()
         assert lay["norm_B"] == pytest.approx(torch.linalg.norm(B).item(), rel=1e-12) and lay["norm_B"] > 0
+    trainer.train()  # a second run appended to the same file: its own header and run id
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    headers = [i for i, rec in enumerate(lines) if rec.get("event") == "run_start"]
+    assert headers == [0, 4] and lines[0]["run_id"] != lines[4]["run_id"]
+    assert {rec["run_id"] for rec in lines[5:]} == {lines[4]["run_id"]}
