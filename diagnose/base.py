@@ -27,7 +27,7 @@ import numpy as np
 from diagnose.adapter import PEFT_PREFIX, AdaptedLayer, Adapter
 from diagnose.errors import DiagnoseError
 
-__all__ = ["BaseSource", "open_base", "resolve_base_folder", "load_calibration", "capture_inputs",
+__all__ = ["BaseSource", "open_base", "resolve_base_folder", "load_calibration", "capture_statistics",
            "fingerprint", "targeted"]
 
 
@@ -433,30 +433,39 @@ def load_calibration(calibration, vocab_size: int | None, context_length: int | 
     return ids.long()
 
 
-def capture_inputs(model, layers: list[AdaptedLayer], ids, *, peft_forward: bool) -> dict[str, np.ndarray]:
-    """Inputs X (N*T, d_in) float64 of every adapted layer in one eval-mode forward of the adapted model.
+def capture_statistics(model, layers: list[AdaptedLayer], ids, *, peft_forward: bool,
+                       sequences_per_pass: int = 1) -> dict:
+    """Dropout statistics (:class:`diagnose.quantities.DropoutStatistics`) of every adapted layer's inputs in
+    eval-mode forwards of the adapted model, ``sequences_per_pass`` sequences at a time (no input is kept).
 
     ``peft_forward``: the model is the PeftModel (hooks only record); else it is the plain base model and the
     hooks also add s x A^T B^T to each adapted layer's output, which is PEFT's eval forward of plain LoRA.
     """
     import torch
 
+    from diagnose.quantities import DropoutStatistics
+
     src = ModelSource(model)
-    captured: dict[str, list] = {lay.name: [] for lay in layers}
+    stats = {lay.name: DropoutStatistics(lay.A, lay.B, lay.scaling, lay.dropout) for lay in layers}
     handles = []
+    device = next(model.parameters()).device
 
     def make_hook(layer: AdaptedLayer):
-        A = torch.as_tensor(layer.A)
-        B = torch.as_tensor(layer.B)
+        A = torch.as_tensor(layer.A, device=device)
+        B = torch.as_tensor(layer.B, device=device)
+        bias = None if layer.lora_bias is None else torch.as_tensor(layer.lora_bias, device=device)
 
         def hook(module, inputs, output):
             x = inputs[0]
-            captured[layer.name].append(x.detach().reshape(-1, x.shape[-1]).double().cpu().numpy())
+            if x.shape[-1] != layer.d_in:
+                raise DiagnoseError(f"layer {layer.name} received inputs of width {x.shape[-1]}, expected d_in = "
+                                    f"{layer.d_in}")
+            stats[layer.name].add(x.detach().reshape(-1, x.shape[-1]).double().cpu().numpy())
             if peft_forward:
                 return None
-            delta = layer.scaling * (x.double() @ A.T.to(x.device)) @ B.T.to(x.device)
-            if layer.lora_bias is not None:
-                delta = delta + torch.as_tensor(layer.lora_bias).to(x.device)
+            delta = layer.scaling * (x.double() @ A.T) @ B.T
+            if bias is not None:
+                delta = delta + bias
             return output + delta.to(output.dtype)
 
         return hook
@@ -467,7 +476,8 @@ def capture_inputs(model, layers: list[AdaptedLayer], ids, *, peft_forward: bool
             handles.append(src._module(lay).register_forward_hook(make_hook(lay)))
         model.eval()
         with torch.no_grad():
-            model(input_ids=ids)
+            for start in range(0, ids.shape[0], sequences_per_pass):
+                model(input_ids=ids[start:start + sequences_per_pass].to(device))
     except DiagnoseError:
         raise
     except Exception as exc:
@@ -477,12 +487,7 @@ def capture_inputs(model, layers: list[AdaptedLayer], ids, *, peft_forward: bool
         for h in handles:
             h.remove()
         model.train(was_training)
-    out = {}
     for lay in layers:
-        if not captured[lay.name]:
+        if stats[lay.name].n_rows == 0:
             raise DiagnoseError(f"layer {lay.name} was not called in the forward pass of the calibration batch")
-        X = np.concatenate(captured[lay.name])
-        if X.shape[1] != lay.d_in:
-            raise DiagnoseError(f"layer {lay.name} received inputs of width {X.shape[1]}, expected d_in = {lay.d_in}")
-        out[lay.name] = X
-    return out
+    return stats

@@ -24,12 +24,13 @@ functions of :mod:`analysis` where it has them.
 - With W: m = ||s B A||_2 / ||W||_2 (``ripple.layer_ratios``, ALLoRA sec. 3.3) and the intruder dimensions of
   W + s B A (Shuttleworth et al. 2024, arXiv 2410.21228, as PEFT's ``reduce_intruder_dimension``: among the top-k
   left singular vectors of W + s B A, those whose largest |cosine| with any left singular vector of W is below
-  epsilon), abstaining where W's spectrum is flat (see :func:`base_quantities`). Cost: two SVDs of a
-  d_out x d_in matrix per layer (seconds at d = 4096).
+  epsilon), abstaining where W's spectrum is flat (see :func:`base_quantities`). Cost: one Gram matrix of the
+  smaller side, its eigendecomposition and a top-k eigensolve of its rank-2r update per layer.
 - With inputs X: the exact expected loss of one dropout realisation at PEFT's placement ("input": the mask is on
   x before lora_A) with the layer's own dropout-free output as target, Y = X W^T + s X (BA)^T, so that
   E[L] = the dropout penalty v s^2 sum_j D_j ||(BA)_:j||^2 (``dropout.expected_loss``, ALLoRA sec. 3.1), its
-  exact Std over masks (``dropout.loss_variance``) and n* = ceil(Var / E[L]^2), the fewest realisations
+  exact Std over masks (``dropout.loss_variance``, accumulated from per-batch statistics of the inputs by
+  :class:`DropoutStatistics`, cost d_in r^2 / 2 per token) and n* = ceil(Var / E[L]^2), the fewest realisations
   (training steps on this batch) for which the Monte-Carlo noise Std / sqrt(n) of ALLoRA app. A
   (``dropout.deviation_bound``) falls below the penalty itself.
 """
@@ -49,6 +50,8 @@ __all__ = [
     "adapter_quantities",
     "base_quantities",
     "calibration_quantities",
+    "DropoutStatistics",
+    "steps_to_resolve",
     "effective_rank",
     "update_singular_values",
 ]
@@ -145,13 +148,43 @@ def intruder_cluster_size(epsilon: float) -> int:
     return max(1, math.ceil(1.0 / float(epsilon) ** 2 - 1e-12))
 
 
+def _descending_eigh(G: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of a symmetric PSD G, largest first (all, or the ``top`` largest: LAPACK's subset driver)."""
+    n = G.shape[0]
+    if top is None or top >= n:
+        lam, V = np.linalg.eigh(G)
+    else:
+        import scipy.linalg
+
+        lam, V = scipy.linalg.eigh(G, subset_by_index=[n - top, n - 1])
+    return np.maximum(lam[::-1], 0.0), V[:, ::-1]
+
+
+def _left_singular(M: np.ndarray, G: np.ndarray, left: bool, top: int | None = None):
+    """(U, S): left singular vectors and values of M (d_out, d_in) from the Gram G of its smaller side
+    (G = M M^T when ``left``, else M^T M, then U = M V / S), largest first. Columns with S = 0 are zero."""
+    lam, V = _descending_eigh(G, top)
+    S = np.sqrt(lam)
+    if left:
+        return V, S
+    U = M @ V
+    norms = np.linalg.norm(U, axis=0)
+    U = np.divide(U, norms, out=np.zeros_like(U), where=norms > 0)
+    return U, S
+
+
 def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None = None, intruder_top_k: int = 10,
                     intruder_epsilon: float = 0.5) -> dict:
     """m = ||s B A||_2 / ||W||_2 (and its Frobenius analogue) and the intruder dimensions of W + s B A.
 
-    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first). One SVD of W gives ||W||_2 and its
-    left singular vectors U_W; one of W + s B A its top-k directions u_j (singular values s_j). Intruder test (as
-    PEFT's ``reduce_intruder_dimension``): u_j is an intruder when max_i |<u_j, U_W[:, i]>| < epsilon.
+    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first). W's singular values and left
+    singular vectors U_W come from one eigendecomposition of the Gram matrix of its smaller side (d x d with
+    d = min(d_out, d_in); U = W V / S when d_in is the smaller side): the same thin SVD as ``numpy.linalg.svd``
+    (tested to 1e-8) at a fraction of the cost; ||W||_2 is its largest singular value (no second SVD). The top-k
+    directions u_j (singular values s_j) of W + s B A come from the top-k eigenpairs of the Gram of W + s B A,
+    which is the Gram of W plus a rank-2r correction (no d_out x d_in product is formed twice).
+    Intruder test (as PEFT's ``reduce_intruder_dimension``): u_j is an intruder when max_i |<u_j, U_W[:, i]>| <
+    epsilon.
 
     Abstention (a flat spectrum): by Weyl's inequality each singular value moves by at most delta = ||s B A||_2, so
     where W has a cluster of at least ``intruder_cluster_size(epsilon)`` singular values within delta of s_j, the
@@ -164,15 +197,29 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
     """
     W = np.asarray(W, dtype=np.float64)
     A = np.asarray(A, dtype=np.float64)
-    sB = float(scaling) * np.asarray(B, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    sB = float(scaling) * B
     if sigma_update is None:
         sigma_update = update_singular_values(A, B, scaling)
     delta_2 = float(sigma_update[0]) if len(sigma_update) else 0.0
-    delta = sB @ A
-    U_w, S_w, _ = np.linalg.svd(W, full_matrices=False)
-    U_m, S_m, _ = np.linalg.svd(W + delta, full_matrices=False)
-    norm_W = float(np.linalg.norm(W))
-    k = min(int(intruder_top_k), U_m.shape[1])
+    d_out, d_in = W.shape
+    left = d_out <= d_in
+    G = W @ W.T if left else W.T @ W
+    U_w, S_w = _left_singular(W, G, left)
+    k = min(int(intruder_top_k), min(d_out, d_in))
+    # Gram of W + sB A from G: left: (W + sBA)(W + sBA)^T = G + sB (A W^T) + (W A^T) sB^T + sB (A A^T) sB^T
+    if left:
+        WAt = W @ A.T  # (d_out, r)
+        corr = WAt @ sB.T
+        G_m = G + corr + corr.T + sB @ (A @ A.T) @ sB.T
+    else:  # (W + sBA)^T (W + sBA) = G + A^T (sB^T W) + (W^T sB) A + A^T (sB^T sB) A
+        WtB = W.T @ sB  # (d_in, r)
+        corr = WtB @ A
+        G_m = G + corr + corr.T + A.T @ (sB.T @ sB) @ A
+    G_m = (G_m + G_m.T) / 2
+    merged = None if left else W + sB @ A
+    U_m, S_m = _left_singular(merged, G_m, left, top=k)
+    norm_W = float(np.sqrt(max(np.trace(G), 0.0)))
     cos = np.abs(U_m[:, :k].T @ U_w).max(axis=1)
     cluster = np.array([int(np.sum(np.abs(S_w - S_m[j]) <= delta_2 * (1 + 1e-12))) for j in range(k)])
     Q_B = np.linalg.qr(B)[0] if np.any(B) else np.zeros((B.shape[0], 0))
@@ -180,43 +227,97 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
     abstain = (cluster >= intruder_cluster_size(intruder_epsilon)) & (in_update < 1.0 - intruder_epsilon**2)
     intruder = (cos < intruder_epsilon) & ~abstain
     spectral_gap = float((S_w[0] - S_w[min(k, len(S_w) - 1)]) / S_w[0]) if S_w[0] > 0 else None
+    norm_update = float(np.sqrt((np.asarray(sigma_update) ** 2).sum()))
     return {
         "norm_W": norm_W, "spectral_norm_W": float(S_w[0]),
         "m": update_ratio(delta_2, S_w[0]),
-        "m_frobenius": float(np.linalg.norm(delta) / norm_W) if norm_W > 0 else None,
+        "m_frobenius": norm_update / norm_W if norm_W > 0 else None,
         "intruder": {"top_k": k, "epsilon": float(intruder_epsilon), "max_abs_cos": cos,
                      "count": int(intruder.sum()), "abstained": int(abstain.sum()), "cluster_sizes": cluster,
                      "energy_in_update": in_update, "spectral_gap": spectral_gap},
     }
 
 
-def calibration_quantities(X, W, A, B, scaling: float, p: float, *, max_bytes: int = 2**28) -> dict:
-    """Exact dropout penalty at PEFT's placement on the captured inputs X (N, d_in), its Std and n*.
+class DropoutStatistics:
+    """The exact dropout penalty of one layer at PEFT's placement, accumulated over batches of its inputs.
 
-    Var[L] is a sum over samples, so it is computed on row blocks whose (rows, d_out, d_in) temporaries of
-    ``dropout.loss_variance`` fit in ``max_bytes``.
+    The target is the layer's own dropout-free output Y = X W^T + s X M^T (M = B A), so the residual of the mean
+    prediction is 0 and, per sample n (ALLoRA sec. 3.1; ``analysis._masks.residual_norm_moments`` with e0 = 0,
+    columns c_k = s x_nk M_:k, v = p/(1-p), q = 1-p, mu_k = ||M_:k||^2, z_n = x_n * x_n entrywise):
+
+        E[L_n]   = v s^2 sum_k x_nk^2 mu_k                                       (the penalty),
+        Var[L_n] = s^4 [ (v (1/q - 2)^2 - 2 v^2) sum_k x_nk^4 mu_k^2 + 2 v^2 z_n^T H z_n ],  H = (M^T M)^2 entrywise.
+
+    With M^T M = g^T g (g = Lambda^(1/2) Q^T A, r x d_in, from B^T B = Q Lambda Q^T), H_kl = <g_k, g_l>^2 =
+    <phi_k, phi_l> for phi_k = g_k (x) g_k (its r(r+1)/2 distinct entries, off-diagonal ones times sqrt 2), so
+    sum_n z_n^T H z_n = ||Z Phi^T||_F^2: a (rows, d_in) x (d_in, r(r+1)/2) product per batch. Nothing of size
+    N x d_out or d_out x d_in is formed and no input is kept: the cost per token is d_in r^2 / 2, and the memory
+    is that of one batch. Tested against :func:`analysis.dropout.expected_loss` / ``loss_variance`` (1e-10) and
+    against Monte Carlo over PEFT's own dropout masks.
     """
-    X = np.asarray(X, dtype=np.float64)
-    W = np.asarray(W, dtype=np.float64)
-    s = float(scaling)
-    Y = X @ W.T + s * (X @ A.T) @ B.T
-    signal = float(((s * (X @ A.T) @ B.T) ** 2).sum())
-    out = {"n_rows": int(X.shape[0]), "p": float(p), "placement": "input", "adapter_output_energy": signal}
-    if p == 0.0:
-        return {**out, "expected_loss": 0.0, "penalty": 0.0, "std": 0.0, "penalty_relative": 0.0,
-                "steps_to_resolve": None}
-    expected = dropout.expected_loss(X, Y, W, A, B, p, placement="input", scaling=s)
-    penalty = dropout.dropout_penalty(X, A, B, p, placement="input", scaling=s)
-    rows = max(1, int(max_bytes // (8 * 3 * A.shape[1] * B.shape[0])))
-    var = sum(dropout.loss_variance(X[i:i + rows], Y[i:i + rows], W, A, B, p, placement="input", scaling=s)
-              for i in range(0, X.shape[0], rows))
-    std = math.sqrt(var)
-    steps = None
-    if penalty > 0:
-        steps = max(1, math.ceil(var / penalty**2))
-        while steps > 1 and float(dropout.deviation_bound(std, steps - 1)) <= penalty:  # rounding guard
-            steps -= 1
-        while float(dropout.deviation_bound(std, steps)) > penalty:
-            steps += 1
-    return {**out, "expected_loss": float(expected), "penalty": float(penalty), "std": std,
-            "penalty_relative": float(penalty / signal) if signal > 0 else None, "steps_to_resolve": steps}
+
+    def __init__(self, A, B, scaling: float, p: float):
+        A = np.asarray(A, dtype=np.float64)
+        B = np.asarray(B, dtype=np.float64)
+        self.s, self.p = float(scaling), float(p)
+        lam, Q = np.linalg.eigh(B.T @ B)
+        g = np.sqrt(np.maximum(lam, 0.0))[:, None] * (Q.T @ A)  # (r, d_in), M^T M = g^T g
+        r = g.shape[0]
+        iu = np.triu_indices(r)
+        weight = np.where(iu[0] == iu[1], 1.0, math.sqrt(2.0))
+        self._phi = (g[iu[0]] * g[iu[1]]) * weight[:, None]  # (r(r+1)/2, d_in)
+        self._mu = (g**2).sum(axis=0)  # ||M_:k||^2
+        self._A, self._BtB = A, B.T @ B
+        self.n_rows = 0
+        self._z1 = np.zeros(A.shape[1])  # sum_n x_nk^2
+        self._z2 = np.zeros(A.shape[1])  # sum_n x_nk^4
+        self._quad = 0.0  # sum_n z_n^T H z_n
+        self._signal = 0.0  # sum_n ||s M x_n||^2
+
+    def add(self, X) -> None:
+        """Accumulate a batch of inputs X (rows, d_in)."""
+        X = np.asarray(X, dtype=np.float64)
+        Z = X * X
+        self.n_rows += X.shape[0]
+        self._z1 += Z.sum(axis=0)
+        self._z2 += (Z * Z).sum(axis=0)
+        self._quad += float(((Z @ self._phi.T) ** 2).sum())
+        H = X @ self._A.T  # (rows, r)
+        self._signal += self.s**2 * float(np.einsum("nk,kl,nl->", H, self._BtB, H))
+
+    def result(self) -> dict:
+        """n_rows, p, placement, adapter_output_energy, expected_loss (= penalty), penalty, std, penalty_relative
+        (penalty / adapter output energy) and steps_to_resolve n*."""
+        s, p = self.s, self.p
+        out = {"n_rows": int(self.n_rows), "p": p, "placement": "input", "adapter_output_energy": self._signal}
+        if p == 0.0:
+            return {**out, "expected_loss": 0.0, "penalty": 0.0, "std": 0.0, "penalty_relative": 0.0,
+                    "steps_to_resolve": None}
+        q, v = 1.0 - p, p / (1.0 - p)
+        penalty = v * s**2 * float((self._z1 * self._mu).sum())
+        diag = float((self._z2 * self._mu**2).sum())
+        var = max(0.0, s**4 * ((v * (1.0 / q - 2.0) ** 2 - 2.0 * v**2) * diag + 2.0 * v**2 * self._quad))
+        std = math.sqrt(var)
+        return {**out, "expected_loss": penalty, "penalty": penalty, "std": std,
+                "penalty_relative": penalty / self._signal if self._signal > 0 else None,
+                "steps_to_resolve": steps_to_resolve(penalty, std)}
+
+
+def steps_to_resolve(penalty: float, std: float) -> int | None:
+    """n* = the fewest realisations n with Std / sqrt(n) <= penalty (ALLoRA app. A); None for a zero penalty."""
+    if penalty <= 0:
+        return None
+    var = std**2
+    steps = max(1, math.ceil(var / penalty**2))
+    while steps > 1 and float(dropout.deviation_bound(std, steps - 1)) <= penalty:  # rounding guard
+        steps -= 1
+    while float(dropout.deviation_bound(std, steps)) > penalty:
+        steps += 1
+    return steps
+
+
+def calibration_quantities(X, A, B, scaling: float, p: float) -> dict:
+    """The exact dropout penalty of one layer on its captured inputs X (N, d_in): :class:`DropoutStatistics`."""
+    stats = DropoutStatistics(A, B, scaling, p)
+    stats.add(X)
+    return stats.result()

@@ -21,7 +21,7 @@ from analysis.jsonable import to_jsonable
 from diagnose.adapter import Adapter, load_adapter
 from diagnose.errors import DiagnoseError
 from diagnose.flags import FLAGS, default_thresholds, flag, layer_facts, raised_layer_flags
-from diagnose.quantities import adapter_quantities, base_quantities, calibration_quantities
+from diagnose.quantities import adapter_quantities, base_quantities
 
 __all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "diagnose_adapter", "schema", "tool_version"]
 
@@ -220,8 +220,7 @@ def _check_number(name, value, *, low=0.0, allow_inf=False, strict=True):
 def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, lowr_alpha: float = 1.0,
                      lowr_tau: float = math.inf, intruder_top_k: int = 10, intruder_epsilon: float = 0.5,
                      thresholds: dict | None = None, adapter_name: str | None = None, layers: str | None = None,
-                     strict: bool = False, base_fingerprint: str | None = None, progress: bool = False,
-                     max_bytes: int = 2**28) -> Report:
+                     strict: bool = False, base_fingerprint: str | None = None, progress: bool = False) -> Report:
     """Diagnose a PEFT LoRA adapter: a ``save_pretrained`` folder (str / Path) or a loaded ``PeftModel``.
 
     ``base``: a folder loadable by transformers or a model object, for m_l, the ripple bound and the intruder
@@ -329,7 +328,7 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
         reports.append(rep)
 
     if calibration is not None:
-        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, max_bytes)
+        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages)
     else:
         for rep in reports:
             rep.calibration_skipped = "no calibration batch given"
@@ -370,7 +369,7 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                   missing_modules=missing, base_info=base_info)
 
 
-def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, max_bytes):
+def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages):
     from diagnose.base import load_calibration
 
     model = source.model()
@@ -388,12 +387,11 @@ def _calibrate(ad, selected, source, reports, calibration, withhold_base, messag
         return
     if peft_forward and model is not ad.peft_model:
         messages.append("base is itself a PeftModel: its own adapter's forward is used for the calibration")
-    from diagnose.base import capture_inputs
+    from diagnose.base import capture_statistics
 
-    inputs = capture_inputs(model, selected, ids, peft_forward=peft_forward)
+    stats = capture_statistics(model, selected, ids, peft_forward=peft_forward)
     for lay, rep in zip(selected, reports, strict=True):
         if lay.magnitude is not None:
             rep.calibration_skipped = "DoRA layer: the closed form is for plain LoRA"
             continue
-        rep.calibration = calibration_quantities(inputs[lay.name], source.weight(lay), lay.A, lay.B,
-                                                 lay.scaling, lay.dropout, max_bytes=max_bytes)
+        rep.calibration = stats[lay.name].result()
