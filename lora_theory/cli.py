@@ -30,12 +30,6 @@ COMMANDS = {
     "bench": "lora_theory.bench",
 }
 
-# Temporary (issue 15 item 7): modules that still expose only their old ``main(argv)``; the whole command line
-# after the command's name goes to it. Their owners convert them to the contract above and delete their line here.
-_OLD_MAIN_HELP = {
-    "diagnose": "diagnose a trained PEFT LoRA adapter against the papers' theory",
-}
-
 
 class _Formatter(argparse.HelpFormatter):
     """Descriptions as paragraphs: each blank-line-separated paragraph is wrapped on its own; an indented line
@@ -59,9 +53,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
             continue
-        if name in _OLD_MAIN_HELP:  # dispatched by main before parsing; listed here for the help
-            sub.add_parser(name, help=_OLD_MAIN_HELP[name], add_help=False)
-            continue
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION, formatter_class=_Formatter)
         module.add_arguments(command)
@@ -72,8 +63,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] and argv[0] in _OLD_MAIN_HELP:
-            return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         only = argv[0] if argv[:1] and argv[0] in COMMANDS else None
         args = build_parser(only).parse_args(argv)
         return args.run_command(args)

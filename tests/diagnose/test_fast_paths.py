@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from analysis import dropout, ripple
-from diagnose.quantities import DropoutStatistics, base_quantities, calibration_quantities, intruder_cluster_size
+from diagnose.quantities import (
+    DropoutStatistics,
+    base_quantities,
+    calibration_quantities,
+    intruder_cluster_size,
+)
 from tests.diagnose.conftest import SEED
 
 

@@ -362,3 +362,16 @@ def test_base_auto_resolves_the_config_path(llama_with_base, tmp_path):
     assert [lay.base["m"] for lay in auto.layers] == [lay.base["m"] for lay in direct.layers]
     with pytest.raises(DiagnoseError, match="not a Hugging Face model in the local cache"):
         diagnose_adapter(copy, base="nobody/no-such-model-here")
+
+
+def test_the_one_parser_runs_diagnose(llama_with_base, capsys):
+    from lora_theory.cli import main as lora_theory_main
+
+    _, folder, _, _, _ = llama_with_base
+    assert lora_theory_main(["diagnose", "--explain"]) == 0
+    assert "dead_adapter (problem)" in capsys.readouterr().out
+    assert lora_theory_main(["diagnose", str(folder), "--fail-on", "dead_adapter"]) == 0
+    assert "layers.1.self_attn.v_proj" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        lora_theory_main(["diagnose", str(folder), "--eta", "x"])
+    assert exc.value.code == 2 and "--eta" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 
 from lora_theory import cli
 
-CONVERTED = [name for name in cli.COMMANDS if name not in cli._OLD_MAIN_HELP]
+CONVERTED = list(cli.COMMANDS)
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -70,15 +70,6 @@ def test_only_the_command_run_is_imported():
             "print('IMPORTED', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "IMPORTED []" in out, out
-
-
-def test_shimmed_commands_reach_their_old_main(capsys):
-    """Until their owners convert them, figures and diagnose get the whole command line after their name."""
-    for name in cli._OLD_MAIN_HELP:
-        with pytest.raises(SystemExit) as exc:
-            cli.main([name, "--help"])
-        assert exc.value.code == 0
-        assert f"lora-theory {name}" in capsys.readouterr().out
 
 
 def test_verify_runs_one_topic(capsys):
