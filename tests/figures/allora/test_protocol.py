@@ -60,3 +60,20 @@ def test_summary_helpers():
     assert protocol.spearman([1, 2, 3], [3, 3, 3]) == 0.0
     assert protocol.spearman([1, 2, 3], [1, 5, 9]) == pytest.approx(1.0)
     assert protocol.steps_per_epoch(train.FinetuneConfig(**SMALL)) == 4
+
+
+def test_escape_step_is_exact_on_an_exponential_and_inf_when_never_reached():
+    steps = np.arange(0, 50, 5, dtype=float)
+    k = 0.3
+    values = np.exp(k * steps)
+    for t0 in (7.3, 12.0, 31.9):
+        assert protocol.escape_step(steps, values, math.exp(k * t0)) == pytest.approx(t0, abs=1e-9)
+    assert protocol.escape_step(steps, values, 0.5) == steps[0]  # reached at the first record
+    assert protocol.escape_step(steps, values, 2 * values[-1]) == math.inf
+
+
+def test_escape_step_interpolates_in_log_and_censors():
+    steps = np.array([0.0, 1.0, 2.0, 3.0])
+    vals = np.array([0.0, 1.0, 4.0, 8.0])
+    assert min(protocol.escape_step(steps, vals, 2.0), 10) == pytest.approx(1.5)  # log2 halfway between 1 and 4
+    assert min(protocol.escape_step(steps, vals, 100.0), 10) == 10.0

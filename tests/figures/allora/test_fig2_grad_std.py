@@ -1,6 +1,5 @@
-"""figures.allora_dropout: the figures' engine callbacks measure the run's own weights; the last-layer problem and
-the per-entry gradient std that figs. 1-3 hand to analysis.dropout use the engine's conventions (bias in Y, loss =
-mean)."""
+"""figures.allora.fig2_grad_std: the per-entry gradient std over masks that fig. 2's overlay hands to
+analysis.dropout.grad_moments uses the engine's conventions (loss = mean over the batch); entry statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import torch
 
 from analysis import dropout as dr
 from analysis.inputs import default_seed
-from figures import allora_dropout as fd
+from figures.allora.fig2_grad_std import entry_stats
 from figures.allora.protocol import last_layer_problem
 from toymodels import train
 from toymodels.lora import lora_modules
@@ -66,5 +65,5 @@ def test_engine_loss_gradient_std_is_grad_moments_over_n(placement):
 
 
 def test_entry_stats():
-    st = fd._entry_stats(np.array([[0.0, 1.0, 2.0, 3.0]]))
+    st = entry_stats(np.array([[0.0, 1.0, 2.0, 3.0]]))
     assert st["mean"][0] == 1.5 and st["max"][0] == 3.0 and st["median"][0] == 1.5

@@ -1,0 +1,250 @@
+"""ALLoRA sec. 3.3, 4.2-4.3: the ripple through depth, ALLoRA and ASF-LoRA vs a constant scaling eta (LoRA x eta),
+on Prop. 1's chain (closed form, :mod:`analysis.allora_dynamics`) and in a trained MLP (:class:`RippleProbe`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from analysis import allora_dynamics as dyn
+from analysis import ripple
+from figures import seeds
+from figures._common import base_config
+from figures.allora.protocol import ETA2
+from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
+from figures.style import colors, new_figure
+from toymodels.train import TrainState, loss_fn
+
+ID = "allora-ripple-adaptive"
+PAPER = "ALLoRA sec. 3.3, 4.2-4.3"
+CLAIM = ("ALLoRA reduces the ripple effect (identity output adaptor, unscaled input gradient, tapering per-row "
+         "scale) compared with a constant scaling eta (LoRA x eta); ASF-LoRA, which scales the output, causes one "
+         "(conjecture)")
+
+METHODS = ("LoRA x eta", "ALLoRA", "ASF-LoRA")
+
+CRITERION = Criterion(
+    tests=(
+        Test("chain_fwd", "multilinear chain (random, m_l ~ 0.5 U(0.5, 1.5), L = 16): ln(||f_L|| amplification by "
+             "the adapters), LoRA x eta minus ALLoRA (per seed)", "greater",
+             why="Prop. 1's ripple is the forward growth; ALLoRA removes eta from the forward"),
+        Test("chain_bwd", "same chain: ln(input-gradient amplification), LoRA x eta minus ALLoRA (per seed)",
+             "greater", why="sec. 4.2: ALLoRA's input gradient is not rescaled"),
+        Test("mlp_fwd", "trained MLP: ln(relative output deviation of the logits from the frozen model), LoRA x eta "
+             "minus ALLoRA (paired by seed)", "greater", why="the ripple in a trained network is the deviation "
+             "the adapters cause at the output"),
+        Test("mlp_bwd", "trained MLP: ln(amplification of the input gradient J^T u over the frozen model, u the "
+             "frozen model's dL/dlogits), LoRA x eta minus ALLoRA (paired by seed)", "greater",
+             why="gradient amplification through depth, for a fixed output gradient as in the chain"),
+        Test("asf_fwd", "trained MLP: ln(relative output deviation), ASF-LoRA minus ALLoRA (paired by seed)",
+             "greater", why="the paper's conjecture (sec. 4.3): ASF-LoRA, which scales the output, causes a ripple"),
+        Test("tight_rate", "tight instance: relative error of the fitted per-layer log-rate vs ln(1 + eta m) for LoRA x eta and "
+             "vs ln(1 + m) for ALLoRA (max)", "less", margin=1e-9, method="exact", role="sanity",
+             why="closed form check of analysis.allora_dynamics.chain_response against analysis.ripple"),
+    ),
+    rule=Rule(reproduced=("chain_fwd", "chain_bwd", "mlp_fwd", "mlp_bwd", "asf_fwd"),
+              partially=(("chain_fwd", "chain_bwd"), ("mlp_fwd", "mlp_bwd"))),
+    note="eta^2 = 4 (listing 1). LoRA x eta: scaling eta at base lr l_b; ALLoRA and ASF-LoRA: eta, base lr l_b, no "
+         "dropout (ALLoRA table 7's pairing). At eta = 1 LoRA x eta and ALLoRA have the same forward and input "
+         "gradient (the reduction is exactly the removal of eta from the forward).",
+)
+
+PROTOCOLS = (
+    Protocol("adam", {"optimizer": "adam", "lr": 1e-3}, primary=True,
+             note="the paper names no optimizer; Adam at the shared base rate, as the other ALLoRA figures"),
+    Protocol("sgd", {"optimizer": "sgd", "lr": 0.03},
+             note="SGD (l_b as allora-fig5-escape): ALLoRA's gradient scale is a learning rate only here"),
+)
+
+
+class RippleProbe(Probe):
+    """Depth-wise ripple of the trained adapters on the whole fine-tune set, with dropout off (eval mode):
+    per layer l, ``dev`` = ||z_l - z_l^0|| / ||z_l^0|| (z_l the pre-activation output of layer l with the adapters,
+    z_l^0 without them: the frozen model), ``amp`` = ||z_l|| / ||z_l^0||, and ``grad_amp`` = ||J_l^T u|| / its
+    frozen-model value, the gradient that reaches the input of layer l (l = 0: the data) when the same output
+    gradient u = dL/dz_L of the frozen model is sent back through the adapted and the frozen network (a fixed u,
+    as the chain's grad_out: the fit of the adapted model does not enter). For ALLoRA the backward is the
+    engine's own (sec. 4.2: the input gradient is not rescaled). Prefix "ripple_"."""
+
+    prefix = "ripple_"
+    version = 1
+    cache_name = "figures.allora_new.RippleProbe"  # its module until issue 15 (keeps the cached runs)
+
+    def measure(self, state: TrainState) -> dict[str, np.ndarray]:
+        model, cfg = state.model, state.cfg
+        x, y = state.data.finetune
+        was = model.training
+        model.eval()
+        try:
+            def forward(adapted: bool):
+                h = x.detach().clone().requires_grad_(True)
+                ins, outs = [], []
+                for i, layer in enumerate(model.layers):
+                    ins.append(h)
+                    z = layer(h) if (adapted or not hasattr(layer, "base")) else layer.base(h)
+                    outs.append(z)
+                    h = torch.relu(z) if i < len(model.layers) - 1 else z
+                return ins, outs
+
+            ins0, outs0 = forward(False)
+            logits0 = outs0[-1].detach().requires_grad_(True)
+            u = torch.autograd.grad(loss_fn(cfg.loss, logits0, y), logits0)[0]
+            zs, grads = {}, {}
+            for adapted, (ins, outs) in ((True, forward(True)), (False, (ins0, outs0))):
+                g = torch.autograd.grad(outs[-1], ins, grad_outputs=u)
+                zs[adapted] = [z.detach() for z in outs]
+                grads[adapted] = [float(v.norm()) for v in g]
+            pairs = list(zip(zs[True], zs[False], strict=True))
+            return {"dev": np.array([float((a - b).norm() / b.norm()) for a, b in pairs]),
+                    "amp": np.array([float(a.norm() / b.norm()) for a, b in pairs]),
+                    "grad_amp": np.array(grads[True]) / np.array(grads[False])}
+        finally:
+            model.train(was)
+
+
+def random_chain(seed: int, L: int, d: int, r: int, m: float):
+    """:func:`analysis.ripple.random_chain` from :func:`figures.seeds.ripple_chain`, and a Gaussian output gradient
+    (d,)."""
+    rng = seeds.ripple_chain(seed)
+    Ws, As, Bs, x = ripple.random_chain(rng, L, d, r, m)
+    return Ws, As, Bs, x, rng.standard_normal(d)
+
+
+def chain_amplification(Ws, As, Bs, x, g, method: str, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, input-gradient) amplification by the adapters at every depth, vs the adapter-free chain."""
+    zeros = [np.zeros_like(B) for B in Bs]
+    fwd, bwd = [], []
+    for depth in range(1, len(Ws) + 1):
+        W, A, B = Ws[:depth], As[:depth], Bs[:depth]
+        on = dyn.chain_response(W, A, B, x, g, method, eta)
+        off = dyn.chain_response(W, A, zeros[:depth], x, g, "allora", eta)
+        fwd.append(on["forward"][-1] / off["forward"][-1])
+        bwd.append(on["input_grad"][0] / off["input_grad"][0])
+    return np.asarray(fwd), np.asarray(bwd)
+
+
+def _base(ctx):
+    return base_config(ctx, "mnist", recorders=(), dropout=0.0, **ctx.settings)
+
+
+def configs(ctx) -> dict:
+    base, eta = _base(ctx), math.sqrt(ETA2)
+    probe = (RippleProbe([base.steps]),)
+    return {"LoRA x eta": Runs(base.replace(method="lora", scaling=float(eta)), callbacks=probe),
+            "ALLoRA": Runs(base.replace(method="allora", eta=float(eta)), callbacks=probe),
+            "ASF-LoRA": Runs(base.replace(method="asf", eta=float(eta)), callbacks=probe)}
+
+
+def measure(ctx, runs) -> Measurement:
+    eta = math.sqrt(ETA2)
+    L, d, r, m = ctx.pick(quick=8, default=16), 16, 4, 0.5
+    # --- closed form: chains, one per seed
+    chain = {k: {n: [] for n in ("lora", "allora", "asf")} for k in ("fwd", "bwd")}
+    for s in ctx.seeds:
+        Ws, As, Bs, x, g = random_chain(s, L, d, r, m)
+        for meth in ("lora", "allora", "asf"):
+            f, b = chain_amplification(Ws, As, Bs, x, g, meth, eta)
+            chain["fwd"][meth].append(f)
+            chain["bwd"][meth].append(b)
+    chain = {k: {n: np.asarray(v) for n, v in d_.items()} for k, d_ in chain.items()}  # (seeds, depth)
+    d_fwd = np.log(chain["fwd"]["lora"][:, -1]) - np.log(chain["fwd"]["allora"][:, -1])
+    d_bwd = np.log(chain["bwd"]["lora"][:, -1]) - np.log(chain["bwd"]["allora"][:, -1])
+    # tight instance: LoRA x eta grows at ln(1 + eta m) per layer, ALLoRA at ln(1 + m)
+    Ws, As, Bs, x = ripple.tight_instance(L=L, d=d, r=r, eta=eta, m=m, seed=ctx.seeds[0])
+    depths = np.arange(1, L + 1)
+    tight_err = 0.0
+    tight = {}
+    for meth, rate in (("lora", math.log1p(eta * m)), ("allora", math.log1p(m))):
+        f, _ = chain_amplification(Ws, As, Bs, x, x, meth, eta)
+        tight[meth] = f
+        slope = float(np.polyfit(depths, np.log(f), 1)[0])
+        tight_err = max(tight_err, abs(slope - rate) / rate)
+    # --- trained MLP
+    base = _base(ctx)
+    vals = {n: {"dev": [], "amp": [], "grad_amp": []} for n in METHODS}
+    n_diverged = {n: 0 for n in METHODS}
+    for n in METHODS:
+        for h in runs[n]:
+            ok = not diverged(h) and "ripple_dev" in h
+            n_diverged[n] += int(not ok)
+            for k in vals[n]:
+                vals[n][k].append(h[f"ripple_{k}"][-1] if ok else np.full(len(base.widths) - 1, np.nan))
+    vals = {n: {k: np.asarray(v) for k, v in d_.items()} for n, d_ in vals.items()}  # (seeds, layers)
+    lv = {n: {k: np.log(v) for k, v in d_.items()} for n, d_ in vals.items()}
+    mlp_fwd = lv["LoRA x eta"]["dev"][:, -1] - lv["ALLoRA"]["dev"][:, -1]
+    mlp_bwd = lv["LoRA x eta"]["grad_amp"][:, 0] - lv["ALLoRA"]["grad_amp"][:, 0]
+    asf_fwd = lv["ASF-LoRA"]["dev"][:, -1] - lv["ALLoRA"]["dev"][:, -1]
+    samples = {"chain_fwd": d_fwd, "chain_bwd": d_bwd, "mlp_fwd": mlp_fwd, "mlp_bwd": mlp_bwd, "asf_fwd": asf_fwd,
+               "tight_rate": tight_err}
+    measured = {
+        "eta2": ETA2, "chain": {"L": L, "d": d, "r": r, "m": m},
+        "chain_ln_fwd_amp_at_L": {n: ci_dict(np.log(chain["fwd"][n][:, -1])) for n in chain["fwd"]},
+        "chain_ln_bwd_amp_at_L": {n: ci_dict(np.log(chain["bwd"][n][:, -1])) for n in chain["bwd"]},
+        "chain_fwd_lora_minus_allora": ci_dict(d_fwd), "chain_bwd_lora_minus_allora": ci_dict(d_bwd),
+        "tight_max_rel_rate_error": tight_err,
+        "mlp_relative_deviation_per_layer": {n: {f"layer{i}": ci_dict(vals[n]["dev"][:, i])
+                                                 for i in range(vals[n]["dev"].shape[1])} for n in METHODS},
+        "mlp_input_grad_amplification_per_layer": {n: {f"layer{i}": ci_dict(vals[n]["grad_amp"][:, i])
+                                                       for i in range(vals[n]["grad_amp"].shape[1])}
+                                                   for n in METHODS},
+        "mlp_ln_dev_lora_minus_allora": ci_dict(mlp_fwd), "mlp_ln_gradamp_lora_minus_allora": ci_dict(mlp_bwd),
+        "mlp_ln_dev_asf_minus_allora": ci_dict(asf_fwd), "diverged_runs": n_diverged,
+    }
+    summary = (f"Chain (L = {L}, eta^2 = {ETA2:g}): ln forward amplification LoRA x eta - ALLoRA "
+               f"{fmt_ci(ci_dict(d_fwd))}, input gradient {fmt_ci(ci_dict(d_bwd))}; ASF-LoRA's chain amplification "
+               f"{fmt_ci(measured['chain_ln_fwd_amp_at_L']['asf'])} (ALLoRA "
+               f"{fmt_ci(measured['chain_ln_fwd_amp_at_L']['allora'])}). Trained MLP ({ctx.protocol.name}, {base.steps} "
+               f"steps): ln relative logit deviation LoRA x eta - ALLoRA {fmt_ci(ci_dict(mlp_fwd))}, ln input-gradient "
+               f"amplification {fmt_ci(ci_dict(mlp_bwd))}; ASF-LoRA - ALLoRA {fmt_ci(ci_dict(asf_fwd))}.")
+    key = {"chain_fwd": float(np.mean(d_fwd)), "mlp_fwd": float(np.nanmean(mlp_fwd)),
+           "asf_fwd": float(np.nanmean(asf_fwd))}
+    config = {"base": base.as_dict(), "eta2": ETA2, "methods": {
+        "LoRA x eta": "method=lora, scaling=eta", "ALLoRA": "method=allora, eta", "ASF-LoRA": "method=asf, eta"},
+              "probe": "RippleProbe at the last step, whole fine-tune set, eval mode",
+              "chain": "random chains numpy default_rng([seed, 20]); tight instance analysis.ripple.tight_instance"}
+    names = {"lora": "LoRA x eta", "allora": "ALLoRA", "asf": "ASF-LoRA"}
+    numbers = {"eta2": ETA2, "m": m, "depths": depths, "protocol": ctx.protocol.name,
+               "chain": {k: {names[meth]: mean_ci(np.log(chain[k][meth])) for meth in names} for k in ("fwd", "bwd")},
+               "tight": {names[meth]: tight[meth] for meth in ("lora", "allora")},
+               "mlp_dev": {n: mean_ci(np.log(v["dev"][np.all(np.isfinite(v["dev"]), axis=1)]))
+                           for n, v in vals.items()}}
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
+                       config=config, draw=numbers)
+
+
+def draw(numbers):
+    fig, axes = new_figure(3, width=4.3, height=3.4)
+    pal = dict(zip(("LoRA x eta", "ALLoRA", "ASF-LoRA"), colors(3), strict=True))
+    depths = numbers["depths"]
+    ax = axes[0, 0]
+    for name, (mm, lo, hi) in numbers["chain"]["fwd"].items():
+        ax.plot(depths, np.exp(mm), color=pal[name], label=f"{name} (random chains)")
+        ax.fill_between(depths, np.exp(lo), np.exp(hi), color=pal[name], alpha=0.2, lw=0)
+    for name, f in numbers["tight"].items():
+        ax.plot(depths, f, "o", ms=3, color=pal[name], label=f"{name} (tight instance)")
+    ax.set_yscale("log")
+    ax.set(xlabel="depth L", ylabel="||f_L(x)|| / ||f_L(x)||_(no adapter)")
+    ax.set_title(f"chain of Prop. 1, eta^2 = {numbers['eta2']:g}, m = {numbers['m']:g}", fontsize=9)
+    ax.legend(fontsize=6.5)
+    ax = axes[0, 1]
+    for name, (mm, lo, hi) in numbers["chain"]["bwd"].items():
+        ax.plot(depths, np.exp(mm), color=pal[name], label=name)
+        ax.fill_between(depths, np.exp(lo), np.exp(hi), color=pal[name], alpha=0.2, lw=0)
+    ax.set_yscale("log")
+    ax.set(xlabel="depth L", ylabel="||dL/dx|| / no-adapter value")
+    ax.set_title("input-gradient amplification (chain)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[0, 2]
+    for name, band in numbers["mlp_dev"].items():
+        mm, lo, hi = np.exp(floats(band))
+        layers = np.arange(mm.size)
+        ax.errorbar(layers, mm, yerr=[mm - lo, hi - mm], fmt="o-", color=pal[name], capsize=3, label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(layers, [f"layer {i}" for i in layers])
+    ax.set_ylabel("||z_l - z_l^0|| / ||z_l^0||\n(fine-tune set)")
+    ax.set_title(f"trained MLP ({numbers['protocol']}), 95% CI over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig

@@ -1,0 +1,39 @@
+"""figures.allora.fig5_escape: the growth-exponent and censored-interval helpers, and the declared criterion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.inputs import default_seed
+from figures.allora.fig5_escape import CRITERION, PROTOCOLS, loglog_slope, paired
+
+
+def test_loglog_slope_recovers_a_power_law_only_over_the_late_phase():
+    steps = np.arange(1, 401, dtype=float)
+    values = np.where(steps < 200, 1e-3 * steps**2, 1e-3 * 200**2 * (steps / 200) ** 0.4)
+    assert loglog_slope(steps, values, 200) == pytest.approx(0.4, abs=1e-12)
+    assert loglog_slope(steps, values, 1) > 0.4  # the early phase, steeper, pulls the fit up
+
+
+def test_paired_marks_censored_samples_with_an_unbounded_interval():
+    d = paired([1.0, 2.0, math.inf])
+    assert d["ci_high"] == math.inf and d["censored"] == 1 and d["ci_low"] == 1.0
+    finite = paired([1.0, 2.0, 3.0])
+    assert finite["mean"] == pytest.approx(2.0) and finite["ci_low"] < 2.0 < finite["ci_high"]
+
+
+def test_fig5_primary_is_sgd_and_rule_needs_all_three_parts():
+    primary = [p for p in PROTOCOLS if p.primary]
+    assert len(primary) == 1 and primary[0].settings == {"optimizer": "sgd", "l_b": 0.03}
+    rng = np.random.default_rng(default_seed())
+    good = {"escape_as_fast": 0.02 * rng.standard_normal(10), "lora_lb_slower": 0.5 + 0.05 * rng.standard_normal(10),
+            "tapers_off": -0.3 + 0.05 * rng.standard_normal(10), "step1_closed_form": 1e-6}
+    assert CRITERION.evaluate(good).verdict == "reproduced"
+    # escape at the speed of LoRA at l_b (log ratio log 2): outside the +-log 1.25 margin
+    slow = dict(good, escape_as_fast=math.log(2) + 0.02 * rng.standard_normal(10))
+    assert CRITERION.evaluate(slow).verdict == "partially reproduced"
+    none = dict(slow, tapers_off=0.3 + 0.05 * rng.standard_normal(10))
+    assert CRITERION.evaluate(none).verdict == "not reproduced"
