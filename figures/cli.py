@@ -112,14 +112,3 @@ def _redraw(ids: list[str], all_specs: dict, out: Path) -> int:
     print(f"redrew {len(ids) - len(failed)} of {len(ids)} figure(s) and {path} from their JSONs in "
           f"{time.perf_counter() - start:.1f} s (no training)")
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``lora-theory figures ARGS`` on its own (the tests call it; ``lora-theory`` builds the same parser)."""
-    parser = argparse.ArgumentParser(prog="lora-theory figures", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,12 +34,12 @@ import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePath
 from types import ModuleType
 
 import numpy as np
 import torch
 
+from analysis.jsonable import to_jsonable
 from figures.criteria import VERDICTS, Criterion, Outcome
 from toymodels.callbacks import AtSteps
 
@@ -300,21 +300,9 @@ def sweep(ctx: Context, runs: Mapping[str, object]) -> dict[str, list[dict]]:
 
 
 def jsonable(obj):
-    """``obj`` with numpy arrays / scalars as lists / numbers and non-finite Python floats as None / "inf" /
-    "-inf" (a numpy scalar NaN stays NaN, as the committed JSONs have it)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, torch.device | PurePath):
-        return str(obj)
-    return obj
+    """``obj`` as JSON values (:func:`analysis.jsonable.to_jsonable`, the toolkit's one converter: arrays as lists,
+    NaN as null, infinities as "inf" / "-inf")."""
+    return to_jsonable(obj, nonfinite="string")
 
 
 def as_saved(numbers):

@@ -10,8 +10,13 @@ from __future__ import annotations
 import json
 import warnings
 
-from figures.cli import main
+from lora_theory.cli import main as lora_theory
 from tests.toymodels.test_data import write_cifar_dir
+
+
+def main(argv: list[str]) -> int:
+    """``lora-theory figures ARGV``."""
+    return lora_theory(["figures", *argv])
 
 
 def test_quick_figure_uses_cifar10_when_present(tmp_path, monkeypatch):

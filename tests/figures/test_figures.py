@@ -8,7 +8,13 @@ import pytest
 
 import figures
 from figures import VERDICTS, registry
-from figures.cli import main
+from lora_theory.cli import main as lora_theory
+
+
+def main(argv: list[str]) -> int:
+    """``lora-theory figures ARGV``."""
+    return lora_theory(["figures", *argv])
+
 
 REQUIRED = {"id", "paper", "claim", "verdict", "summary", "measured", "datasets", "seeds", "fidelity", "config",
             "runtime_s", "image"}

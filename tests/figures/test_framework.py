@@ -15,10 +15,16 @@ import numpy as np
 import pytest
 
 from figures import framework, registry
-from figures.cli import main
 from figures.criteria import Criterion, Rule, Test
 from figures.framework import Context, Measurement, Probe, Protocol, Runs, Unavailable, run_figure, spec_of
+from lora_theory.cli import main as lora_theory
 from toymodels.train import FinetuneConfig
+
+
+def main(argv: list[str]) -> int:
+    """``lora-theory figures ARGV``."""
+    return lora_theory(["figures", *argv])
+
 
 TINY = dict(dataset="synthetic", widths=(8, 12, 12, 4), n_pretrain=64, n_finetune=32, n_test=64, pretrain_steps=4,
             steps=4, batch_size=16, record_every=2, recorders=("loss",))
