@@ -25,6 +25,7 @@ DESCRIPTION = (
 COMMANDS = {
     "verify": "analysis.verify.cli",
     "data": "toymodels.data_cli",
+    "sweep": "toymodels.sweep_cli",
     "figures": "figures.cli",
     "diagnose": "diagnose.cli",
     "bench": "lora_theory.bench",

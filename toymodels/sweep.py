@@ -327,7 +327,7 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
                                on_diverge="return") for i, c in enumerate(task.configs)]
 
 
-def _probe(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
+def cached_histories(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
     """The task's histories if every run is cached (read in this process, nothing trained), else None."""
     with _pinned_threads(threads):
         if task.kind == "batched":
@@ -633,8 +633,8 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
               workers: int | None = None, device: str | torch.device | None = None, progress: bool | None = None,
               use_cache: bool = True, on_diverge: str = "raise", batched: bool = True, max_batch: int = 16,
               threads: int = 1, retries: int = 1, executor_options: dict | None = None,
-              callbacks: Sequence[Callback] | Callable | Sequence[Sequence[Callback]] | None = None
-              ) -> list[dict[str, np.ndarray]]:
+              callbacks: Sequence[Callback] | Callable | Sequence[Sequence[Callback]] | None = None,
+              table: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
     """Run many configurations; one history per config, in order (see the module docstring for the whole story).
 
     ``executor``: "local", "ray", "slurm" or a ``concurrent.futures.Executor``; ``workers``: parallel tasks
@@ -646,6 +646,9 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     config, a callable ``cfg -> sequence``, or one sequence per config (:func:`resolve_callbacks`); a run with
     callbacks goes through ``finetune(cfg, callbacks=...)`` and its history holds their results, the same bits
     and the same cache entry as that direct call. They must pickle (ValueError naming the callback otherwise).
+    ``table``: a directory to write the tidy results table into (:mod:`toymodels.results`: ``runs.parquet`` /
+    ``runs.csv``, one row per distinct config with its status and summary metrics, and the per-step histories
+    ``steps.parquet`` / ``steps.csv``), also when runs diverged or failed (written before the error is raised).
     """
     configs = list(configs)
     for c in configs:
@@ -668,7 +671,7 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     found: dict[tuple[FinetuneConfig, str], dict[str, np.ndarray]] = {}
     pending: list[Task] = []
     for t in tasks:
-        hit = _probe(t, threads) if use_cache else None
+        hit = cached_histories(t, threads) if use_cache else None
         if hit is None:
             pending.append(t)
         else:
@@ -696,6 +699,11 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
               file=sys.stderr, flush=True)
         raise SweepInterrupted(cached, total) from None
     bar.close()
+    if table is not None:
+        from toymodels import results
+
+        by_config = {c: found[(c, key)] for c, key in ids if (c, key) in found}
+        results.write_tables(table, *results.tables(configs, by_config, dict(failures)))
     if failures:
         raise SweepError(failures, total)
     out, given = [], set()
