@@ -26,6 +26,7 @@ COMMANDS = {
     "verify": "analysis.verify.cli",
     "data": "toymodels.data_cli",
     "sweep": "toymodels.sweep_cli",
+    "stats": "lora_theory.stats",
     "figures": "figures.cli",
     "diagnose": "diagnose.cli",
     "bench": "lora_theory.bench",
