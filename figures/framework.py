@@ -177,11 +177,10 @@ class Spec:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-class Probe(AtSteps):
-    """A figure's measurement of the live model at chosen steps (a :class:`toymodels.callbacks.AtSteps`):
-    :meth:`of` returns its part of a run's history, prefix removed. ``cache_name`` (optional) is the class path
-    that enters the run-cache key in place of this class's own: it keeps the cache entries of a measurement whose
-    code moved to another module unchanged (bump ``version`` when what it computes changes)."""
+class CacheNamed:
+    """Mixin of a figure's callback whose code moved to another module: ``cache_name`` (the old class path) enters
+    the run-cache key in place of the class's own path, so its cached runs stay hits (bump ``version`` when what
+    it computes changes). A new callback leaves it None."""
 
     cache_name: str | None = None
 
@@ -190,6 +189,11 @@ class Probe(AtSteps):
         if self.cache_name:
             key["callback"] = self.cache_name
         return key
+
+
+class Probe(CacheNamed, AtSteps):
+    """A figure's measurement of the live model at chosen steps (a :class:`toymodels.callbacks.AtSteps`):
+    :meth:`of` returns its part of a run's history, prefix removed; ``cache_name``: see :class:`CacheNamed`."""
 
     @classmethod
     def of(cls, hist: Mapping) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from figures.allora import (
     zero_init_a,
 )
 from figures.framework import Spec, spec_of
+from figures.lowr import effective_rank, mechanism, plugin_inits
 
 # the figure files, each a module with ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw
 FIGURES = (
@@ -42,6 +43,9 @@ FIGURES = (
     zero_init_a,
     tab5_best_epoch,
     regularization_like_dropout,
+    effective_rank,
+    mechanism,
+    plugin_inits,
 )
 
 # the gallery's order of every figure id (the contract)
@@ -80,7 +84,7 @@ FIGURE_IDS = (
 )
 
 # transition only: old multi-figure modules (in figures/) and the ids they still register with @figure
-_OLD_MODULES = ("rslora", "rslora_new", "lowr", "lowr_new")
+_OLD_MODULES = ("rslora", "rslora_new", "lowr_unconverted")
 
 _LEGACY: dict[str, Spec] = {}  # filled by figures.figure (the old decorator)
 

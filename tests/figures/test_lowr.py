@@ -14,7 +14,7 @@ import torch
 
 from analysis.inputs import default_seed
 from figures import Context
-from figures import lowr as fig
+from figures import lowr_unconverted as fig
 from toymodels.lora import lowr_gamma
 
 

@@ -1,0 +1,1 @@
+"""The LoWR paper's figures, one file each; :mod:`figures.lowr.protocol` holds what they share."""

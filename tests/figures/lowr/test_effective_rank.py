@@ -1,0 +1,65 @@
+"""figures.lowr.effective_rank: the spectral measures against independent computations, the AdapterSpectrum
+callback, and the declared criterion both ways."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from figures.lowr import effective_rank as ln
+
+
+def test_effective_rank_against_entropy_definition():
+    sv = np.array([3.0, 1.0, 1.0, 0.0])
+    p = np.array([0.6, 0.2, 0.2])
+    assert ln.effective_rank(sv) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-14)
+    assert ln.effective_rank(np.ones(7)) == pytest.approx(7.0, rel=1e-14)
+    assert ln.effective_rank([5.0, 0.0, 0.0]) == pytest.approx(1.0)
+    # of a matrix: numpy's SVD of a random rank-3 product
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(9, 3)) @ rng.normal(size=(3, 11))
+    s = np.linalg.svd(M, compute_uv=False)
+    assert 1.0 < ln.effective_rank(s) <= 3.0 + 1e-9
+
+
+def test_stable_rank_and_top_share():
+    rng = np.random.default_rng(1)
+    M = rng.normal(size=(8, 6))
+    s = np.linalg.svd(M, compute_uv=False)
+    assert ln.stable_rank(s) == pytest.approx(np.linalg.norm(M, "fro") ** 2 / np.linalg.norm(M, 2) ** 2, rel=1e-12)
+    assert ln.top_share([1.0, 4.0, 3.0, 2.0], 2) == pytest.approx(0.7)
+    assert ln.top_share([np.nan, 2.0, 2.0], 1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="k must be"):
+        ln.top_share([1.0, 2.0], 0)
+    with pytest.raises(ValueError, match="sv must"):
+        ln.effective_rank([0.0, 0.0])
+    with pytest.raises(ValueError, match="sv must"):
+        ln.stable_rank([-1.0, 2.0])
+
+
+def test_adapter_spectrum_is_the_svd_of_s_ba():
+    from toymodels.train import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(dataset="synthetic", widths=(6, 5, 3), targets=("layers.0", "layers.1"), n_pretrain=64,
+                         n_finetune=32, n_test=32, pretrain_steps=5, steps=3, batch_size=8, r=4,
+                         recorders=("channels",), seed=1)
+    hist = finetune(cfg, callbacks=[ln.AdapterSpectrum()], use_cache=False)
+    sv = hist["ba_sv"]
+    assert sv.shape == (2, 4)
+    assert np.isnan(sv[1, 3])  # layers.1 is 5 -> 3: at most 3 singular values
+    assert np.all(sv[0] >= 0) and np.all(np.diff(sv[0]) <= 1e-12)
+
+
+def _s(m, rng, n=10, sd=0.05):
+    return m + sd * rng.standard_normal(n)
+
+
+def test_erank_criterion_both_ways():
+    rng = np.random.default_rng(5)
+    crit = ln.criterion(ln.RANKS)
+    up = {t.name: _s(-0.5 if t.direction == "less" else 0.5, rng) for t in crit.tests}
+    assert crit.evaluate(up).verdict == "reproduced"
+    down = {t.name: _s(0.5 if t.direction == "less" else -0.5, rng) for t in crit.tests}
+    assert crit.evaluate(down).verdict == "not reproduced"
