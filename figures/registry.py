@@ -27,6 +27,7 @@ from figures.allora import (
 )
 from figures.framework import Spec, spec_of
 from figures.lowr import effective_rank, mechanism, plugin_inits
+from figures.rslora import layer_subset, multilayer, trajectory
 
 # the figure files, each a module with ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw
 FIGURES = (
@@ -46,6 +47,9 @@ FIGURES = (
     effective_rank,
     mechanism,
     plugin_inits,
+    multilayer,
+    trajectory,
+    layer_subset,
 )
 
 # the gallery's order of every figure id (the contract)
@@ -84,7 +88,7 @@ FIGURE_IDS = (
 )
 
 # transition only: old multi-figure modules (in figures/) and the ids they still register with @figure
-_OLD_MODULES = ("rslora", "rslora_new", "lowr_unconverted")
+_OLD_MODULES = ("rslora_unconverted", "lowr_unconverted")
 
 _LEGACY: dict[str, Spec] = {}  # filled by figures.figure (the old decorator)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import figures.rslora as rsfig
+import figures.rslora_unconverted as rsfig
 from analysis import rank_scaling as rs
 from analysis.inputs import default_seed
 from figures import Context
