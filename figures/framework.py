@@ -402,7 +402,10 @@ def run_figure(spec: Spec, ctx: Context) -> Result:
     if not head_meas.unavailable:
         if spec.draw is not None and head_meas.draw is not None:
             numbers = as_saved(head_meas.draw)
-            fig = spec.draw(numbers)
+            try:
+                fig = spec.draw(numbers)
+            except Exception:  # a broken plot must not lose the measurement: the JSON keeps the numbers (--redraw)
+                traceback.print_exc()
         elif head_meas.plot is not None:
             fig = head_meas.plot()
     return Result(headline["verdict"], summary, dict(head_meas.measured), list(head_meas.datasets),

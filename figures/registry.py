@@ -26,7 +26,16 @@ from figures.allora import (
     zero_init_a,
 )
 from figures.framework import Spec, spec_of
-from figures.lowr import effective_rank, mechanism, plugin_inits
+from figures.lowr import (
+    effective_rank,
+    fig2_channel_corr,
+    fig3_with_without,
+    fig4_loss_gradnorm,
+    mechanism,
+    plugin_inits,
+    prop41_equivalent,
+    tab5_sensitivity,
+)
 from figures.rslora import layer_subset, multilayer, trajectory
 
 # the figure files, each a module with ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw
@@ -44,6 +53,11 @@ FIGURES = (
     zero_init_a,
     tab5_best_epoch,
     regularization_like_dropout,
+    fig2_channel_corr,
+    fig3_with_without,
+    fig4_loss_gradnorm,
+    tab5_sensitivity,
+    prop41_equivalent,
     effective_rank,
     mechanism,
     plugin_inits,
@@ -88,7 +102,7 @@ FIGURE_IDS = (
 )
 
 # transition only: old multi-figure modules (in figures/) and the ids they still register with @figure
-_OLD_MODULES = ("rslora_unconverted", "lowr_unconverted")
+_OLD_MODULES = ("rslora_unconverted",)
 
 _LEGACY: dict[str, Spec] = {}  # filled by figures.figure (the old decorator)
 

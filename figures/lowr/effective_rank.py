@@ -10,7 +10,7 @@ import torch
 
 from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
-from figures.lowr.protocol import DATASET, LOWR_PROTOCOLS, split_settings, unit_scale_config
+from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, split_settings, unit_scale_config
 from figures.style import colors, new_figure
 from toymodels.train import Callback
 
@@ -41,7 +41,7 @@ def criterion(ranks) -> Criterion:
 
 
 CRITERION = criterion(RANKS)
-PROTOCOLS = LOWR_PROTOCOLS
+PROTOCOLS = TRAINING_PROTOCOLS
 
 
 def _sv(sv) -> np.ndarray:

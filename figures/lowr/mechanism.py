@@ -11,7 +11,7 @@ import torch
 
 from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
-from figures.lowr.protocol import DATASET, LOWR_PROTOCOLS, split_settings, unit_scale_config
+from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, b_share, split_settings, unit_scale_config
 from figures.style import colors, new_figure
 from toymodels.train import Callback
 
@@ -42,16 +42,7 @@ CRITERION = Criterion(
 )
 
 
-PROTOCOLS = (LOWR_PROTOCOLS[0], LOWR_PROTOCOLS[2])
-
-
-def b_share(a, b) -> float:
-    """Share of the across-channel variance of log(||a_i|| ||b_i||) carried by log ||b_i|| (cov(log c, log b) /
-    var(log c); the A and B shares sum to 1). 0.5: A and B carry the channel differences equally."""
-    la, lb = np.log(np.asarray(a, float)), np.log(np.asarray(b, float))
-    lc = la + lb
-    var = lc.var()
-    return math.nan if var == 0 else float(np.mean((lc - lc.mean()) * (lb - lb.mean())) / var)
+PROTOCOLS = (TRAINING_PROTOCOLS[0], TRAINING_PROTOCOLS[2])
 
 
 def relative_change(new: np.ndarray, old: np.ndarray) -> float:

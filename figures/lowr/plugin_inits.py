@@ -8,7 +8,7 @@ import numpy as np
 
 from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, diverged, floats, require_datasets
-from figures.lowr.protocol import DATASET, LOWR_PROTOCOLS, split_settings, unit_scale_config
+from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, split_settings, unit_scale_config
 from figures.style import colors, new_figure
 
 ID = "lowr-plugin-inits"
@@ -27,7 +27,7 @@ CRITERION = Criterion(
               partially=(("gain_pissa",), ("gain_olora",), ("gain_vanilla",))),
     note="vanilla LoRA is table 2's first row; the claim tested is the plug-in on PiSSA and OLoRA",
 )
-PROTOCOLS = LOWR_PROTOCOLS
+PROTOCOLS = TRAINING_PROTOCOLS
 
 
 def configs(ctx) -> dict:

@@ -1,24 +1,68 @@
-"""What the LoWR figures share: the data set, LoWR's main setting, the MNIST protocol with s = alpha / r = 1 and
-the protocols of the newer LoWR figures.
+"""What the LoWR figures share: the data set, LoWR's main setting, the MNIST protocol with s = alpha / r = 1 (and
+its shared runs: one config per setting and seed with every recorder the figures need, so the figures share them
+through the run cache), the protocols, and the channel statistics.
 
-Toy analogue: the shared MNIST protocol (784-256-256-10 MLP, LoRA on every layer, Adam lr 1e-3) with s = alpha / r
-= 1 (the paper's y = (W + BA) x). Shapes: A = lora_A (r, d_in), B = lora_B (d_out, r); channel i is
-(a_i = A[i, :], b_i = B[:, i]).
+Toy analogue of the paper's LLM runs: the shared MNIST protocol (a 784-256-256-10 MLP pretrained on 4096 images,
+LoRA on all three layers fine-tuned on 512 pixel-permuted images, Adam lr 1e-3), rank R = 32 (quick: 8) with
+scaling alpha / r = 1, so y = x W^T + x A^T B^T as in the paper's y = (W + BA) x. Shapes: A = lora_A (r, d_in),
+B = lora_B (d_out, r); channel i is (a_i = A[i, :], b_i = B[:, i]).
+
+LoWR's alpha is not scale-free: gamma - 1 = alpha (max ||b|| - ||b_i||) Var(||a|| ||b||) grows with the fourth
+power of the channel norms, so the paper's values (GSM8K: alpha in {0.1, 1}; GLUE / table 5: {1e-4 ... 1e-2}) do not
+carry over to a model of another size. We use the GSM8K grid {0.1, 1} (main setting: tau = 10, alpha = 0.1, the
+smaller value, rescaling every step) and report the per-step gamma - 1 it produces.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from analysis import channels
 from figures._common import base_config
+from figures.criteria import ci_finite
 from figures.framework import Protocol
 
 DATASET = "mnist"
 MAIN_LOWR = (10.0, 0.1, 1)  # (tau, alpha, every): tau from the paper's grid, alpha the smaller GSM8K value
+ALPHAS = (0.1, 1.0)  # the paper's GSM8K grid (app. B.1)
+SCALED_ALPHA = 1.0
+RECORDERS = ("loss", "norms", "grads", "channels")
+LAYERS = ("layers.0", "layers.1", "layers.2")  # the adapted layers of the shared protocol (3 linear layers)
 
-LOWR_PROTOCOLS = (  # of lowr-effective-rank, lowr-plugin-inits (and the first and last of lowr-mechanism)
+ALPHA_PROTOCOLS = (  # of lowr-fig3-with-without and lowr-fig4-loss-gradnorm
+    Protocol("alpha 0.1 (paper)", {"lowr": MAIN_LOWR}, primary=True, paper=True,
+             note="tau = 10, alpha = 0.1 (the smaller of the paper's GSM8K values), rescaling every step"),
+    Protocol("alpha 1 (scaled)", {"lowr": (MAIN_LOWR[0], SCALED_ALPHA, MAIN_LOWR[2])},
+             note="alpha scaled to the toy's weight scale: a per-step gamma - 1 ~ ln(tau) / (2T) = 3.8e-3 lets "
+                  "||a_i|| / ||b_i|| move by a factor tau over T = 300 steps; at alpha = 0.1 the median gamma - 1 "
+                  "is 1.3e-3, 3e-4, 0 by layer (3-seed runs, before the 10-seed ones), so alpha ~ 0.3-1.3: we take "
+                  "1, the paper's other GSM8K value (the runs are shared with lowr-tab5)"),
+)
+
+TRAINING_PROTOCOLS = (  # of lowr-effective-rank, lowr-plugin-inits (and the first and last of lowr-mechanism)
     Protocol("adam", {}, primary=True, paper=True, note="the paper fine-tunes with AdamW (LoRA's defaults): Adam 1e-3"),
     Protocol("lowr-every-5", {"lowr_every": 5}, note="rescaling every 5 steps (app. A, table 5)"),
     Protocol("sgd", {"optimizer": "sgd", "lr": 0.05}, note="plain SGD: LoWR's argument (eq. 10-11) is about SGD steps"),
 )
+
+
+def rank(ctx) -> int:
+    """The rank R of the shared runs."""
+    return ctx.pick(quick=8, default=32)
+
+
+def shared_config(ctx, dataset: str = DATASET, **changes):
+    """The shared run of the LoWR figures (no seed: the framework fans the seeds out): rank R, s = alpha / r = 1,
+    every recorder the figures use, records every 10 steps."""
+    r = rank(ctx)
+    return base_config(ctx, dataset, r=r, alpha=float(r), recorders=RECORDERS, record_every=10, **changes)
+
+
+def config_record(ctx, **varies) -> dict:
+    """The JSON "config" of a figure on the shared runs."""
+    return {"base": shared_config(ctx).replace(seed=ctx.seeds[0]).as_dict(), "seeds": list(ctx.seeds), **varies}
 
 
 def unit_scale_config(ctx, r: int, **changes):
@@ -32,3 +76,66 @@ def split_settings(settings: dict) -> tuple[dict, tuple[float, float, int]]:
     s = dict(settings)
     every = int(s.pop("lowr_every", MAIN_LOWR[2]))
     return s, (MAIN_LOWR[0], MAIN_LOWR[1], every)
+
+
+# ------------------------------------------------------------------------------------------ channel statistics
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def final_channels(hist: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(||a_i||, ||b_i||) after fine-tuning, each (layers, r)."""
+    return hist["channel_a"][-1], hist["channel_b"][-1]
+
+
+def b_share(a, b) -> float:
+    """Share of the across-channel variance of log(||a_i|| ||b_i||) carried by log ||b_i||.
+
+    var(log c) = cov(log c, log a) + cov(log c, log b) exactly (log c = log a + log b), so the two shares sum to 1;
+    0.5 means A and B carry the channel differences equally, 1 that B carries all of them.
+    """
+    la, lb = np.log(np.asarray(a, float)), np.log(np.asarray(b, float))
+    lc = la + lb
+    var = lc.var()
+    return math.nan if var == 0 else float(np.mean((lc - lc.mean()) * (lb - lb.mean())) / var)
+
+
+def channel_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Across the channels of one layer (a = ||a_i||, b = ||b_i||): Pearson r of the significance a b with b and
+    with a, B's share of var(log sig) (:func:`b_share`), the mean and the std of the significance."""
+    c = a * b
+    return {"r_b": pearson(c, b), "r_a": pearson(c, a), "share": b_share(a, b), "mean": float(c.mean()),
+            "std": float(c.std())}
+
+
+def layer_stats(hists: list, n_layers: int) -> dict[str, np.ndarray]:
+    """:func:`channel_stats` of the final channels, (seeds, layers) per statistic; NaN rows where ``hists`` holds
+    None (a diverged run)."""
+    out = {k: np.full((len(hists), n_layers), np.nan) for k in ("r_b", "r_a", "share", "mean", "std")}
+    for s, h in enumerate(hists):
+        if h is None:
+            continue
+        a, b = final_channels(h)
+        for layer in range(n_layers):
+            for k, v in channel_stats(a[layer], b[layer]).items():
+                out[k][s, layer] = v
+    return out
+
+
+def gamma_minus_one(a: np.ndarray, b: np.ndarray, tau: float, alpha: float) -> np.ndarray:
+    """gamma_i - 1 of LoWR eq. 12 for channel norms (a, b) (the closed form ``analysis.channels.lowr_gamma`` on
+    diagonal factors, whose row / column norms are a and b), 0 for channels with ||a|| / ||b|| >= tau."""
+    gamma = channels.lowr_gamma(np.diag(a), np.diag(b), alpha)
+    ratio = np.divide(a, b, out=np.full_like(a, np.inf), where=b > 0)
+    return np.where(ratio < tau, gamma - 1.0, 0.0)
+
+
+def log_ratio(logs) -> dict:
+    """A CI dict of a ratio from per-seed logs (geometric mean and interval), finite seeds only."""
+    d = ci_finite(logs)
+    return {k: (math.exp(d[k]) if k in ("mean", "ci_low", "ci_high") and math.isfinite(d[k]) else d[k]) for k in d}

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from analysis.inputs import default_seed
-from figures.lowr_unconverted import (
-    MAIN_LOWR,
-    TAB5_GRID,
-    _divergence_diagnosis,
-    _gamma_minus_one,
-    _setting_name,
-    _tab5_criterion,
-)
+from figures.lowr.protocol import MAIN_LOWR
+from figures.lowr.protocol import gamma_minus_one as _gamma_minus_one
+from figures.lowr.tab5_sensitivity import GRID as TAB5_GRID
+from figures.lowr.tab5_sensitivity import criterion as _tab5_criterion
+from figures.lowr.tab5_sensitivity import divergence_diagnosis as _divergence_diagnosis
+from figures.lowr.tab5_sensitivity import setting_name as _setting_name
 
 
 def _samples(shift: dict, plus: float, seed: int = 0) -> dict:
@@ -64,7 +62,8 @@ def _n(seed: int, scale: float = 0.01) -> np.ndarray:
 
 
 def test_fig2_needs_the_correlation_and_b_carrying_the_differences_in_every_layer():
-    from figures.lowr_unconverted import FIG2_CRITERION, LAYERS
+    from figures.lowr.fig2_channel_corr import CRITERION as FIG2_CRITERION
+    from figures.lowr.protocol import LAYERS
 
     ok = {**{f"tracks_b_{ln}": 0.99 + _n(i) for i, ln in enumerate(LAYERS)},
           **{f"b_carries_{ln}": 0.7 + _n(10 + i, 0.05) for i, ln in enumerate(LAYERS)}}
@@ -76,7 +75,9 @@ def test_fig2_needs_the_correlation_and_b_carrying_the_differences_in_every_laye
 
 
 def test_fig3_six_paired_tests_all_some_or_none():
-    from figures.lowr_unconverted import FIG3_CRITERION, LAYERS, _fig3_name
+    from figures.lowr.fig3_with_without import CRITERION as FIG3_CRITERION
+    from figures.lowr.fig3_with_without import layer_test as _fig3_name
+    from figures.lowr.protocol import LAYERS
 
     ok = {**{_fig3_name("mean_up", ln): 0.05 + _n(30 + i) for i, ln in enumerate(LAYERS)},
           **{_fig3_name("std_down", ln): -0.03 + _n(40 + i) for i, ln in enumerate(LAYERS)}}
@@ -91,7 +92,7 @@ def test_fig3_six_paired_tests_all_some_or_none():
 
 
 def test_fig4_loss_lower_and_gradient_larger():
-    from figures.lowr_unconverted import FIG4_CRITERION
+    from figures.lowr.fig4_loss_gradnorm import CRITERION as FIG4_CRITERION
 
     both = {"loss_lower": -0.01 + _n(70, 0.002), "grad_larger": np.log(1.3) + _n(71, 0.05)}
     assert FIG4_CRITERION.evaluate(both).verdict == "reproduced"
@@ -102,7 +103,10 @@ def test_fig4_loss_lower_and_gradient_larger():
 
 
 def test_channel_stats_and_the_late_window():
-    from figures.lowr_unconverted import _b_share, _log_ratio, channel_stats, late_window
+    from figures.lowr.fig4_loss_gradnorm import late_window
+    from figures.lowr.protocol import b_share as _b_share
+    from figures.lowr.protocol import channel_stats
+    from figures.lowr.protocol import log_ratio as _log_ratio
 
     rng = np.random.default_rng(default_seed())
     b = rng.uniform(0.1, 2.0, 32)
@@ -118,7 +122,8 @@ def test_channel_stats_and_the_late_window():
 
 
 def test_lowr_protocols_paper_alpha_first_and_the_scaled_alpha_shares_tab5_runs():
-    from figures.lowr_unconverted import LOWR_PROTOCOLS, SCALED_ALPHA
+    from figures.lowr.protocol import ALPHA_PROTOCOLS as LOWR_PROTOCOLS
+    from figures.lowr.protocol import SCALED_ALPHA
 
     primary = [p for p in LOWR_PROTOCOLS if p.primary]
     assert len(primary) == 1 and primary[0].paper and primary[0].settings["lowr"] == MAIN_LOWR
@@ -131,7 +136,9 @@ def test_lowr_protocols_paper_alpha_first_and_the_scaled_alpha_shares_tab5_runs(
 
 
 def test_prop41_apart_for_every_n_and_the_closed_form_is_a_sanity_row():
-    from figures.lowr_unconverted import PROP41_CRITERION, PROP41_NS, _prop41_name
+    from figures.lowr.prop41_equivalent import CRITERION as PROP41_CRITERION
+    from figures.lowr.prop41_equivalent import NS as PROP41_NS
+    from figures.lowr.prop41_equivalent import apart_test as _prop41_name
 
     far = {**{_prop41_name(n): np.log(0.3) + _n(80 + i, 0.2) for i, n in enumerate(PROP41_NS)}, "closed_form": 1e-15}
     assert PROP41_CRITERION.evaluate(far).verdict == "reproduced"

@@ -1,0 +1,221 @@
+"""LoWR tables 5-6: sensitivity to LoWR's hyper-parameters (tau, alpha, the rescaling period) against the LoRA
+baseline, and LoWR + LoRA+ against LoRA+ (the shared runs of the LoWR figures), with a diagnosis of the runs that
+diverge."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, ci_finite, fmt_ci, mean_ci
+from figures.framework import Measurement, Protocol, diverged, floats, require_datasets
+from figures.lowr.protocol import (
+    ALPHAS,
+    DATASET,
+    MAIN_LOWR,
+    config_record,
+    gamma_minus_one,
+    rank,
+    shared_config,
+)
+from figures.style import colors, new_figure
+
+ID = "lowr-tab5-sensitivity"
+PAPER = "LoWR tables 5-6"
+CLAIM = ("LoWR matches or beats the LoRA baseline over tau in {inf, 10, 100}, two alphas and rescaling every 1 or 5 "
+         "steps, and LoWR + LoRA+ matches or beats LoRA+")
+
+LORA_PLUS_RATIO = 16.0  # LoRA+'s recommended lr ratio lambda = 2^4 (Hayou et al. 2024)
+
+GRID = [(t, a, 1) for t in (math.inf, 10.0, 100.0) for a in ALPHAS] + [(math.inf, ALPHAS[0], 5),
+                                                                            (10.0, ALPHAS[0], 5)]
+
+
+def grid_of(ctx) -> list[tuple[float, float, int]]:
+    """Every tau x alpha rescaling every step, plus every 5 steps at the main alpha for tau in {inf, 10}: 8 of the
+    paper's 12 settings (the CPU budget with 10 seeds), the same at every fidelity (the criterion declares them)."""
+    return list(GRID)
+
+
+def setting_name(tau: float, alpha: float, every: int) -> str:
+    return f"noninferior_tau={tau:g}_alpha={alpha:g}_every={every}"
+
+
+NONINFERIORITY_PP = 1.0
+CHANCE = 0.1  # a diverged seed counts at chance accuracy (10 classes)
+
+
+def criterion(grid) -> Criterion:
+    why = (f"'matches or beats': the paper's table 5 has 9 of 10 settings within 0.2 pp below or above the "
+           f"baseline (one, tau = inf every step, 3.1 pp below); -{NONINFERIORITY_PP:g} pp is a non-inferiority "
+           "margin fixed before the 10-seed runs")
+    tests = tuple(Test(setting_name(*g), f"LoWR(tau={g[0]:g}, alpha={g[1]:g}, every {g[2]}) - LoRA: final test "
+                       "accuracy (pp), paired by seed, a diverged seed at chance", "greater",
+                       margin=-NONINFERIORITY_PP, why=why) for g in grid)
+    tests += (Test("plus_noninferior", "LoWR(main) + LoRA+ - LoRA+: final test accuracy (pp), paired by seed, a "
+                   "diverged seed at chance", "greater", margin=-NONINFERIORITY_PP, why=why),)
+    main = setting_name(*MAIN_LOWR)
+    partially = tuple(g for g in ((main,), ("plus_noninferior",)) if g[0] in {t.name for t in tests})
+    return Criterion(
+        tests=tests, rule=Rule(reproduced=tuple(t.name for t in tests), partially=partially),
+        note="Partially reproduced: the main setting (tau = 10, alpha = 0.1, every step) or LoWR + LoRA+ is "
+             "non-inferior. alpha is not scale-free (gamma - 1 grows with the 5th power of the channel norms), so "
+             "the paper's DeBERTa values (1e-3, 1e-2) would do nothing here; the grid is its GSM8K one {0.1, 1}.",
+        recalibrations=(Recalibration(
+            old="reproduced if LoWR + LoRA+ beats LoRA+ (CI > 0) AND more than half of the 12 settings beat LoRA "
+                "(CI > 0); no multiplicity correction",
+            new=f"non-inferiority (> -{NONINFERIORITY_PP:g} pp) of every setting and of LoWR + LoRA+, Holm over "
+                "all of them; a diverged seed counts at chance",
+            why="the claim is 'matches or beats'; the old rule asked more than the paper's own table 5 shows (most "
+                "settings equal to the baseline), and 12 uncorrected intervals"),))
+
+
+CRITERION = criterion(GRID)
+PROTOCOLS = (
+    Protocol("adam", {}, primary=True, note="the shared protocol (Adam lr 1e-3), the paper's GSM8K alpha grid"),
+    Protocol("adam lr x1/3", {"lr": round(1e-3 / 3, 8)},
+             note="diagnosis: does the divergence follow the learning rate (Adam's step x LoWR's rescaling)?"),
+    Protocol("sgd", {"optimizer": "sgd", "lr": 0.03}, note="diagnosis: a step size proportional to the gradient"),
+)
+
+
+def divergence_diagnosis(hist: dict, tau: float, alpha: float) -> dict:
+    """From a run's recorded channel norms (every record_every steps): max over layers and channels of
+    ||a_i|| / ||b_i||, of ||a_i|| and of LoWR's per-step gamma_i - 1, at the first record after step 0 and at the
+    last one before the run stopped."""
+    a, b = hist["channel_a"], hist["channel_b"]  # (records, layers, r)
+
+    def at(k):
+        ratio = np.divide(a[k], b[k], out=np.full_like(a[k], np.inf), where=b[k] > 0)
+        # a record taken while the run was blowing up can hold inf / NaN norms: gamma is then undefined (NaN)
+        g = [float(np.max(gamma_minus_one(a[k, i], b[k, i], tau, alpha)))
+             if np.isfinite(a[k, i]).all() and np.isfinite(b[k, i]).all() else math.nan for i in range(a.shape[1])]
+        finite = [v for v in g if not math.isnan(v)]
+        return {"step": float(hist["step"][k]), "max_a_over_b": float(np.max(ratio)),
+                "max_norm_a": float(np.max(a[k])), "max_gamma_minus_1": max(finite) if finite else math.nan}
+
+    return {"first": at(min(1, len(hist["step"]) - 1)), "last": at(len(hist["step"]) - 1)}
+
+
+def _keys(ctx) -> list[tuple]:
+    return [()] + [(("lowr", g),) for g in grid_of(ctx)] + [(("lora_plus_ratio", LORA_PLUS_RATIO),),
+                                                          (("lora_plus_ratio", LORA_PLUS_RATIO), ("lowr", MAIN_LOWR))]
+
+
+def configs(ctx) -> dict:
+    require_datasets(DATASET)
+    return {k: shared_config(ctx, **ctx.settings, **dict(k)) for k in _keys(ctx)}
+
+
+def measure(ctx, runs) -> Measurement:
+    grid, keys, proto = grid_of(ctx), _keys(ctx), ctx.settings
+    acc, diverged_at, diagnosis = {}, {}, {}
+    for k in keys:
+        vals = []
+        for seed, h in zip(ctx.seeds, runs[k], strict=True):
+            if diverged(h):
+                diverged_at.setdefault(k, []).append(int(h["diverged_step"][0]))
+                lowr = dict(k).get("lowr")
+                if lowr is not None:
+                    diagnosis.setdefault(repr(dict(k)), []).append(
+                        {"seed": seed, "diverged_step": int(h["diverged_step"][0]),
+                         **divergence_diagnosis(h, lowr[0], lowr[1])})
+                vals.append(math.nan)
+            else:
+                vals.append(float(h["test_acc"][-1]))
+        acc[k] = np.array(vals)
+
+    def pp(a, b):  # paired difference in points, a diverged seed at chance
+        return 100 * (np.where(np.isfinite(a), a, CHANCE) - np.where(np.isfinite(b), b, CHANCE))
+
+    base = acc[()]
+    rows, samples = [], {}
+    for g in grid:
+        a = acc[(("lowr", g),)]
+        d = pp(a, base)
+        samples[setting_name(*g)] = d
+        rows.append({"tau": g[0], "alpha": g[1], "every": g[2], "test_acc": ci_finite(a),
+                     "delta_vs_lora_pp": ci_dict(d), "diverged": int(np.sum(~np.isfinite(a))),
+                     "diverged_at_steps": diverged_at.get((("lowr", g),), [])})
+    plus, plus_lowr = acc[keys[-2]], acc[keys[-1]]
+    samples["plus_noninferior"] = pp(plus_lowr, plus)
+    measured = {
+        "rank": rank(ctx), "protocol": proto, "lora_test_acc": ci_finite(base), "grid": rows,
+        "grid_settings": len(grid), "lora_plus_ratio": LORA_PLUS_RATIO, "lora_plus_test_acc": ci_finite(plus),
+        "lora_plus_lowr_test_acc": ci_finite(plus_lowr), "lora_plus_lowr": list(MAIN_LOWR),
+        "delta_lowr_plus_vs_lora_plus_pp": ci_dict(samples["plus_noninferior"]),
+        "lora_plus_lowr_diverged_at_steps": diverged_at.get(keys[-1], []),
+        "divergence_diagnosis": diagnosis,
+        "divergence_mechanism": (
+            "LoWR multiplies a_i by gamma_i >= 1 and divides b_i by it at every step; the loss is invariant to this, "
+            "so nothing pulls a_i / b_i back. With tau = inf no channel is ever exempt and the ratio grows "
+            "geometrically (x gamma^2 per step); with tau finite a single step can still overshoot tau (gamma is "
+            "unbounded). Adam's step on b_i is ~lr per entry whatever the scale, so its change of "
+            "c_i = ||a_i|| ||b_i|| grows with ||a_i||: Var(c) and hence gamma jump, and the loop runs away. "
+            "LoRA+ multiplies B's step by 16, so the runaway starts earlier. See the 'adam lr x1/3' and 'sgd' "
+            "protocols and the per-run max ||a_i||/||b_i||, max ||a_i||, max gamma-1 before each divergence."),
+    }
+
+    n_div = sum(r["diverged"] for r in rows)
+    summary = (f"{ctx.protocol.name}: rank {rank(ctx)}, {len(ctx.seeds)} seeds, {len(grid)} settings: LoRA "
+               f"{100 * np.nanmean(base):.2f}%; LoWR - LoRA (pp): "
+               + "; ".join(f"tau={r['tau']:g}, alpha={r['alpha']:g}, every {r['every']}: "
+                           f"{fmt_ci(r['delta_vs_lora_pp'])}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+                           for r in rows)
+               + f". LoWR + LoRA+ - LoRA+: {fmt_ci(measured['delta_lowr_plus_vs_lora_plus_pp'])} pp"
+               + (f" ({len(measured['lora_plus_lowr_diverged_at_steps'])}/{len(ctx.seeds)} diverged, at steps "
+                  f"{measured['lora_plus_lowr_diverged_at_steps']})" if measured["lora_plus_lowr_diverged_at_steps"]
+                  else "")
+               + "." + (" Before each divergence: " + "; ".join(
+                   f"{k}: max ||a||/||b|| {np.median([d['first']['max_a_over_b'] for d in v]):.3g} -> "
+                   f"{np.median([d['last']['max_a_over_b'] for d in v]):.3g}, max ||a_i|| "
+                   f"{np.median([d['first']['max_norm_a'] for d in v]):.3g} -> "
+                   f"{np.median([d['last']['max_norm_a'] for d in v]):.3g}, max gamma-1 per step -> "
+                   f"{np.median([d['last']['max_gamma_minus_1'] for d in v]):.3g} (medians over diverged seeds)"
+                   for k, v in diagnosis.items()) + ". Mechanism: " + measured["divergence_mechanism"]
+                   if diagnosis else "")
+               + (f" {n_div} LoWR runs diverged." if n_div else ""))
+    key = {"settings_noninferior_point": int(sum(r["delta_vs_lora_pp"]["mean"] > -NONINFERIORITY_PP for r in rows)),
+           "diverged_runs": n_div + len(measured["lora_plus_lowr_diverged_at_steps"])}
+    config = config_record(ctx, grid=[list(g) for g in grid], lora_plus_ratio=LORA_PLUS_RATIO,
+                           lora_plus_lowr=list(MAIN_LOWR), protocol=proto, diverged_seed="counted at chance (10%)")
+    numbers = {"grid": grid, "rows": [{"delta": r["delta_vs_lora_pp"], "diverged": r["diverged"]} for r in rows],
+               "n_seeds": len(ctx.seeds), "protocol": ctx.protocol.name, "lora_pct": 100 * np.nanmean(base),
+               "plus": [{"band": mean_ci(100 * v[np.isfinite(v)]) if np.isfinite(v).any() else None,
+                         "diverged": int(np.sum(~np.isfinite(v))), "n": int(v.size)} for v in (plus, plus_lowr)]}
+    return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=[DATASET],
+                       config=config, draw=numbers)
+
+
+def draw(numbers):
+    fig, axes = new_figure(2, 1, width=5.0, height=3.6, gridspec_kw={"width_ratios": [3, 1]})
+    ax, cl = axes[0, 0], colors(3)
+    for i, row in enumerate(numbers["rows"]):
+        d = row["delta"]
+        col = cl[2] if d["ci_low"] > -NONINFERIORITY_PP else cl[1]
+        ax.errorbar(i, d["mean"], yerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=3,
+                    color=col)
+        if row["diverged"]:
+            ax.annotate(f"{row['diverged']}/{numbers['n_seeds']}\ndiverged", (i, 0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=6, color=cl[1])
+    ax.axhline(0, color="grey", lw=1)
+    ax.axhline(-NONINFERIORITY_PP, color="grey", lw=1, ls="--", label="non-inferiority margin")
+    ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}" for t, a, e in numbers["grid"]],
+                  fontsize=6)
+    ax.set_ylabel("test accuracy, LoWR - LoRA\n(points, 95% CI;\ndiverged seeds at chance)", fontsize=8)
+    ax.set_title(f"table 5 analogue, {numbers['protocol']} (LoRA: {numbers['lora_pct']:.2f}%)", fontsize=9)
+    ax.legend(fontsize=6)
+    ax = axes[0, 1]
+    for i, p in enumerate(numbers["plus"]):
+        if p["band"] is not None:
+            m, lo, hi = floats(p["band"])
+            ax.errorbar(i, m, yerr=[[m - lo], [hi - m]], fmt="o", capsize=3, color=cl[i])
+        if p["diverged"]:
+            ax.annotate(f"{p['diverged']}/{p['n']}\ndiverged", (i, 0.5), xycoords=("data", "axes fraction"),
+                        ha="center", fontsize=7, color=cl[1])
+    ax.set_xticks([0, 1], ["LoRA+", "LoWR +\nLoRA+"])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"table 6 (ratio {LORA_PLUS_RATIO:g})", fontsize=9)
+    return fig
