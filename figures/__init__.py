@@ -50,12 +50,7 @@ def figure(fig_id: str, *, paper: str, claim: str, criterion: Criterion | None =
     check_protocols(prots)
 
     def register(fn):
-        holder: dict[str, Spec] = {}
-
-        def run(ctx: Context) -> Result:
-            return run_figure(holder["spec"], ctx)
-
-        holder["spec"] = registry._LEGACY[fig_id] = Spec(fig_id, paper, claim, run, criterion, prots, fn)
+        registry._LEGACY[fig_id] = Spec(fig_id, paper, claim, criterion, prots, fn)
         return fn
 
     return register

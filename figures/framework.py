@@ -159,13 +159,12 @@ class Runs:
 
 @dataclass(frozen=True)
 class Spec:
-    """A registered figure. New form: ``module`` with ``configs`` / ``measure`` / ``draw``; old form (until every
-    figure is converted): ``run`` (legacy) or ``measure(ctx, protocol)`` (declared with ``@figure``)."""
+    """A registered figure, run by :func:`run_figure`. New form: ``module`` with ``configs`` / ``measure`` /
+    ``draw``; old form (until every figure is converted): ``measure(ctx, protocol)`` (declared with ``@figure``)."""
 
     id: str
     paper: str
     claim: str
-    run: Callable[[Context], Result]
     criterion: Criterion | None = None
     protocols: tuple[Protocol, ...] = ()
     measure: Callable | None = None
@@ -270,14 +269,8 @@ def spec_of(module: ModuleType) -> Spec:
         raise ValueError(f"{module.__name__}.CRITERION must be a figures.criteria.Criterion")
     protocols = tuple(module.PROTOCOLS)
     check_protocols(protocols)
-    holder: dict[str, Spec] = {}
-
-    def run(ctx: Context) -> Result:
-        return run_figure(holder["spec"], ctx)
-
-    holder["spec"] = Spec(module.ID, module.PAPER, module.CLAIM, run, module.CRITERION, protocols, module.measure,
-                          module.configs, module.draw, module.__name__)
-    return holder["spec"]
+    return Spec(module.ID, module.PAPER, module.CLAIM, module.CRITERION, protocols, module.measure, module.configs,
+                module.draw, module.__name__)
 
 
 def sweep(ctx: Context, runs: Mapping[str, object]) -> dict[str, list[dict]]:

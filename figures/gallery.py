@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from figures import registry
-from figures.framework import Context, Result, Spec, holds_count, jsonable
+from figures.framework import Context, Result, Spec, holds_count, jsonable, run_figure
 from figures.style import save_png, title
 from toymodels.cache import atomic_write_bytes
 
@@ -41,7 +41,7 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
     spec = registry.specs()[fig_id]
     start = time.perf_counter()
     try:
-        result = spec.run(ctx)
+        result = run_figure(spec, ctx)
     except Exception as exc:  # a crashing figure is reported, not hidden
         traceback.print_exc()
         result = Result(verdict="unavailable", summary=f"error while regenerating: {type(exc).__name__}: {exc}")

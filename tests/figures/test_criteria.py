@@ -315,7 +315,7 @@ def _measure(ctx, protocol):
 
 
 def _spec():
-    return Spec("rslora-fig2-loss-vs-rank", "paper", "claim", lambda ctx: None, _CRIT, _PROTS, _measure)
+    return Spec("rslora-fig2-loss-vs-rank", "paper", "claim", _CRIT, _PROTS, _measure)
 
 
 def test_run_figure_primary_only_and_robustness_grid(capsys):
