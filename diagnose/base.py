@@ -3,8 +3,8 @@
 :func:`open_base` turns ``base`` into a :class:`BaseSource`:
 
 - a folder (or a Hugging Face hub id found in the local cache, or ``"auto"``: the adapter config's
-  ``base_model_name_or_path``) holding safetensors weights is read **layer by layer**, memory-mapped
-  (``safetensors.safe_open``): the full model is never materialised, and transformers is imported only when a
+  ``base_model_name_or_path``) holding safetensors weights is read **layer by layer** from the (possibly
+  sharded) files, one positioned read per weight: the full model is never materialised, and transformers is imported only when a
   calibration batch needs a forward pass (the class follows the adapter config's ``task_type``, else
   ``auto_mapping.base_model_class``, else ``AutoModelForCausalLM``, else ``AutoModel``);
 - a model object (a transformers model without the adapter, or the ``PeftModel`` itself) is read from its modules.
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -203,25 +205,26 @@ class FolderSource(BaseSource):
         except (OSError, json.JSONDecodeError) as exc:
             raise DiagnoseError(f"{cfg}: unreadable ({exc})") from exc
         self._files: dict[str, Path] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             self._files = {k: self.folder / v for k, v in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as fh:
-                self._files = {k: single for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        self._handles: dict[Path, object] = {}
+            self._files = {k: single for k in self._header(single)[1] if k != "__metadata__"}
         self._model = None
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(offset of the data, the JSON header) of a safetensors file: 8-byte little-endian size, then JSON."""
+        if path not in self._headers:
+            try:
+                with path.open("rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    self._headers[path] = (8 + n, json.loads(fh.read(n)))
+            except (OSError, struct.error, ValueError) as exc:
+                raise DiagnoseError(f"{path}: not a valid safetensors file ({exc})") from exc
+        return self._headers[path]
 
     def _tensor_name(self, layer: AdaptedLayer) -> str | None:
         key = layer.key
@@ -231,6 +234,23 @@ class FolderSource(BaseSource):
                 return cand + ".weight"
         return None
 
+    def _read(self, name: str) -> np.ndarray:
+        """One tensor as float64, read with one positioned read (no memory map: the process keeps only the layer
+        it works on, whatever the size of the model)."""
+        path = self._files[name]
+        start, header = self._header(path)
+        info = header[name]
+        lo, hi = info["data_offsets"]
+        dtype = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(info["dtype"])
+        if dtype is None:
+            raise DiagnoseError(f"{path}: tensor {name} has dtype {info['dtype']}; expected a float weight")
+        with path.open("rb") as fh:
+            raw = os.pread(fh.fileno(), hi - lo, start + lo)
+        arr = np.frombuffer(raw, dtype=dtype)
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float64).reshape(info["shape"])
+
     def raw_weight(self, layer: AdaptedLayer) -> np.ndarray:
         if not self._files:  # .bin weights only: through transformers
             return ModelSource(self.model()).raw_weight(layer)
@@ -238,14 +258,14 @@ class FolderSource(BaseSource):
         if name is None:
             raise DiagnoseError(f"the base model has no module {layer.key} (adapter layer {layer.name}): is it the "
                                 f"model the adapter was trained on? ({self.folder})")
-        return self._open(self._files[name]).get_tensor(name).double().numpy()
+        return self._read(name)
 
     def module_names(self) -> list[str] | None:
         if not self._files:
             return None
         out = []
         for name, path in self._files.items():
-            if name.endswith(".weight") and len(self._open(path).get_slice(name).get_shape()) == 2:
+            if name.endswith(".weight") and len(self._header(path)[1][name]["shape"]) == 2:
                 out.append(name[: -len(".weight")])
         return sorted(out)
 
@@ -368,12 +388,43 @@ def open_base(base, adapter: Adapter) -> BaseSource:
 _CAL_EXPECTED = "integer token ids of shape (N, T) or (T,), in [0, vocab_size)"
 
 
-def load_calibration(calibration, vocab_size: int | None, context_length: int | None = None):
+def _tokenize_text(path: Path, tokenizer_folder, context_length: int | None) -> list:
+    """One sequence per non-empty line of a text file, tokenized by the base model's tokenizer (offline)."""
+    import torch
+
+    if tokenizer_folder is None:
+        raise DiagnoseError(f"{path}: a text calibration file needs the base model's tokenizer; give --base as a "
+                            f"folder (or Hugging Face cache entry) that holds it")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a folder without a tokenizer
+        raise DiagnoseError(f"{path}: a text calibration file needs the base model's tokenizer, and "
+                            f"{tokenizer_folder} has none that transformers can load ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from exc
+    seqs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            ids = tok(line, add_special_tokens=True)["input_ids"]
+            if context_length is not None:
+                ids = ids[:context_length]
+            if ids:
+                seqs.append(torch.as_tensor(ids, dtype=torch.long))
+    if not seqs:
+        raise DiagnoseError(f"{path}: no text to tokenize (every line is empty)")
+    return seqs
+
+
+def load_calibration(calibration, vocab_size: int | None, context_length: int | None = None,
+                     tokenizer_folder=None):
     """A (N, T) int64 torch tensor of token ids from a file (.pt, .safetensors, .npy, .json, .txt) or an array.
 
     .pt: a tensor or a dict with ``input_ids``; .safetensors: ``input_ids`` or the only tensor; .npy: an
     integer array; .json: a list (of lists) of ints or a dict with ``input_ids`` (the Hugging Face form);
-    .txt: one sequence of whitespace-separated ids per line. T must not exceed the model's context length.
+    .txt: one sequence of whitespace-separated ids per line, or, when the file is not made of integers, text:
+    one sequence per non-empty line, tokenized by the base model's tokenizer (``tokenizer_folder``) and cut to the
+    context length (a list of 1-D sequences is returned then). T must not exceed the model's context length.
     """
     import torch
 
@@ -397,7 +448,11 @@ def load_calibration(calibration, vocab_size: int | None, context_length: int | 
             elif suffix == ".json":
                 data = json.loads(path.read_text())
             elif suffix == ".txt":
-                data = [[int(t) for t in line.split()] for line in path.read_text().splitlines() if line.strip()]
+                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                if all(re.fullmatch(r"\s*\d+(\s+\d+)*\s*", line) for line in lines):
+                    data = [[int(t) for t in line.split()] for line in lines]
+                else:
+                    return _tokenize_text(path, tokenizer_folder, context_length)
             else:
                 raise DiagnoseError(f"{path}: unknown calibration format {suffix!r}; use .pt, .safetensors, .npy, "
                                     f".json or .txt holding {_CAL_EXPECTED}")
@@ -436,7 +491,10 @@ def load_calibration(calibration, vocab_size: int | None, context_length: int | 
 def capture_statistics(model, layers: list[AdaptedLayer], ids, *, peft_forward: bool,
                        sequences_per_pass: int = 1) -> dict:
     """Dropout statistics (:class:`diagnose.quantities.DropoutStatistics`) of every adapted layer's inputs in
-    eval-mode forwards of the adapted model, ``sequences_per_pass`` sequences at a time (no input is kept).
+    eval-mode forwards of the adapted model, ``sequences_per_pass`` sequences at a time (no input is kept), and
+    whether the adapter does anything: ||f_adapted - f_base|| / ||f_base|| of the model's outputs on the first
+    chunk (the base output with PEFT's ``disable_adapter()``, or the plain base without the hooks).
+    ``ids``: (N, T) token ids, or a list of 1-D sequences of different lengths (one pass each).
 
     ``peft_forward``: the model is the PeftModel (hooks only record); else it is the plain base model and the
     hooks also add s x A^T B^T to each adapted layer's output, which is PEFT's eval forward of plain LoRA.
@@ -470,14 +528,30 @@ def capture_statistics(model, layers: list[AdaptedLayer], ids, *, peft_forward: 
 
         return hook
 
+    def output(batch):
+        out = model(input_ids=batch.to(device))
+        return (out.logits if hasattr(out, "logits") else out[0]).double()
+
     was_training = model.training
+    change = None
+    chunks = [ids[i:i + sequences_per_pass] for i in range(0, len(ids), sequences_per_pass)] \
+        if not isinstance(ids, list) else [seq[None] for seq in ids]
     try:
-        for lay in layers:
-            handles.append(src._module(lay).register_forward_hook(make_hook(lay)))
         model.eval()
         with torch.no_grad():
-            for start in range(0, ids.shape[0], sequences_per_pass):
-                model(input_ids=ids[start:start + sequences_per_pass].to(device))
+            if peft_forward:  # the adapter's effect on the outputs, on the first chunk
+                with model.disable_adapter():
+                    reference = output(chunks[0])
+            else:
+                reference = output(chunks[0])
+        for lay in layers:
+            handles.append(src._module(lay).register_forward_hook(make_hook(lay)))
+        with torch.no_grad():
+            for i, chunk in enumerate(chunks):
+                out = output(chunk)
+                if i == 0:
+                    norm = float(torch.linalg.norm(reference))
+                    change = float(torch.linalg.norm(out - reference)) / norm if norm > 0 else None
     except DiagnoseError:
         raise
     except Exception as exc:
@@ -490,4 +564,5 @@ def capture_statistics(model, layers: list[AdaptedLayer], ids, *, peft_forward: 
     for lay in layers:
         if stats[lay.name].n_rows == 0:
             raise DiagnoseError(f"layer {lay.name} was not called in the forward pass of the calibration batch")
-    return stats
+    return stats, {"relative_output_change": change, "sequences": int(chunks[0].shape[0]),
+                   "tokens": int(chunks[0].numel())}

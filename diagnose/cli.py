@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--full", action="store_true", help="in the JSON, also the per-row ALLoRA arrays and the "
                      "intruder cosines")
     out.add_argument("--plot", metavar="OUT.png", help="write a layer-by-module heatmap here (.png, .pdf or .svg)")
+    out.add_argument("--bake", metavar="OUT_DIR", help="for an rsLoRA adapter: write a copy with the scale folded "
+                     "into B and use_rslora off, which gives the same outputs in engines that ignore use_rslora")
     out.add_argument("--wide", action="store_true", help="print every column (norms, ranks, the papers' quantities, "
                      "calibration) instead of the 100-column table")
     out.add_argument("--explain", action="store_true", help="print what every column and flag means, with the "
@@ -123,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
                                 "prints the legend)")
         _check_output("--json", args.json_out)
         _check_output("--plot", args.plot, _PLOT_SUFFIXES)
+        if args.bake is not None:
+            bake = Path(args.bake)
+            if bake.exists() and (not bake.is_dir() or any(bake.iterdir())):
+                raise DiagnoseError(f"--bake {bake}: exists and is not an empty folder")
+            _check_output("--bake", args.bake)
         if args.calibration is not None and args.base is None:
             raise DiagnoseError("--calibration needs --base (the base model runs the calibration batch)")
         from diagnose.report import diagnose_adapter
@@ -139,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             report.plot(args.plot)
             print(f"wrote {args.plot}")
+        if args.bake is not None:
+            from diagnose.bake import bake_rslora
+
+            bake_rslora(args.adapter, args.bake)
+            print(f"wrote {args.bake} (use_rslora folded into lora_B)")
     except DiagnoseError as exc:
         print(f"lora-theory diagnose: error: {exc}", file=sys.stderr)
         return 2

@@ -95,6 +95,13 @@ FLAGS: tuple[Flag, ...] = (
          "on this batch the dropout penalty is smaller than the Monte-Carlo noise Std/sqrt(n) until n* steps "
          "(ALLoRA app. A): lora_dropout acts as noise more than as a penalty", threshold=100, needs="calibration",
          test=lambda f, t: None if f["steps_to_resolve"] is None else f["steps_to_resolve"] > t),
+    Flag("only_b_learned", "note", "layer",
+         "every entry of A within PEFT's init bound 1/sqrt(d_in) and ||A||_F^2 within 5 sd of its init mean r/3",
+         "A looks as initialised (Kaiming uniform): only B learned (LoRA-FA by design, or A frozen by mistake)",
+         test=lambda f, t: f["a_at_init"] and not f["b_exactly_zero"]),
+    Flag("merge_loses_update", "note", "layer", "predicted bf16 rounding error of W + s*B@A > {t} of ||s*B@A||",
+         "merging into a bfloat16 base keeps the update only roughly; merge in float32 or keep the adapter apart",
+         threshold=0.1, needs="base", test=lambda f, t: None if f["merge_bf16"] is None else f["merge_bf16"] > t),
     Flag("unsupported_layer", "note", "adapter", "LoRA weights of a layer that is not a linear map",
          "embedding, convolution or parameter LoRA: named in 'unsupported', not analysed"),
     Flag("patterns_in_force", "note", "adapter", "rank_pattern or alpha_pattern is set",
@@ -126,12 +133,14 @@ def default_thresholds() -> dict[str, float]:
 
 def layer_facts(*, b_exactly_zero: bool, norm_update: float, scaling: float, r: int, d_in: int, d_out: int,
                 dora: bool = False, m: float | None = None, intruder_count: int | None = None,
-                intruder_abstained: int | None = None, steps_to_resolve: int | None = None) -> dict:
+                intruder_abstained: int | None = None, steps_to_resolve: int | None = None,
+                a_at_init: bool | None = None, merge_bf16: float | None = None) -> dict:
     """The facts the layer flags test (``None`` = unknown: not tested)."""
     rms = norm_update / math.sqrt(d_in * d_out)
     return {"b_exactly_zero": bool(b_exactly_zero), "rms_update": rms, "scaling": float(scaling), "r": int(r),
             "d_in": int(d_in), "d_out": int(d_out), "dora": bool(dora), "m": m, "intruder_count": intruder_count,
-            "intruder_abstained": intruder_abstained, "steps_to_resolve": steps_to_resolve}
+            "intruder_abstained": intruder_abstained, "steps_to_resolve": steps_to_resolve, "a_at_init": a_at_init,
+            "merge_bf16": merge_bf16}
 
 
 def raised_layer_flags(facts: dict, thresholds: dict[str, float] | None = None) -> list[str]:

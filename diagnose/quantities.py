@@ -52,6 +52,8 @@ __all__ = [
     "calibration_quantities",
     "DropoutStatistics",
     "steps_to_resolve",
+    "a_init_check",
+    "merge_rounding",
     "effective_rank",
     "update_singular_values",
 ]
@@ -301,6 +303,52 @@ class DropoutStatistics:
         return {**out, "expected_loss": penalty, "penalty": penalty, "std": std,
                 "penalty_relative": penalty / self._signal if self._signal > 0 else None,
                 "steps_to_resolve": steps_to_resolve(penalty, std)}
+
+
+def a_init_check(A) -> dict:
+    """Did A move from PEFT's default init? lora_A starts Kaiming-uniform (a = sqrt 5): entries U(-b, b) with
+    b = 1/sqrt(d_in), so E||A_0||_F^2 = r/3 and Var ||A_0||_F^2 = 4 r / (45 d_in). Without A_0 itself, A is
+    consistent with its init when no entry exceeds b and ||A||_F^2 lies within 5 sd of r/3 (training moves
+    entries past b within a few hundred Adam steps at lr >= 1e-4 when d_in >= 256)."""
+    A = np.asarray(A, dtype=np.float64)
+    r, d_in = A.shape
+    b = 1.0 / math.sqrt(d_in)
+    norm_sq = float((A**2).sum())
+    z = (norm_sq - r / 3.0) / math.sqrt(4.0 * r / (45.0 * d_in))
+    outside = float(np.mean(np.abs(A) > b * (1 + 1e-6)))
+    return {"init_bound": b, "fraction_outside_init_bound": outside, "norm_ratio_to_init": math.sqrt(norm_sq * 3.0 / r),
+            "z_norm_sq": z, "consistent_with_init": bool(outside == 0.0 and abs(z) <= 5.0)}
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (round to nearest even on the float32 bits, as torch does), back in float64."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def merge_rounding(W, A, B, scaling: float) -> dict:
+    """Is merging safe in bf16 / fp16? The relative error ||fl(W + sBA) - (W + sBA)||_F / ||sBA||_F of the merged
+    weight stored in that dtype: predicted from the spacing of the representable numbers (round to nearest: an
+    error uniform in +-ulp(x)/2, E err^2 = ulp(x)^2/12, ulp(x) = 2^(floor(log2|x|) - p) with p = 7 (bf16) or 10
+    (fp16) mantissa bits) and measured by rounding W + sBA (float64) to the dtype. A value near 1 means the merge
+    keeps about nothing of the update."""
+    W = np.asarray(W, dtype=np.float64)
+    delta = float(scaling) * np.asarray(B, dtype=np.float64) @ np.asarray(A, dtype=np.float64)
+    merged = W + delta
+    norm_delta = float(np.linalg.norm(delta))
+    out = {}
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(merged)))
+    exponent = np.where(np.isfinite(exponent), exponent, -126.0)
+    for name, mant, rounded in (("bfloat16", 7, _round_bf16(merged)),
+                                ("float16", 10, merged.astype(np.float16).astype(np.float64))):
+        ulp = np.exp2(np.maximum(exponent, -126.0 if name == "bfloat16" else -14.0) - mant)
+        predicted = math.sqrt(float((ulp**2).sum()) / 12.0)
+        measured = float(np.linalg.norm(rounded - merged))
+        out[name] = {"predicted": predicted / norm_delta if norm_delta > 0 else None,
+                     "measured": measured / norm_delta if norm_delta > 0 else None}
+    return out
 
 
 def steps_to_resolve(penalty: float, std: float) -> int | None:

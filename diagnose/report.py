@@ -21,7 +21,7 @@ from analysis.jsonable import to_jsonable
 from diagnose.adapter import Adapter, load_adapter
 from diagnose.errors import DiagnoseError
 from diagnose.flags import FLAGS, default_thresholds, flag, layer_facts, raised_layer_flags
-from diagnose.quantities import adapter_quantities, base_quantities
+from diagnose.quantities import a_init_check, adapter_quantities, base_quantities, merge_rounding
 
 __all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "diagnose_adapter", "schema", "tool_version"]
 
@@ -98,7 +98,7 @@ class LayerReport:
             "norm_A": q["norm_A"], "norm_B": q["norm_B"], "norm_BA": q["norm_BA"],
             "spectral_norm_BA": q["spectral_norm_BA"], "singular_values": q["singular_values"],
             "stable_rank": q["stable_rank"], "effective_rank": q["effective_rank"],
-            "b_exactly_zero": q["b_exactly_zero"], "rslora": q["rslora"],
+            "b_exactly_zero": q["b_exactly_zero"], "a_init": q["a_init"], "rslora": q["rslora"],
             "allora": {k: v for k, v in q["allora"].items() if full or k not in ("row_norms", "factors")},
             "lowr": q["lowr"], "dora_magnitude": self.dora_magnitude,
             "base": base, "base_skipped": self.base_skipped,
@@ -125,6 +125,7 @@ class Report:
     messages: list[str] = field(default_factory=list)
     missing_modules: list[str] = field(default_factory=list)
     base_info: dict | None = None
+    questions: dict = field(default_factory=lambda: {"adapter_applied": None, "rslora_ignored_factor": None})
 
     @property
     def problems(self) -> list[str]:
@@ -147,7 +148,8 @@ class Report:
             "problems": self.problems, "notes": self.notes, "flags": self.flags, "flag_details": self.flag_details,
             "layers": [lay.to_dict(full=full) for lay in self.layers], "stacks": self.stacks,
             "unsupported": self.unsupported, "missing_modules": self.missing_modules,
-            "other_tensors": self.other_tensors, "base_model": self.base_info, "messages": self.messages,
+            "other_tensors": self.other_tensors, "base_model": self.base_info, "questions": self.questions,
+            "messages": self.messages,
         }, nonfinite="null")
 
     def to_json(self, path: str | Path | None = None, *, full: bool = False) -> str:
@@ -296,6 +298,10 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                              f"initialisation; this adapter needs the residual base (the PeftModel it was trained "
                              f"in) or a converted save (path_initial_model_for_weight_conversion)")
 
+    questions: dict = {"adapter_applied": None, "rslora_ignored_factor": None}
+    if ad.config.get("use_rslora"):  # alpha/r instead of alpha/sqrt(r): 1/sqrt(r) of the intended scale
+        questions["rslora_ignored_factor"] = {lay.name: 1.0 / math.sqrt(lay.r) for lay in selected}
+    default_init = ad.config.get("init_lora_weights", True) is True
     reports = []
     iterator = selected
     if progress:
@@ -305,6 +311,7 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
     for lay in iterator:
         q = adapter_quantities(lay.A, lay.B, lay.scaling, use_rslora=lay.use_rslora, eta=eta,
                                lowr_alpha=lowr_alpha, lowr_tau=lowr_tau)
+        q["a_init"] = a_init_check(lay.A) if default_init else None
         rep = LayerReport(name=lay.name, r=lay.r, alpha=lay.alpha, scaling=lay.scaling, d_in=lay.d_in,
                           d_out=lay.d_out, dropout=lay.dropout, quantities=q)
         if lay.magnitude is not None:
@@ -325,10 +332,11 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                 rep.dora_magnitude["norm_rows_W_plus_update"] = float(np.linalg.norm(np.linalg.norm(merged, axis=1)))
             rep.base = base_quantities(W, lay.A, lay.B, lay.scaling, sigma_update=q["singular_values"],
                                        intruder_top_k=intruder_top_k, intruder_epsilon=intruder_epsilon)
+            rep.base["merge_rounding"] = merge_rounding(W, lay.A, lay.B, lay.scaling)
         reports.append(rep)
 
     if calibration is not None:
-        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages)
+        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions)
     else:
         for rep in reports:
             rep.calibration_skipped = "no calibration batch given"
@@ -341,6 +349,8 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
         facts = layer_facts(b_exactly_zero=q["b_exactly_zero"], norm_update=q["norm_BA"], scaling=rep.scaling,
                             r=rep.r, d_in=rep.d_in, d_out=rep.d_out, dora=rep.dora_magnitude is not None,
                             m=rep.base["m"] if rep.base else None,
+                            a_at_init=q["a_init"]["consistent_with_init"] if q["a_init"] else None,
+                            merge_bf16=rep.base["merge_rounding"]["bfloat16"]["predicted"] if rep.base else None,
                             intruder_count=intr["count"] if intr else None,
                             intruder_abstained=intr["abstained"] if intr else None,
                             steps_to_resolve=(rep.calibration or {}).get("steps_to_resolve"))
@@ -349,6 +359,9 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
             details.setdefault(name, []).append(rep.name)
     if ad.unsupported:
         adapter_flags["unsupported_layer"] = [u["name"] for u in ad.unsupported]
+    applied = (questions["adapter_applied"] or {}).get("relative_output_change")
+    if applied is not None and applied < th["adapter_not_applied"] and reports:
+        adapter_flags["adapter_not_applied"] = []
     details.update(adapter_flags)
     order = [f.name for f in FLAGS]
     flag_details = {name: {"kind": flag(name).kind, "rule": flag(name).rule_text(th.get(name)),
@@ -366,14 +379,15 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
     return Report(source=ad.source, layers=reports, flags=list(flag_details), flag_details=flag_details,
                   unsupported=ad.unsupported, other_tensors=ad.other_tensors,
                   stacks=_stacks(reports) if source is not None else None, settings=settings, messages=messages,
-                  missing_modules=missing, base_info=base_info)
+                  missing_modules=missing, base_info=base_info, questions=questions)
 
 
-def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages):
+def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions):
     from diagnose.base import load_calibration
 
     model = source.model()
-    ids = load_calibration(calibration, source.vocab_size(), source.context_length())
+    ids = load_calibration(calibration, source.vocab_size(), source.context_length(),
+                           tokenizer_folder=getattr(source, "folder", None) or source.name_or_path)
     peft_forward = source.is_peft_model
     reason = None
     if withhold_base:
@@ -389,7 +403,8 @@ def _calibrate(ad, selected, source, reports, calibration, withhold_base, messag
         messages.append("base is itself a PeftModel: its own adapter's forward is used for the calibration")
     from diagnose.base import capture_statistics
 
-    stats = capture_statistics(model, selected, ids, peft_forward=peft_forward)
+    stats, applied = capture_statistics(model, selected, ids, peft_forward=peft_forward)
+    questions["adapter_applied"] = applied
     for lay, rep in zip(selected, reports, strict=True):
         if lay.magnitude is not None:
             rep.calibration_skipped = "DoRA layer: the closed form is for plain LoRA"
