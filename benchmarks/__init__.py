@@ -12,4 +12,5 @@ def run_all(quick: bool = False) -> int:
 
     # quick: a smoke run in seconds (the test suite runs it), so without Ray's start-up (tests/toymodels cover Ray)
     status = bench_sweep.main(["--quick", "--skip-ray"] if quick else []) or status
-    return bench_redraw.main(["--quick"] if quick else []) or status
+    status = bench_redraw.main(["--quick"] if quick else []) or status
+    return __import__("benchmarks.bench_diagnose").bench_diagnose.main(quick=quick) or status

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "thresholds in force (alone, without an adapter, just the legend)")
     out.add_argument("--quiet", action="store_true", help="print no table")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--threads", type=int, default=1, metavar="N", help="BLAS threads for the per-layer "
+                     "numerics (default 1, the fastest on a shared machine; 0: the library's default)")
     ci = parser.add_argument_group("checks (CI)")
     ci.add_argument("--fail-on", type=_fail_on, metavar="FLAGS", help="exit with status 3 when any of these flags "
                     "is raised: flag names separated by commas, or 'problems', 'notes', 'any'")
@@ -130,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             if bake.exists() and (not bake.is_dir() or any(bake.iterdir())):
                 raise DiagnoseError(f"--bake {bake}: exists and is not an empty folder")
             _check_output("--bake", args.bake)
+        if args.threads < 0:
+            raise DiagnoseError(f"--threads must be >= 0, got {args.threads}")
         if args.calibration is not None and args.base is None:
             raise DiagnoseError("--calibration needs --base (the base model runs the calibration batch)")
         from diagnose.report import diagnose_adapter
@@ -137,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         report = diagnose_adapter(args.adapter, base=args.base, calibration=args.calibration, eta=args.eta,
                                   lowr_alpha=args.lowr_alpha, lowr_tau=args.lowr_tau, thresholds=thresholds,
                                   layers=args.layers, strict=args.strict, base_fingerprint=args.base_fingerprint,
-                                  progress=not args.no_progress and sys.stderr.isatty())
+                                  progress=not args.no_progress and sys.stderr.isatty(),
+                                  blas_threads=args.threads or None)
         if not args.quiet:
             print(report.table(wide=args.wide))
         if args.json_out:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 
 from analysis import adaptive, channels, dropout, rank_scaling
 
@@ -156,23 +157,14 @@ def _descending_eigh(G: np.ndarray, top: int | None = None) -> tuple[np.ndarray,
     if top is None or top >= n:
         lam, V = np.linalg.eigh(G)
     else:
-        import scipy.linalg
-
         lam, V = scipy.linalg.eigh(G, subset_by_index=[n - top, n - 1])
     return np.maximum(lam[::-1], 0.0), V[:, ::-1]
 
 
-def _left_singular(M: np.ndarray, G: np.ndarray, left: bool, top: int | None = None):
-    """(U, S): left singular vectors and values of M (d_out, d_in) from the Gram G of its smaller side
-    (G = M M^T when ``left``, else M^T M, then U = M V / S), largest first. Columns with S = 0 are zero."""
+def _singular(G: np.ndarray, top: int | None = None):
+    """(V, S): eigenvectors of the Gram G of a matrix's smaller side and its singular values, largest first."""
     lam, V = _descending_eigh(G, top)
-    S = np.sqrt(lam)
-    if left:
-        return V, S
-    U = M @ V
-    norms = np.linalg.norm(U, axis=0)
-    U = np.divide(U, norms, out=np.zeros_like(U), where=norms > 0)
-    return U, S
+    return V, np.sqrt(lam)
 
 
 def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None = None, intruder_top_k: int = 10,
@@ -206,23 +198,26 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
     delta_2 = float(sigma_update[0]) if len(sigma_update) else 0.0
     d_out, d_in = W.shape
     left = d_out <= d_in
-    G = W @ W.T if left else W.T @ W
-    U_w, S_w = _left_singular(W, G, left)
     k = min(int(intruder_top_k), min(d_out, d_in))
+    G = W @ W.T if left else W.T @ W
+    V_w, S_w = _singular(G)  # left: V_w = U_W; else U_W = W V_w / S_w (never formed)
     # Gram of W + sB A from G: left: (W + sBA)(W + sBA)^T = G + sB (A W^T) + (W A^T) sB^T + sB (A A^T) sB^T
     if left:
-        WAt = W @ A.T  # (d_out, r)
-        corr = WAt @ sB.T
+        corr = (W @ A.T) @ sB.T
         G_m = G + corr + corr.T + sB @ (A @ A.T) @ sB.T
     else:  # (W + sBA)^T (W + sBA) = G + A^T (sB^T W) + (W^T sB) A + A^T (sB^T sB) A
-        WtB = W.T @ sB  # (d_in, r)
-        corr = WtB @ A
+        corr = (W.T @ sB) @ A
         G_m = G + corr + corr.T + A.T @ (sB.T @ sB) @ A
-    G_m = (G_m + G_m.T) / 2
-    merged = None if left else W + sB @ A
-    U_m, S_m = _left_singular(merged, G_m, left, top=k)
+    V_m, S_m = _singular((G_m + G_m.T) / 2, top=k)
+    if left:
+        U_m = V_m
+        proj = U_m.T @ V_w  # (k, d) cosines with every left singular vector of W
+    else:  # u_j = (W + sBA) v_j / s_j; <u_j, U_W[:, i]> = (W^T u_j)_i-th coordinate in V_w, over S_w[i]
+        U_m = (W @ V_m + sB @ (A @ V_m)) / np.where(S_m > 0, S_m, 1.0)
+        U_m /= np.maximum(np.linalg.norm(U_m, axis=0), 1e-300)
+        proj = np.divide((W.T @ U_m).T @ V_w, S_w, out=np.zeros((k, len(S_w))), where=S_w > 0)
     norm_W = float(np.sqrt(max(np.trace(G), 0.0)))
-    cos = np.abs(U_m[:, :k].T @ U_w).max(axis=1)
+    cos = np.abs(proj).max(axis=1)
     cluster = np.array([int(np.sum(np.abs(S_w - S_m[j]) <= delta_2 * (1 + 1e-12))) for j in range(k)])
     Q_B = np.linalg.qr(B)[0] if np.any(B) else np.zeros((B.shape[0], 0))
     in_update = ((Q_B.T @ U_m[:, :k]) ** 2).sum(axis=0)
@@ -338,13 +333,12 @@ def merge_rounding(W, A, B, scaling: float) -> dict:
     merged = W + delta
     norm_delta = float(np.linalg.norm(delta))
     out = {}
-    with np.errstate(divide="ignore"):
-        exponent = np.floor(np.log2(np.abs(merged)))
-    exponent = np.where(np.isfinite(exponent), exponent, -126.0)
-    for name, mant, rounded in (("bfloat16", 7, _round_bf16(merged)),
-                                ("float16", 10, merged.astype(np.float16).astype(np.float64))):
-        ulp = np.exp2(np.maximum(exponent, -126.0 if name == "bfloat16" else -14.0) - mant)
-        predicted = math.sqrt(float((ulp**2).sum()) / 12.0)
+    exponent = np.frexp(merged)[1].astype(np.float64) - 1.0  # floor(log2 |x|)
+    exponent[merged == 0] = -np.inf  # an exact zero stays zero: the smallest spacing below
+    for name, mant, lowest, rounded in (("bfloat16", 7, -126.0, _round_bf16(merged)),
+                                        ("float16", 10, -14.0, merged.astype(np.float16).astype(np.float64))):
+        ulp_sq = np.exp2(2.0 * (np.maximum(exponent, lowest) - mant))
+        predicted = math.sqrt(float(ulp_sq.sum()) / 12.0)
         measured = float(np.linalg.norm(rounded - merged))
         out[name] = {"predicted": predicted / norm_delta if norm_delta > 0 else None,
                      "measured": measured / norm_delta if norm_delta > 0 else None}

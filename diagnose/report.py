@@ -222,7 +222,8 @@ def _check_number(name, value, *, low=0.0, allow_inf=False, strict=True):
 def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, lowr_alpha: float = 1.0,
                      lowr_tau: float = math.inf, intruder_top_k: int = 10, intruder_epsilon: float = 0.5,
                      thresholds: dict | None = None, adapter_name: str | None = None, layers: str | None = None,
-                     strict: bool = False, base_fingerprint: str | None = None, progress: bool = False) -> Report:
+                     strict: bool = False, base_fingerprint: str | None = None, progress: bool = False,
+                     blas_threads: int | None = 1) -> Report:
     """Diagnose a PEFT LoRA adapter: a ``save_pretrained`` folder (str / Path) or a loaded ``PeftModel``.
 
     ``base``: a folder loadable by transformers or a model object, for m_l, the ripple bound and the intruder
