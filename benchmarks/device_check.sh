@@ -90,6 +90,11 @@ EOF
 rc=$?
 log "engines on cuda (batched cuda vs cpu, run_sweep workers 1 vs 2): exit $rc ($(grep -E 'relative|bit for bit' "$OUT/tests.txt" | tr '\n' ';'))"
 
+# --- 2b. diagnose on cuda (issue 17): the calibration forward pass on the GPU equals the CPU's -------------------
+timeout "$STEP_TESTS" "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/diagnose > "$OUT/tests-diagnose.txt" 2>&1
+rc=$?
+log "pytest -k cuda tests/diagnose (lora-theory diagnose --device cuda vs cpu): exit $rc ($(tail -1 "$OUT/tests-diagnose.txt"))"
+
 # --- 3. figures on cuda, verdicts vs the committed CPU JSONs ---------------------------------------------------
 fig_deadline=$(( $(date +%s) + STEP_FIGURES ))
 printf "%-36s %-22s %-22s %s\n" "figure" "CPU (committed)" "CUDA (now)" "runtime_s cpu/cuda" > "$OUT/figures/verdicts.txt"

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "thresholds in force (alone, without an adapter, just the legend)")
     out.add_argument("--quiet", action="store_true", help="print no table")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    inputs.add_argument("--device", metavar="DEVICE", help="where the base model runs the calibration forward pass: "
+                        "cpu, cuda, cuda:N (default: cuda when available); the per-layer numerics stay on the CPU")
     out.add_argument("--threads", type=int, default=1, metavar="N", help="BLAS threads for the per-layer "
                      "numerics (default 1, the fastest on a shared machine; 0: the library's default)")
     ci = parser.add_argument_group("checks (CI)")
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                                   lowr_alpha=args.lowr_alpha, lowr_tau=args.lowr_tau, thresholds=thresholds,
                                   layers=args.layers, strict=args.strict, base_fingerprint=args.base_fingerprint,
                                   progress=not args.no_progress and sys.stderr.isatty(),
-                                  blas_threads=args.threads or None)
+                                  blas_threads=args.threads or None, device=args.device)
         if not args.quiet:
             print(report.table(wide=args.wide))
         if args.json_out:

@@ -223,7 +223,7 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                      lowr_tau: float = math.inf, intruder_top_k: int = 10, intruder_epsilon: float = 0.5,
                      thresholds: dict | None = None, adapter_name: str | None = None, layers: str | None = None,
                      strict: bool = False, base_fingerprint: str | None = None, progress: bool = False,
-                     blas_threads: int | None = 1) -> Report:
+                     blas_threads: int | None = 1, device: str | None = None) -> Report:
     """Diagnose a PEFT LoRA adapter: a ``save_pretrained`` folder (str / Path) or a loaded ``PeftModel``.
 
     ``base``: a folder loadable by transformers or a model object, for m_l, the ripple bound and the intruder
@@ -337,7 +337,7 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
         reports.append(rep)
 
     if calibration is not None:
-        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions)
+        _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions, device)
     else:
         for rep in reports:
             rep.calibration_skipped = "no calibration batch given"
@@ -383,10 +383,18 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                   missing_modules=missing, base_info=base_info, questions=questions)
 
 
-def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions):
-    from diagnose.base import load_calibration
+def _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions, device):
+    from diagnose.base import FolderSource, load_calibration
 
     model = source.model()
+    if isinstance(source, FolderSource):
+        import torch
+
+        try:
+            target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            model.to(target)
+        except (RuntimeError, AssertionError) as exc:  # no such device, or torch built without CUDA
+            raise DiagnoseError(f"device {device!r} is not usable here ({exc})") from exc
     ids = load_calibration(calibration, source.vocab_size(), source.context_length(),
                            tokenizer_folder=getattr(source, "folder", None) or source.name_or_path)
     peft_forward = source.is_peft_model

@@ -151,3 +151,21 @@ def test_text_calibration_with_the_base_tokenizer(llama_with_base, tmp_path):
     assert all(lay.calibration["n_rows"] == 8 for lay in rep.layers)  # 5 + 3 tokens
     with pytest.raises(DiagnoseError, match="needs the base model's tokenizer"):
         diagnose_adapter(folder, base=base_dir, calibration=text)  # no tokenizer saved there
+
+
+def test_device_bad_and_cuda(llama_with_base):
+    _, folder, base_dir, _, cal = llama_with_base
+    with pytest.raises(DiagnoseError, match="device 'nowhere' is not usable"):
+        diagnose_adapter(folder, base=base_dir, calibration=cal, device="nowhere")
+    cpu = diagnose_adapter(folder, base=base_dir, calibration=cal, device="cpu")
+    assert all(lay.calibration["penalty"] > 0 for lay in cpu.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/device_check.sh)")
+def test_calibration_on_cuda_equals_cpu(llama_with_base):
+    _, folder, base_dir, _, cal = llama_with_base
+    cpu = diagnose_adapter(folder, base=base_dir, calibration=cal, device="cpu")
+    gpu = diagnose_adapter(folder, base=base_dir, calibration=cal, device="cuda")
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):  # float32 forward on two devices
+        for key in ("penalty", "std", "adapter_output_energy"):
+            assert b.calibration[key] == pytest.approx(a.calibration[key], rel=1e-3), key
