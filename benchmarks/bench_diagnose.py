@@ -86,12 +86,13 @@ def timed_cli(args: list[str]) -> tuple[float, float, str]:
 def per_layer_costs(quick: bool) -> dict:
     """Seconds per layer of each step at the 7B shapes (r = 16), median of ``reps`` runs."""
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from diagnose.quantities import DropoutStatistics, adapter_quantities, base_quantities
 
     shapes = [(64, 64), (128, 64)] if quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
     tokens = 32 if quick else 512
-    reps = 1 if quick else 2
+    reps = 1
     rng = np.random.default_rng(0)
     out = {}
     for d_out, d_in in shapes:
@@ -106,9 +107,10 @@ def per_layer_costs(quick: bool) -> dict:
         for name, fn in steps:
             times = []
             for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+                with threadpool_limits(limits=1):  # as lora-theory diagnose runs them (--threads 1)
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
             costs[name] = float(np.median(times))
         out[f"{d_out}x{d_in}"] = costs
     return out

@@ -185,7 +185,7 @@ def plot(report, path) -> Path:
         panels.append((f"ALLoRA min factor (eta={report.settings['eta']:g})",
                        lambda lay: lay.quantities["allora"]["factor_summary"]["min"]))
     h = min(14.0, 2.0 + 0.22 * len(depths))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 + 1.6 * len(roles) * len(panels), h),
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 + 1.1 * len(roles) * len(panels), h),
                              layout="constrained", squeeze=False)
     for ax, (title, value) in zip(axes[0], panels, strict=True):
         grid = np.full((len(depths), len(roles)), np.nan)
