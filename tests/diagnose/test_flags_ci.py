@@ -375,3 +375,49 @@ def test_the_one_parser_runs_diagnose(llama_with_base, capsys):
     with pytest.raises(SystemExit) as exc:
         lora_theory_main(["diagnose", str(folder), "--eta", "x"])
     assert exc.value.code == 2 and "--eta" in capsys.readouterr().err
+
+
+def test_base_found_in_the_hugging_face_cache_offline(llama_with_base, tmp_path, monkeypatch):
+    """--base ORG/NAME resolves a model in the local Hugging Face cache (refs/main -> snapshots/<commit>), offline."""
+    _, folder, base_dir, _, _ = llama_with_base
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(base_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = diagnose_adapter(folder, base="someone/tiny-llama")
+    direct = diagnose_adapter(folder, base=base_dir)
+    assert [lay.base["m"] for lay in cached.layers] == [lay.base["m"] for lay in direct.layers]
+
+
+def test_sequence_classification_base_follows_the_task_type(tmp_path_factory):
+    """A SEQ_CLS adapter's base is loaded as a sequence classifier (it used to be loaded as a causal LM)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from diagnose.adapter import load_adapter
+    from diagnose.base import open_base
+
+    torch.manual_seed(SEED)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, num_labels=3,
+                      pad_token_id=0)
+    root = tmp_path_factory.mktemp("seqcls")
+    base = LlamaForSequenceClassification(cfg).eval()
+    base.save_pretrained(root / "base")
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(root / "adapter")
+    ad = load_adapter(root / "adapter")
+    assert type(open_base(root / "base", ad).model()).__name__ == "LlamaForSequenceClassification"
+    rep = diagnose_adapter(root / "adapter", base=root / "base", calibration=token_batch(2, 8))
+    assert all(lay.calibration["penalty"] == 0 and lay.calibration["adapter_output_energy"] > 0
+               for lay in rep.layers)
