@@ -11,8 +11,11 @@ import pytest
 
 from analysis import dropout as dr
 from analysis.inputs import default_seed
-from figures import allora_dropout as fd
-from figures.allora_dropout import FIG2_CRITERION, TAB5_CRITERION
+from figures.allora import fig1_dropout_mc as fig1
+from figures.allora import fig3_norms as fig3
+from figures.allora import fig4_expected_vs_empirical as fig4
+from figures.allora.fig2_grad_std import CRITERION as FIG2_CRITERION
+from figures.allora.tab5_dropout_epochs import CRITERION as TAB5_CRITERION
 from tests.figures.constructed import pattern, seeds, t_stat
 
 
@@ -48,27 +51,27 @@ def test_tab5_crossover_both_horizons_and_sanity_row_does_not_count():
 
 
 def _fig1(levels: dict[float, float], seed: int) -> dict:
-    out = {fd._fig1_name(p): np.log(levels.get(p, 0.5)) + _noise(seed + i) for i, p in enumerate(fd.FIG1_RATES)}
+    out = {fig1.noise_test(p): np.log(levels.get(p, 0.5)) + _noise(seed + i) for i, p in enumerate(fig1.RATES)}
     return {**out, "bound_holds": -1.0, "clt_limit": 1.0}
 
 
 def test_fig1_noise_above_a_tenth_of_the_penalty_at_every_rate():
-    assert fd.FIG1_CRITERION.evaluate(_fig1({}, 20)).verdict == "reproduced"
+    assert fig1.CRITERION.evaluate(_fig1({}, 20)).verdict == "reproduced"
     # the measured shape: the noise is 1-3% of the penalty at n = 256 in every rate
-    low = {p: 0.02 for p in fd.FIG1_RATES}
-    assert fd.FIG1_CRITERION.evaluate(_fig1(low, 30)).verdict == "not reproduced"
-    some = {**low, fd.FIG1_RATES[0]: 0.5}
-    assert fd.FIG1_CRITERION.evaluate(_fig1(some, 40)).verdict == "partially reproduced"
+    low = {p: 0.02 for p in fig1.RATES}
+    assert fig1.CRITERION.evaluate(_fig1(low, 30)).verdict == "not reproduced"
+    some = {**low, fig1.RATES[0]: 0.5}
+    assert fig1.CRITERION.evaluate(_fig1(some, 40)).verdict == "partially reproduced"
     # exactly at the margin: not above it (t = 0 by construction; drawn at the margin it would pass 5% of the time)
-    at = {p: 0.1 for p in fd.FIG1_RATES}
+    at = {p: 0.1 for p in fig1.RATES}
     samples = _fig1(at, 50)
-    assert all(abs(t_stat(samples[fd._fig1_name(p)], np.log(0.1))) < 1e-9 for p in fd.FIG1_RATES)
-    assert fd.FIG1_CRITERION.evaluate(samples).verdict == "not reproduced"
+    assert all(abs(t_stat(samples[fig1.noise_test(p)], np.log(0.1))) < 1e-9 for p in fig1.RATES)
+    assert fig1.CRITERION.evaluate(samples).verdict == "not reproduced"
 
 
 def test_fig1_sanity_rows_are_reported_but_never_decide():
     broken = dict(_fig1({}, 60), bound_holds=7.0, clt_limit=6.0)
-    out = fd.FIG1_CRITERION.evaluate(broken)
+    out = fig1.CRITERION.evaluate(broken)
     assert out.verdict == "reproduced" and not out.passed["bound_holds"] and not out.passed["clt_limit"]
 
 
@@ -79,7 +82,7 @@ def test_fig1_deviations_follow_the_clt_on_a_small_problem():
     prob = {"X": rng.standard_normal((12, 6)), "Y": rng.standard_normal((12, 3)), "W": rng.standard_normal((3, 6)),
             "A": rng.standard_normal((4, 6)), "B": rng.standard_normal((3, 4)), "s": np.float64(0.5)}
     grid = 2 ** np.arange(9)
-    d = fd.fig1_deviations(prob, 0.3, grid, 400, mc_seed=default_seed())
+    d = fig1.deviations(prob, 0.3, grid, 400, mc_seed=default_seed())
     X, Y, W, A, B = (prob[k] for k in ("X", "Y", "W", "A", "B"))
     assert d["dropout_penalty"] == pytest.approx(dr.expected_loss(X, Y, W, A, B, 0.3, scaling=0.5)
                                                  - dr.expected_loss(X, Y, W, A, B, 0.0, scaling=0.5), rel=1e-10)
@@ -96,28 +99,28 @@ def test_fig1_deviations_follow_the_clt_on_a_small_problem():
 def test_fig3_far_more_needs_three_times_the_spread():
     spread_a = 0.3 + _noise(70)
     ok = {"far_more": np.log(17.0) + _noise(71), "more": 5.0 + _noise(72)}
-    assert fd.FIG3_CRITERION.evaluate(ok).verdict == "reproduced"
+    assert fig3.CRITERION.evaluate(ok).verdict == "reproduced"
     # B's spread twice A's: more, but not far more
     twice = {"far_more": np.log(2.0) + _noise(73), "more": spread_a + _noise(74)}
-    assert fd.FIG3_CRITERION.evaluate(twice).verdict == "partially reproduced"
+    assert fig3.CRITERION.evaluate(twice).verdict == "partially reproduced"
     # the measured shape: equal spreads (ratio ~1)
     equal = {"far_more": _noise(75), "more": _noise(76)}
-    assert fd.FIG3_CRITERION.evaluate(equal).verdict == "not reproduced"
+    assert fig3.CRITERION.evaluate(equal).verdict == "not reproduced"
 
 
 def test_fig3_norms_summed_or_last_layer():
     norms = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, 1.0]])  # records x layers
-    np.testing.assert_array_equal(fd.fig3_norm(norms, "summed"), [13.0, 1.0])
-    np.testing.assert_array_equal(fd.fig3_norm(norms, "last"), [12.0, 1.0])
+    np.testing.assert_array_equal(fig3.norm_of(norms, "summed"), [13.0, 1.0])
+    np.testing.assert_array_equal(fig3.norm_of(norms, "last"), [12.0, 1.0])
     with pytest.raises(ValueError, match="which"):
-        fd.fig3_norm(norms, "mean")
+        fig3.norm_of(norms, "mean")
 
 
 def test_fig3_protocols_cover_placement_loss_and_norms():
-    settings = [p.settings for p in fd.FIG3_PROTOCOLS]
+    settings = [p.settings for p in fig3.PROTOCOLS]
     assert {s["placement"] for s in settings} == {"bottleneck", "input"}
     assert {s["loss"] for s in settings} == {"ce", "mse"} and {s["norms"] for s in settings} == {"summed", "last"}
-    assert [p.name for p in fd.FIG3_PROTOCOLS if p.primary] == ["bottleneck, CE, summed"]
+    assert [p.name for p in fig3.PROTOCOLS if p.primary] == ["bottleneck, CE, summed"]
 
 
 # ------------------------------------------------------------------------------------------------- fig. 4
@@ -131,7 +134,7 @@ def _gap_curves(peak_at: dict[float, int], height: dict[float, float], seed: int
     # the seed-mean curves are the triangles exactly, so peaks and orders are certain, not drawn
     signs = (-1.0) ** np.arange(21)
     gaps = {}
-    for p in fd.FIG4_RATES:
+    for p in fig4.RATES:
         k, h = peak_at[p], height[p]
         curve = np.where(np.arange(21) <= k, h * np.arange(21) / max(k, 1),
                          h - 0.5 * h * (np.arange(21) - k) / max(20 - k, 1))
@@ -141,25 +144,25 @@ def _gap_curves(peak_at: dict[float, int], height: dict[float, float], seed: int
 
 
 def test_fig4_peak_tests_measure_order_position_and_decline():
-    heights = dict(zip(fd.FIG4_RATES, (1.0, 2.0, 3.0), strict=True))
-    gaps, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 6), heights, 80)
-    samples, details = fd.fig4_peak_tests(gaps, step, 1000)
-    for p in fd.FIG4_RATES:
-        assert details[p]["peak_step"] == 300.0 and samples[fd._fig4_rate("interior", p)] == 0.3
-        assert samples[fd._fig4_rate("decline", p)].mean() == pytest.approx(0.5 * heights[p], abs=0.05)
+    heights = dict(zip(fig4.RATES, (1.0, 2.0, 3.0), strict=True))
+    gaps, step = _gap_curves(dict.fromkeys(fig4.RATES, 6), heights, 80)
+    samples, details = fig4.peak_tests(gaps, step, 1000)
+    for p in fig4.RATES:
+        assert details[p]["peak_step"] == 300.0 and samples[fig4.rate_test("interior", p)] == 0.3
+        assert samples[fig4.rate_test("decline", p)].mean() == pytest.approx(0.5 * heights[p], abs=0.05)
     assert samples["increasing"] == pytest.approx(1.0, abs=0.05)
-    assert fd.FIG4_CRITERION.evaluate(samples).verdict == "reproduced"
+    assert fig4.CRITERION.evaluate(samples).verdict == "reproduced"
 
 
 def test_fig4_late_peak_or_no_order_is_partial_or_not():
-    heights = dict(zip(fd.FIG4_RATES, (1.0, 2.0, 3.0), strict=True))
+    heights = dict(zip(fig4.RATES, (1.0, 2.0, 3.0), strict=True))
     # the gap still grows at the end (peak in the last record): only the order holds
-    late, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 20), heights, 81)
-    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(late, step, 1000)[0]).verdict == "partially reproduced"
+    late, step = _gap_curves(dict.fromkeys(fig4.RATES, 20), heights, 81)
+    assert fig4.CRITERION.evaluate(fig4.peak_tests(late, step, 1000)[0]).verdict == "partially reproduced"
     # interior peaks, but the gap does not grow with the rate (it shrinks by 0.1 per rate: equal heights would leave
     # the sign of the increase to rounding)
-    flat = dict(zip(fd.FIG4_RATES, (2.0, 1.9, 1.8), strict=True))
-    same, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 6), flat, 82)
-    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(same, step, 1000)[0]).verdict == "partially reproduced"
-    neither, step = _gap_curves(dict.fromkeys(fd.FIG4_RATES, 20), flat, 83)
-    assert fd.FIG4_CRITERION.evaluate(fd.fig4_peak_tests(neither, step, 1000)[0]).verdict == "not reproduced"
+    flat = dict(zip(fig4.RATES, (2.0, 1.9, 1.8), strict=True))
+    same, step = _gap_curves(dict.fromkeys(fig4.RATES, 6), flat, 82)
+    assert fig4.CRITERION.evaluate(fig4.peak_tests(same, step, 1000)[0]).verdict == "partially reproduced"
+    neither, step = _gap_curves(dict.fromkeys(fig4.RATES, 20), flat, 83)
+    assert fig4.CRITERION.evaluate(fig4.peak_tests(neither, step, 1000)[0]).verdict == "not reproduced"
