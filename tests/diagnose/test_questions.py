@@ -98,7 +98,10 @@ def test_merge_rounding_prediction_on_many_entries():
     out = merge_rounding(W, A, B, 1.0)
     for name in ("bfloat16", "float16"):  # 65536 entries: the sum of squares' relative sd is ~0.4%
         assert out[name]["predicted"] == pytest.approx(out[name]["measured"], rel=0.03)
-    assert out["bfloat16"]["measured"] > 8 * out["float16"]["measured"]  # 3 mantissa bits fewer
+    # 3 mantissa bits fewer: the spacing is 2^3 = 8 times larger for every entry, so the ratio of the errors is 8 in
+    # expectation (asserting "> 8" was a coin flip: it failed at LORA_THEORY_SEED=11, ratio 7.95); each measured
+    # norm has a relative sd of ~0.2% here (65536 entries), the ratio ~0.3%: 5% is > 15 sd, and one bit off is 4 or 16
+    assert out["bfloat16"]["measured"] / out["float16"]["measured"] == pytest.approx(8.0, rel=0.05)
 
 
 def test_did_a_move():
