@@ -5,7 +5,7 @@ Protocol (ALLoRA sec. 3.4, toymodels defaults): MNIST, a pretrained 784-256-256-
 
   (a) the straightforward way: a torch Dataset + DataLoader(batch_size=64, shuffle=True), HF PEFT's
       ``get_peft_model`` on the pretrained MLP, torch.optim.Adam, one configuration at a time;
-  (b) the sequential engine: ``toymodels.train.TrainingRun``, the one training loop that ``train.finetune``
+  (b) the sequential engine: ``toymodels.loop.TrainingRun``, the one training loop that ``loop.finetune``
       runs (tensors on the device, mini-batches by index, LoRALinear, torch.optim.Adam, ``loss.item()`` every
       step, callbacks: none with recorders off), one configuration at a time;
   (c) the batched engine ``toymodels.batched`` for K = 1, 4, 16 runs (K lrs of one seed, or 4 seeds x 4 lrs);
@@ -21,7 +21,7 @@ reports) and the median over rounds; "x (a)" and "x (b)" are the ratios of the b
 median of the round-by-round ratios.
 
 A last line times what a user runs end to end, recording included: 4 configs (2 seeds x 2 lrs) with the default
-recorders ("loss", "norms" every 10 steps: train and test loss on all 512 + 10000 images), ``train.finetune``
+recorders ("loss", "norms" every 10 steps: train and test loss on all 512 + 10000 images), ``loop.finetune``
 one by one against one ``batched.finetune_many`` call (no cache; set-up included).
 """
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from toymodels import batched, train
+from toymodels import batched, config, loop, setup
 
 LRS = (1e-3, 2e-3, 5e-4, 3e-3)
 
@@ -48,24 +48,24 @@ QUICK_SIZES = dict(dataset="synthetic", widths=(64, 32, 32, 10), n_pretrain=256,
                    n_test=128)
 
 
-def base_config(steps: int, dropout: float = 0.0, quick: bool = False) -> train.FinetuneConfig:
+def base_config(steps: int, dropout: float = 0.0, quick: bool = False) -> config.FinetuneConfig:
     """The protocol with recording off (record_every = steps: one record at the end, no evaluation)."""
     sizes = QUICK_SIZES if quick else dict(dataset="mnist")
-    return train.FinetuneConfig(steps=steps, dropout=dropout, recorders=(), record_every=steps, **sizes)
+    return config.FinetuneConfig(steps=steps, dropout=dropout, recorders=(), record_every=steps, **sizes)
 
 
 # ---------------------------------------------------------------------------------------------- the engines
 # each factory does its set-up and returns a function that runs the configured steps and returns the losses
 
 
-def peft_dataloader(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
+def peft_dataloader(cfg: config.FinetuneConfig) -> Callable[[], list[float]]:
     """(a) Dataset + DataLoader(64, shuffle) + HF PEFT LoRA on the pretrained MLP + Adam."""
     import peft
     from torch.utils.data import DataLoader, TensorDataset
 
     device = torch.device("cpu")
-    x, y = train.protocol_data(cfg, device).finetune
-    model = copy.deepcopy(train.pretrain(cfg, device))
+    x, y = setup.protocol_data(cfg, device).finetune
+    model = copy.deepcopy(setup.pretrain(cfg, device))
     lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            target_modules=["layers.0", "layers.1", "layers.2"])
     model = peft.get_peft_model(model, lora)
@@ -91,17 +91,17 @@ def peft_dataloader(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
     return run
 
 
-def sequential(cfg: train.FinetuneConfig) -> Callable[[], list[float]]:
-    """(b) The engine's training loop (``train.TrainingRun``: what ``train.finetune`` runs, without the cache)."""
-    run = train.TrainingRun(cfg, torch.device("cpu"))
+def sequential(cfg: config.FinetuneConfig) -> Callable[[], list[float]]:
+    """(b) The engine's training loop (``loop.TrainingRun``: what ``loop.finetune`` runs, without the cache)."""
+    run = loop.TrainingRun(cfg, torch.device("cpu"))
 
-    def loop() -> list[float]:
+    def train_loop() -> list[float]:
         return list(run.train()["batch_loss"])
 
-    return loop
+    return train_loop
 
 
-def batched_engine(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]:
+def batched_engine(configs: list[config.FinetuneConfig]) -> Callable[[], list[float]]:
     """(c) toymodels.batched: all configs in one loop; returns the first run's losses."""
     engine = batched._Batch(configs, torch.device("cpu"))
 
@@ -111,7 +111,7 @@ def batched_engine(configs: list[train.FinetuneConfig]) -> Callable[[], list[flo
     return run
 
 
-def torch_func(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]:
+def torch_func(configs: list[config.FinetuneConfig]) -> Callable[[], list[float]]:
     """(d) torch.func: vmap over K stacked adapters of grad_and_value(functional_call(LoRA model)), one seed."""
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -119,8 +119,8 @@ def torch_func(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]
     if len({(c.seed, c.lr) for c in configs}) != 1 or any(c.dropout for c in configs):
         raise ValueError("configs must share seed and lr and have no dropout for the torch.func variant")
     device = torch.device("cpu")
-    x, y = train.protocol_data(cfg, device).finetune
-    model = train.build_finetune_model(cfg, device)
+    x, y = setup.protocol_data(cfg, device).finetune
+    model = setup.build_finetune_model(cfg, device)
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     stacked = {n: p.detach().expand(len(configs), *p.shape).clone() for n, p in model.named_parameters()
                if p.requires_grad}
@@ -134,7 +134,7 @@ def torch_func(configs: list[train.FinetuneConfig]) -> Callable[[], list[float]]
     def run() -> list[float]:
         gen = cfg.streams.generator("batches")
         losses = []
-        for idx in train.minibatches(len(y), cfg.batch_size, cfg.steps, gen):
+        for idx in setup.minibatches(len(y), cfg.batch_size, cfg.steps, gen):
             grads, loss = step_fn(stacked, x[idx], y[idx])
             for n, p in stacked.items():
                 p.grad = grads[n]
@@ -152,10 +152,10 @@ def _timed(factory: Callable[[], Callable[[], list[float]]]) -> tuple[float, flo
     """(set-up seconds, loop seconds, losses)."""
     start = time.perf_counter()
     run = factory()
-    setup = time.perf_counter() - start
+    set_up = time.perf_counter() - start
     start = time.perf_counter()
     losses = run()
-    return setup, time.perf_counter() - start, losses
+    return set_up, time.perf_counter() - start, losses
 
 
 def cases(steps: int, quick: bool = False) -> list[tuple[str, str, int, Callable]]:
@@ -197,7 +197,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     todo = cases(steps, quick)
     # warm up: pretrained models (cached on disk after the first time) and a short run of every engine
     for s in range(4):
-        train.pretrain(base_config(steps, quick=quick).replace(seed=s))
+        setup.pretrain(base_config(steps, quick=quick).replace(seed=s))
     for _, _, _, factory in cases(2 if quick else 8, quick):
         factory()()
     loads = [os.getloadavg()[0]]
@@ -206,9 +206,9 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     losses: dict[str, list[float]] = {}
     for _ in range(rounds):
         for label, _, _, factory in todo:
-            setup, elapsed, loss = _timed(factory)
+            set_up, elapsed, loss = _timed(factory)
             times[label].append(elapsed)
-            setups[label] = setup
+            setups[label] = set_up
             losses[label] = loss
         loads.append(os.getloadavg()[0])
     return dict(steps=steps, rounds=rounds, cases=todo, times=times, setups=setups, losses=losses, loads=loads)
@@ -217,9 +217,9 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
 def end_to_end(steps: int, quick: bool = False) -> tuple[float, float, float]:
     """(sequential seconds, batched seconds, max relative difference of the test losses) for 4 default runs."""
     sizes = QUICK_SIZES if quick else {}
-    configs = [train.FinetuneConfig(seed=s, lr=lr, steps=steps, **sizes) for s in (0, 1) for lr in LRS[:2]]
+    configs = [config.FinetuneConfig(seed=s, lr=lr, steps=steps, **sizes) for s in (0, 1) for lr in LRS[:2]]
     start = time.perf_counter()
-    seq = [train.finetune(c, use_cache=False) for c in configs]
+    seq = [loop.finetune(c, use_cache=False) for c in configs]
     t_seq = time.perf_counter() - start
     start = time.perf_counter()
     bat = batched.finetune_many(configs, use_cache=False)
@@ -264,7 +264,7 @@ def main(quick: bool = False, strict: bool = False) -> int:
           f"last 8 steps: (a) {last['p=0.0 (a) DataLoader + PEFT']:.3f}, (b) {last['p=0.0 (b) sequential engine']:.3f}"
           f", (c) {last['p=0.0 (c) batched K=1']:.3f} (p=0)")
     t_seq, t_bat, diff = end_to_end(20 if quick else 200, quick)
-    print(f"  end to end, 4 runs x {20 if quick else 200} steps with the default recorders: train.finetune one by one "
+    print(f"  end to end, 4 runs x {20 if quick else 200} steps with the default recorders: loop.finetune one by one "
           f"{t_seq:.1f} s, batched.finetune_many {t_bat:.1f} s: {t_seq / t_bat:.2f}x (test losses agree to "
           f"{diff:.0e})")
     if strict and not (same and same_p):

@@ -42,23 +42,21 @@ import numpy as np
 import torch
 
 from benchmarks.bench_finetune import QUICK_SIZES, machine  # one machine description, one quick protocol
-from toymodels import sweep, train
-from toymodels.train import FinetuneConfig
+from toymodels import setup, sweep
+from toymodels.config import FinetuneConfig
 
 
 def sweep_configs(quick: bool) -> list[FinetuneConfig]:
-    """figures/_common.base_config's default sizes (784-256-256-10, 4096 pretraining images / 500 steps, 512
+    """toymodels.protocol.base_config's default sizes (784-256-256-10, 4096 pretraining images / 500 steps, 512
     fine-tuning images with a pixel permutation, 2000 test images, 300 steps, records every 25), LoRA r = 8 on
     all layers, input dropout p in (0, 0.1, 0.2, 0.3), seeds 0..15. Quick: a smoke run in seconds (2 rates x 2
     seeds, 10 steps, the quick sizes of bench_finetune: synthetic data, a 64-32-32-10 MLP)."""
     if quick:
         return [FinetuneConfig(dropout=p, seed=s, steps=10, record_every=5, **QUICK_SIZES)
                 for p in (0.0, 0.1) for s in range(2)]
-    from figures import Context
-    from figures._common import base_config
+    from toymodels.protocol import base_config
 
-    ctx = Context(fidelity="default")
-    return [base_config(ctx, dropout=p, seed=s) for p in (0.0, 0.1, 0.2, 0.3) for s in range(16)]
+    return [base_config("default", dropout=p, seed=s) for p in (0.0, 0.1, 0.2, 0.3) for s in range(16)]
 
 
 @contextmanager
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, out = [], {"runs": n, "workers": W, "machine": machine(), "load_start": load()}
     with fresh_cache() as models:  # the 16 pretrained models, once, into a cache the "pretrained" variants copy
         seeds = {c.seed: c for c in configs}
-        t_pre, _ = timed(lambda: [train.pretrain(c) for c in seeds.values()])
+        t_pre, _ = timed(lambda: [setup.pretrain(c) for c in seeds.values()])
         print(f"  {len(seeds)} pretrainings, in-process, one after the other: {t_pre:.1f} s "
               f"({t_pre / len(seeds):.2f} s each)", flush=True)
         out["pretraining_s"] = t_pre
@@ -128,7 +126,7 @@ def _modes(configs, W, args, rows, out, models) -> int:
         if not warm:
             sweep.shutdown_workers()  # every local mode starts its workers (spawn + imports) inside its time
         with fresh_cache(models if variant == "pretrained" else None):
-            t, hists = timed(lambda: train.run_sweep(configs, progress=False, **kwargs))
+            t, hists = timed(lambda: sweep.run_sweep(configs, progress=False, **kwargs))
         rows.append((key, label, variant, t))
         print(f"  {key} {label:<46} {variant:<10} {t:8.1f} s   {n / t:6.2f} runs/s   load {load()}", flush=True)
         return t, hists
@@ -187,11 +185,11 @@ def ray_overhead(ray) -> dict:
             for i in range(24)]
     res = {}
     with fresh_cache():
-        train.run_sweep(tiny[:1], workers=1, progress=False, use_cache=True)  # the pretrained model, cached
-        t_in, _ = timed(lambda: train.run_sweep(tiny, workers=1, progress=False, use_cache=False))
+        sweep.run_sweep(tiny[:1], workers=1, progress=False, use_cache=True)  # the pretrained model, cached
+        t_in, _ = timed(lambda: sweep.run_sweep(tiny, workers=1, progress=False, use_cache=False))
         for w in (1, 2):
-            train.run_sweep(tiny[:2], executor="ray", workers=w, progress=False, use_cache=False)  # warm workers
-            t_ray, _ = timed(lambda w=w: train.run_sweep(tiny, executor="ray", workers=w, progress=False,
+            sweep.run_sweep(tiny[:2], executor="ray", workers=w, progress=False, use_cache=False)  # warm workers
+            t_ray, _ = timed(lambda w=w: sweep.run_sweep(tiny, executor="ray", workers=w, progress=False,
                                                          use_cache=False))
             res[f"overhead_per_task_s_{w}w"] = (t_ray * w - t_in) / len(tiny)
             print(f"  Ray overhead per task, {w} worker(s): {1e3 * res[f'overhead_per_task_s_{w}w']:.0f} ms "

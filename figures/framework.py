@@ -32,7 +32,7 @@ import dataclasses
 import json
 import math
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -42,6 +42,7 @@ import torch
 from analysis.jsonable import to_jsonable
 from figures.criteria import VERDICTS, Criterion, Outcome
 from toymodels.callbacks import AtSteps
+from toymodels.protocol import real_datasets  # noqa: F401  (re-exported for the figures; its home is toymodels)
 
 FIDELITIES = ("quick", "default", "large")
 
@@ -207,31 +208,6 @@ def diverged(hist: Mapping) -> bool:
 def final(hist: Mapping, key: str) -> float:
     """The last recorded value of ``key``, NaN for a diverged run."""
     return math.nan if diverged(hist) else float(np.asarray(hist[key])[-1])
-
-
-def real_datasets(prefer: Sequence[str] = ("mnist", "cifar10")) -> tuple[list[str], dict[str, str]]:
-    """The preferred real data sets that are available, with CIFAR-10 replaced by Fashion-MNIST when absent.
-
-    Returns ``(names, notes)``: ``notes`` maps a missing data set to the reason (for the JSON), so a figure
-    can say clearly that CIFAR-10 is missing and how to get it.
-    """
-    from toymodels import data
-
-    names, notes = [], {}
-    for name in prefer:
-        ok, why = data.available(name, probe_network=False)
-        if ok:
-            names.append(name)
-            continue
-        notes[name] = why
-        if name == "cifar10":
-            alt = "fashion-mnist"
-            ok_alt, why_alt = data.available(alt, probe_network=False)
-            if ok_alt and alt not in names:
-                names.append(alt)
-            elif not ok_alt:
-                notes[alt] = why_alt
-    return names, notes
 
 
 def require_datasets(*names: str) -> None:

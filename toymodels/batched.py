@@ -2,12 +2,12 @@
 
 :func:`finetune_many` trains K configurations that differ only in ``seed``, ``dropout``, ``lr`` and ``scaling``
 (method "lora", either dropout placement) together, and returns for each the same history as
-:func:`toymodels.train.finetune` (the sequential engine, which is the oracle of the tests). Every run is the
+:func:`toymodels.loop.finetune` (the sequential engine, which is the oracle of the tests). Every run is the
 sequential run, step for step:
 
-- same pretrained model, data subsets and LoRA initialisation: taken from :func:`train.build_finetune_model`
-  and :func:`train.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
-- same mini-batches: :func:`train.minibatches` with a generator seeded ``seed + 3``;
+- same pretrained model, data subsets and LoRA initialisation: taken from :func:`toymodels.setup.build_finetune_model`
+  and :func:`toymodels.setup.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
+- same mini-batches: :func:`toymodels.setup.minibatches` with the "batches" stream (``seed + 3``, :class:`toymodels.seeds.SeedStreams`);
 - same dropout masks: both engines draw them from the run's :class:`toymodels.masks.MaskStream` ("masks" seed,
   ``seed + 2``), at every step one mask per LoRA layer in layer order, shape (batch, d_in) for the input
   placement, (batch, r) for the bottleneck; drawn on the CPU and copied, so the masks are the same on every
@@ -24,7 +24,7 @@ A run's last bits also depend on its batch (which runs share a base matmul, one 
 is the unit of computation and of the cache: :func:`finetune_many` trains the distinct configs in a canonical
 order (:func:`canonical_batch`) and keys each run by the batch's digest too; a batch is recomputed whole when
 any of its runs is missing. The same set of configs therefore gives the same bits in any process, in any
-order, from a cold or a warm cache (what :func:`toymodels.train.run_sweep` relies on across its workers).
+order, from a cold or a warm cache (what :func:`toymodels.sweep.run_sweep` relies on across its workers).
 
 Why it is faster (measured in benchmarks/bench_finetune.py, see BENCHMARKS.md):
 
@@ -59,18 +59,20 @@ import torch
 
 from analysis.inputs import positive_int
 from toymodels import cache as run_cache
-from toymodels import train
+from toymodels import loop, setup
+from toymodels.config import FinetuneConfig
 from toymodels.lora import LoRALinear, scaling_factor
+from toymodels.losses import loss_fn
 from toymodels.masks import SCHEME as MASK_SCHEME
 from toymodels.masks import scale as scaled_mask
 from toymodels.mlp import auto_device
-from toymodels.train import FinetuneConfig
+from toymodels.seeds import SeedStreams
 
 NAMESPACE = "finetune-batched"  # not the sequential engine's "finetune": equal to rounding, not to the bit
 BATCHED_VERSION = 3  # part of the cache key: change it when the engine's arithmetic changes (3: merged-weight eval)
 VARYING = ("seed", "dropout", "lr", "scaling")
 RECORDERS = ("loss", "norms", "rows", "channels", "grads")
-_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as train.make_optimizer uses them
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam / AdamW defaults, as setup.make_optimizer uses them
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -93,9 +95,9 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
             raise ValueError(f"configs must be FinetuneConfig objects, got {type(c).__name__}")
         if c.method != "lora":
             raise ValueError(f"method must be 'lora' for the batched engine, got {c.method!r} "
-                             "(use toymodels.train.finetune)")
+                             "(use toymodels.loop.finetune)")
         if c.expected_loss:
-            raise ValueError("expected_loss must be False for the batched engine (use toymodels.train.finetune)")
+            raise ValueError("expected_loss must be False for the batched engine (use toymodels.loop.finetune)")
         if c.lora_plus_ratio is not None:
             raise ValueError(f"lora_plus_ratio must be None for the batched engine, got {c.lora_plus_ratio!r}")
         if c.lowr is not None:
@@ -104,7 +106,7 @@ def check_batchable(configs: Sequence[FinetuneConfig]) -> list[FinetuneConfig]:
             raise ValueError(f"dtype must be 'float32' for the batched engine, got {c.dtype!r}")
         if c.activation != "relu":
             raise ValueError(f"activation must be 'relu' for the batched engine, got {c.activation!r} "
-                             "(use toymodels.train.finetune)")
+                             "(use toymodels.loop.finetune)")
         bad = [r for r in c.recorders if r not in RECORDERS]
         if bad:
             raise ValueError(f"recorders must be among {RECORDERS} for the batched engine, got {bad}")
@@ -127,7 +129,7 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
                   refresh: bool = False, on_diverge: str = "raise") -> list[dict[str, np.ndarray]]:
     """Run (or load from the cache) many fine-tuning runs together; one history per config, in order.
 
-    The histories have the keys of :func:`toymodels.train.finetune` for the recorders used ("step",
+    The histories have the keys of :func:`toymodels.loop.finetune` for the recorders used ("step",
     "batch_loss"; "train_loss", "train_acc", "test_loss", "test_acc"; "norm_A", "norm_B"; "row_norm_BA";
     "channel_a", "channel_b"; "grad_norm_A", "grad_norm_B") and equal its numbers up to float32 rounding.
     The distinct configs form one batch (:func:`canonical_batch`; duplicates computed once): if every run of
@@ -135,7 +137,7 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     "finetune-batched", :func:`cache_entry`, which keys a run by its batch too). All configs are validated before anything runs
     (:func:`check_batchable`). A run whose loss becomes non-finite at step t gets the sequential engine's
     truncated history (steps before t, key ``diverged_step``) and is cached as such; then, as
-    :func:`train.finetune`, ``on_diverge="raise"`` raises :class:`train.TrainingDiverged` (after every run has
+    :func:`loop.finetune`, ``on_diverge="raise"`` raises :class:`loop.TrainingDiverged` (after every run has
     been cached), ``"return"`` returns the histories.
 
     Each run draws its dropout masks from its own :class:`toymodels.masks.MaskStream`, the sequential engine's
@@ -165,7 +167,7 @@ def finetune_many(configs: Sequence[FinetuneConfig], device: str | torch.device 
     if on_diverge == "raise":
         for c, hist in zip(configs, results, strict=True):
             if "diverged_step" in hist:
-                raise train.TrainingDiverged(int(hist["diverged_step"][0]), c)
+                raise loop.TrainingDiverged(int(hist["diverged_step"][0]), c)
     return results  # type: ignore[return-value]
 
 
@@ -248,8 +250,8 @@ class _Batch:
         per_seed = {}
         for s in seeds:
             c = next(c for c in self.runs if c.seed == s)
-            data = train.protocol_data(c, device)
-            model = train.build_finetune_model(c, device)
+            data = setup.protocol_data(c, device)
+            model = setup.build_finetune_model(c, device)
             per_seed[s] = (data, model)
         with torch.no_grad():
             self.W, self.b = [], []  # per layer: (Gb, d_out, d_in), (Gb, d_out)
@@ -307,7 +309,7 @@ class _Batch:
         self.mask_streams = [self.runs[k].streams.masks() for k in self.dropped]
         self.keep = torch.tensor([1 - self.p[k] for k in self.dropped], dtype=torch.float32).view(-1, 1, 1)
         self._mask_buffers: dict[int, torch.Tensor] | None = None  # the step's masks, reused from step to step
-        self.batch_gens = [torch.Generator().manual_seed(s + 3) for s in block_seed]
+        self.batch_gens = [SeedStreams(s).generator("batches") for s in block_seed]
         if mask_threads is None:
             mask_threads = 1 if device.type == "cpu" else torch.get_num_threads()
         self.mask_threads = mask_threads
@@ -557,7 +559,7 @@ class _Batch:
             if "loss" in rec:
                 for split_name in ("train", "test"):
                     logits, y = self._logits(k, "finetune" if split_name == "train" else split_name)
-                    hk.setdefault(f"{split_name}_loss", []).append(train.loss_fn(self.cfg.loss, logits, y).item())
+                    hk.setdefault(f"{split_name}_loss", []).append(loss_fn(self.cfg.loss, logits, y).item())
                     hk.setdefault(f"{split_name}_acc", []).append((logits.argmax(1) == y).double().mean().item())
             if "norms" in rec:
                 hk.setdefault("norm_A", []).append(list(norms[0][k]))
@@ -578,7 +580,7 @@ class _Batch:
         n = self.splits["finetune"][2].shape[1]
         hist: list[dict[str, list]] = [{"step": [], "batch_loss": []} for _ in range(self.K)]
         self.record(hist, 0, grads=False)
-        streams = [train.minibatches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
+        streams = [setup.minibatches(n, cfg.batch_size, cfg.steps, g) for g in self.batch_gens]
         losses = torch.empty(cfg.steps, self.K, device=self.dev)
         if self.mask_threads > 1 and len(self.dropped) > 1:
             self.pool = ThreadPoolExecutor(min(self.mask_threads, len(self.dropped)))

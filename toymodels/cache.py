@@ -27,13 +27,22 @@ import numpy as np
 CACHE_VERSION = 1
 
 
+def toolkit_dir() -> Path:
+    """The toolkit's cache directory, the one place it is defined: ``$XDG_CACHE_HOME/lora-theory``, else
+    ``~/.cache/lora-theory``. The runs live in ``runs/`` under it (:func:`cache_root`), the data sets directly in
+    it (:func:`toymodels.data.cache_dir`); ``$LORA_THEORY_CACHE`` / ``$LORA_THEORY_DATA`` move either."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lora-theory"
+
+
 def cache_root() -> Path:
-    """Directory holding cached runs (created on first write)."""
+    """Directory holding cached runs (created on first write): ``$LORA_THEORY_CACHE``, else
+    ``<toolkit_dir()>/runs``."""
     env = os.environ.get("LORA_THEORY_CACHE")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lora-theory" / "runs"
+    return toolkit_dir() / "runs"
 
 
 def _canonical(config: Mapping) -> str:

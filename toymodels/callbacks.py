@@ -1,13 +1,13 @@
-"""Callbacks of the training loop (:func:`toymodels.train.finetune`): the built-in recorders and the general
+"""Callbacks of the training loop (:func:`toymodels.loop.finetune`): the built-in recorders and the general
 measurements and interventions the figures use.
 
 Built-in recorders (named in ``FinetuneConfig.recorders``; they record at the record steps, history keys as in
-:func:`toymodels.train.finetune`): :class:`LossRecorder` ("loss"), :class:`NormsRecorder` ("norms"),
+:func:`toymodels.loop.finetune`): :class:`LossRecorder` ("loss"), :class:`NormsRecorder` ("norms"),
 :class:`RowsRecorder` ("rows"), :class:`GradNormsRecorder` ("grads"), :class:`ChannelsRecorder` ("channels"),
 :class:`MomentsRecorder` ("moments"), :class:`GradStdRecorder` ("grad_std"). Their parameters are fields of the
 config, so they enter the cache key through it.
 
-General callbacks (passed as ``finetune(cfg, callbacks=[...])``; their :meth:`~toymodels.train.Callback.key`
+General callbacks (passed as ``finetune(cfg, callbacks=[...])``; their :meth:`~toymodels.callback_base.Callback.key`
 enters the cache key):
 
 - :class:`AtSteps`: base class of a measurement of the live model at chosen steps (subclass it and write
@@ -29,7 +29,10 @@ import numpy as np
 import torch
 
 from analysis.inputs import finite_scalar
-from toymodels.train import Callback, TrainState, adapter_output, evaluate, layer_inputs, loss_fn
+from toymodels.callback_base import Callback, TrainState
+from toymodels.lora import adapter_output
+from toymodels.losses import evaluate, loss_fn
+from toymodels.mlp import layer_inputs
 
 
 def _steps(name: str, steps: Iterable[int] | None) -> tuple[int, ...] | None:

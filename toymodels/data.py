@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from toymodels.cache import atomic_write
+from toymodels.cache import atomic_write, toolkit_dir
 from toymodels.mlp import auto_device  # noqa: F401  (the one device choice; data.auto_device is the same)
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
@@ -167,13 +167,11 @@ def _check_dtype(dtype) -> torch.dtype:
 
 
 def cache_dir() -> Path:
-    """``$LORA_THEORY_DATA``, else ``$XDG_CACHE_HOME/lora-theory``, else ``~/.cache/lora-theory``."""
+    """``$LORA_THEORY_DATA``, else the toolkit's cache directory (:func:`toymodels.cache.toolkit_dir`)."""
     env = os.environ.get("LORA_THEORY_DATA")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lora-theory"
+    return toolkit_dir()
 
 
 def cache_paths(name: str) -> tuple[Path, Path]:

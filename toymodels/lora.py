@@ -506,3 +506,8 @@ class LoWR:
             module.lora_B.div_(gamma.unsqueeze(0))
             rescaled += int((gamma != 1).sum())
         return rescaled
+
+
+def adapter_output(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's contribution to the layer's output (call in eval mode: no dropout), for every method."""
+    return layer(x) - layer.base(x)

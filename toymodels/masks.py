@@ -1,9 +1,9 @@
 """The dropout masks of a fine-tuning run: one stream per run, drawn identically by both engines.
 
 A run's training steps draw their dropout masks from a :class:`MaskStream` seeded with the run's "masks" seed
-(:meth:`toymodels.train.SeedStreams.masks`, seed + 2). At every step each LoRA layer with dropout draws one mask,
+(:meth:`toymodels.seeds.SeedStreams.masks`, seed + 2). At every step each LoRA layer with dropout draws one mask,
 in layer order: shape (batch, d_in) for the input placement (PEFT: drop(x) before A), (batch, r) for the
-bottleneck (ALLoRA eq. 1: drop(x A^T)). The sequential loop (:func:`toymodels.train.finetune`) and the batched
+bottleneck (ALLoRA eq. 1: drop(x A^T)). The sequential loop (:func:`toymodels.loop.finetune`) and the batched
 engine (:func:`toymodels.batched.finetune_many`) draw the same masks in the same order, so the two engines
 compute the same run up to float rounding.
 
@@ -26,7 +26,7 @@ Why not torch's own dropout RNG, as before (the global generator, ``bernoulli_``
 
 Only the training steps' forward passes use the stream. Anything else that runs a LoRA layer in training mode (a
 callback's Monte Carlo over masks, a figure's own forward) gets ``nn.Dropout``'s masks from torch's global RNG,
-as before (see :meth:`toymodels.train.SeedStreams.fork`).
+as before (see :meth:`toymodels.seeds.SeedStreams.fork`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def keep_threshold(p: float) -> np.uint32:
 class MaskStream:
     """The dropout-mask stream of one run (see the module docstring for the scheme).
 
-    ``seed``: the run's "masks" seed (:meth:`toymodels.train.SeedStreams.masks` gives the stream of a run).
+    ``seed``: the run's "masks" seed (:meth:`toymodels.seeds.SeedStreams.masks` gives the stream of a run).
     :meth:`kept` draws the kept entries (bool), :meth:`draw` the scaled mask as a tensor.
     """
 

@@ -82,3 +82,15 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers[-1](self.features(x))
+
+
+def layer_inputs(model: MLP, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every layer of the MLP for input ``x`` (layer i gets the activation, :meth:`MLP.act`, of layer
+    i-1's output)."""
+    inputs = []
+    for i, layer in enumerate(model.layers):
+        inputs.append(x)
+        x = layer(x)
+        if i < len(model.layers) - 1:
+            x = model.act(x)
+    return inputs

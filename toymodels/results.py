@@ -9,7 +9,7 @@ Written by ``run_sweep(configs, table=DIR)`` and ``lora-theory sweep --out DIR``
 
 Schema of ``runs`` (one row per distinct run of the sweep, in the order of the configs; :data:`RUN_COLUMNS`):
 
-- every field of :class:`toymodels.train.FinetuneConfig`, one column each, named as the field (``dataset``,
+- every field of :class:`toymodels.config.FinetuneConfig`, one column each, named as the field (``dataset``,
   ``r``, ``alpha``, ``dropout``, ``method``, ``lr``, ``steps``, ``seed``, ...). Numbers stay numbers, ``None``
   is a missing value; tuples (``widths``, ``targets``, ``recorders``, ``lowr``, ``extra``) are JSON text
   (``"[784, 256, 256, 10]"``); ``scaling`` (a name, a number or none) is text. (pandas reads a missing integer
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from toymodels import cache as run_cache
-from toymodels.train import FinetuneConfig
+from toymodels.config import FinetuneConfig
 
 STATUSES = ("ok", "diverged", "failed")
 CONFIG_COLUMNS = tuple(f.name for f in dataclasses.fields(FinetuneConfig))

@@ -1,5 +1,5 @@
 """Sweeps of many fine-tuning runs: routed to the batched engine or the loop, run in parallel processes, on Ray
-or on SLURM, with the run cache as the join point. The public entry is :func:`toymodels.train.run_sweep`,
+or on SLURM, with the run cache as the join point. The public entry is :func:`run_sweep` (also ``toymodels.run_sweep``),
 which delegates to :func:`run_sweep` here.
 
 How a sweep runs:
@@ -9,7 +9,7 @@ How a sweep runs:
    (seed, dropout, lr, scaling); a group of two or more becomes batched tasks of at most ``max_batch`` runs
    (the group sorted by :func:`toymodels.batched.canonical_batch`, cut into consecutive chunks of nearly equal
    size, so the runs of a seed stay together), each trained by :func:`toymodels.batched.finetune_many`; every
-   other config is a sequential task (:func:`toymodels.train.finetune`).
+   other config is a sequential task (:func:`toymodels.loop.finetune`).
 2. **Cache probe** in the calling process: tasks whose runs are all cached are loaded, not sent anywhere (a
    rerun of a finished sweep starts no worker).
 3. **Execute** the other tasks (:func:`run_task`) on ``executor``: "local" (worker processes started with
@@ -31,18 +31,18 @@ How a sweep runs:
 4. **Join**: histories come back in the order of ``configs``; a diverged run is cached with its
    ``diverged_step`` and raised (``on_diverge="raise"``) only after every other run is done.
 
-Custom callbacks (``callbacks=``, :class:`toymodels.train.Callback`): one sequence applied to every config, a
+Custom callbacks (``callbacks=``, :class:`toymodels.callback_base.Callback`): one sequence applied to every config, a
 callable ``cfg -> sequence``, or a list aligned with ``configs`` (one sequence per config; see
 :func:`resolve_callbacks`). A run with custom callbacks always goes through the loop,
 ``finetune(cfg, callbacks=...)`` (never the batched engine), in a sequential task of its own, and is cached
-exactly as that call caches it (:func:`toymodels.train.run_key`: the config plus the callbacks' keys), so a
+exactly as that call caches it (:func:`toymodels.loop.run_key`: the config plus the callbacks' keys), so a
 sweep and a direct ``finetune`` call share one entry, bit for bit, and the callbacks' results come back in the
 run's history. Every run gets its own copy of its callbacks (a pickle round trip, in-process as in a worker),
 so a callback object shared by many configs never carries state from one run to the next, whatever the
 executor. Callbacks therefore must pickle (classes defined at a module's top level; for the local worker
 processes, in an importable module, not ``__main__``): run_sweep raises ValueError naming the callback
 otherwise, before any run starts. Two entries of ``configs`` are the same run when their configs are equal and
-their callbacks have the same keys (:meth:`toymodels.train.Callback.full_key`).
+their callbacks have the same keys (:meth:`toymodels.callback_base.Callback.full_key`).
 
 Bit-for-bit equality whatever the executor and the worker count: each run's randomness comes from its own seed
 (the engines' streams), every task runs with the same torch thread count ``threads`` (default 1; recorded in the
@@ -87,8 +87,9 @@ import torch
 from analysis.inputs import positive_int
 from toymodels import batched as batched_engine
 from toymodels import cache as run_cache
-from toymodels import train
-from toymodels.train import Callback, FinetuneConfig
+from toymodels import loop as loop_engine
+from toymodels.callback_base import Callback
+from toymodels.config import FinetuneConfig
 
 EXECUTORS = ("local", "ray", "slurm")
 KINDS = ("batched", "sequential")
@@ -185,7 +186,7 @@ def resolve_callbacks(callbacks, configs: Sequence[FinetuneConfig]) -> list[tupl
     """One tuple of custom callbacks per config, from ``callbacks``:
 
     - ``None`` or an empty sequence: none;
-    - a sequence of :class:`~toymodels.train.Callback` objects: the same callbacks for every config (each run
+    - a sequence of :class:`~toymodels.callback_base.Callback` objects: the same callbacks for every config (each run
       gets its own copy);
     - a callable ``cfg -> sequence of Callback``: called once per entry of ``configs``;
     - a list of sequences of Callback objects, one per config (``len(callbacks) == len(configs)``; an empty
@@ -230,7 +231,7 @@ def _as_callbacks(value, where: str) -> tuple[Callback, ...]:
 
 def callbacks_key(callbacks: Sequence[Callback]) -> str:
     """What identifies a run's custom callbacks: "" for none, else the digest of their
-    :meth:`~toymodels.train.Callback.full_key` list (the part of :func:`toymodels.train.run_key` they add)."""
+    :meth:`~toymodels.callback_base.Callback.full_key` list (the part of :func:`toymodels.loop.run_key` they add)."""
     if not callbacks:
         return ""
     return run_cache.config_key({"callbacks": [cb.full_key() for cb in callbacks]})
@@ -323,7 +324,7 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
         if task.kind == "batched":
             return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
                                                 on_diverge="return")
-        return [train.finetune(c, callbacks=_fresh(task.callbacks_of(i)), device=device, use_cache=use_cache,
+        return [loop_engine.finetune(c, callbacks=_fresh(task.callbacks_of(i)), device=device, use_cache=use_cache,
                                on_diverge="return") for i, c in enumerate(task.configs)]
 
 
@@ -334,7 +335,7 @@ def cached_histories(task: Task, threads: int) -> list[dict[str, np.ndarray]] | 
             batch = batched_engine.canonical_batch(task.configs)
             entries = [batched_engine.cache_entry(c, batch) for c in task.configs]
         else:
-            entries = [("finetune", train.run_key(c, task.callbacks_of(i)))  # finetune's own key
+            entries = [("finetune", loop_engine.run_key(c, task.callbacks_of(i)))  # finetune's own key
                        for i, c in enumerate(task.configs)]
     out = []
     for namespace, key_dict in entries:
@@ -642,7 +643,7 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     batchable groups to the batched engine (False: every run through the loop). ``threads``: torch threads per
     task (part of each run's cache key). ``retries``: new attempts for a failed task. ``executor_options``:
     keywords of ``ray.init`` ("ray") or ``folder`` / ``cluster`` / ``update_parameters`` keywords ("slurm").
-    ``callbacks``: custom :class:`toymodels.train.Callback` objects for the runs, as one sequence for every
+    ``callbacks``: custom :class:`toymodels.callback_base.Callback` objects for the runs, as one sequence for every
     config, a callable ``cfg -> sequence``, or one sequence per config (:func:`resolve_callbacks`); a run with
     callbacks goes through ``finetune(cfg, callbacks=...)`` and its history holds their results, the same bits
     and the same cache entry as that direct call. They must pickle (ValueError naming the callback otherwise).
@@ -714,7 +715,7 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     if on_diverge == "raise":
         for c, hist in zip(configs, out, strict=True):
             if "diverged_step" in hist:
-                raise train.TrainingDiverged(int(hist["diverged_step"][0]), c)
+                raise loop_engine.TrainingDiverged(int(hist["diverged_step"][0]), c)
     return out
 
 

@@ -1,7 +1,7 @@
 """The ``lora-theory sweep`` command: a sweep of fine-tuning runs from Hydra-style overrides, with its results table.
 
 ``lora-theory sweep dataset=mnist r=4,8,16 dropout=0,0.1 seed='range(10)' method=lora,rslora --out results/``
-runs the product of the values given (every other field of :class:`toymodels.train.FinetuneConfig` at its
+runs the product of the values given (every other field of :class:`toymodels.config.FinetuneConfig` at its
 default) through :func:`toymodels.sweep.run_sweep` and writes the tidy table of :mod:`toymodels.results` into
 ``--out``. Every override is checked before anything runs: an unknown key, a value of the wrong type or one the
 engine does not accept is an error naming the key and its allowed values (exit 2).
@@ -85,23 +85,23 @@ def _positive(text: str) -> int:
 
 
 def _fields() -> dict[str, dataclasses.Field]:
-    from toymodels.train import FinetuneConfig
+    from toymodels.config import FinetuneConfig
 
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 
 
 def _hints() -> dict[str, object]:
-    from toymodels.train import FinetuneConfig
+    from toymodels.config import FinetuneConfig
 
     return typing.get_type_hints(FinetuneConfig)
 
 
 def allowed_values() -> dict[str, str]:
     """What each key accepts, in words (its type, and the engine's list of names where there is one)."""
-    from toymodels import data, lora, mlp, train
+    from toymodels import config, data, lora, mlp
 
     names = {"dataset": data.DATASETS, "method": (*lora.METHODS, *METHOD_ALIASES), "placement": lora.PLACEMENTS,
-             "init": lora.INITS, "optimizer": train.OPTIMIZERS, "loss": train.LOSSES, "dtype": train.DTYPES,
+             "init": lora.INITS, "optimizer": config.OPTIMIZERS, "loss": config.LOSSES, "dtype": config.DTYPES,
              "activation": mlp.ACTIVATIONS, "task_shift": tuple(str(t).lower() for t in data.TASK_SHIFTS)}
     out = {}
     for key, hint in _hints().items():
@@ -110,7 +110,7 @@ def allowed_values() -> dict[str, str]:
         elif key == "scaling":
             out[key] = f"one of {', '.join(lora.SCALINGS)}, a number, or none"
         elif key == "recorders":
-            out[key] = "a list [..] of " + ", ".join(train.RECORDERS)
+            out[key] = "a list [..] of " + ", ".join(config.RECORDERS)
         elif key == "targets":
             out[key] = "a list [..] of layer names layers.0, layers.1, ..."
         elif key == "widths":
@@ -275,7 +275,7 @@ def build_configs(overrides: list[str]) -> list:
     fastest). Every value is checked first, with the other keys at their first value: OverrideError naming the key
     and its allowed values."""
     from toymodels import lora
-    from toymodels.train import FinetuneConfig
+    from toymodels.config import FinetuneConfig
 
     grid = parse_overrides(overrides)
     allowed = allowed_values()
@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         print(describe_plan(configs, args.workers, args.threads))
         return 0
     from toymodels import sweep
-    from toymodels.train import TrainingDiverged
+    from toymodels.loop import TrainingDiverged
 
     print(f"sweep: {len(dict.fromkeys(configs))} runs; results table in {args.out}", flush=True)
     try:

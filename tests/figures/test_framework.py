@@ -18,7 +18,7 @@ from figures import framework, registry
 from figures.criteria import Criterion, Rule, Test
 from figures.framework import Context, Measurement, Probe, Protocol, Runs, Unavailable, run_figure, spec_of
 from lora_theory.cli import main as lora_theory
-from toymodels.train import FinetuneConfig
+from toymodels.config import FinetuneConfig
 
 
 def main(argv: list[str]) -> int:
@@ -99,7 +99,7 @@ def test_sweep_fans_out_seeds_and_first_seed_only_runs():
     out = framework.sweep(ctx, {"plain": cfg, "probe": Runs(cfg.replace(dropout=0.1), callbacks=(_Steps([4]),),
                                                                      first_seed_only=True)})
     assert [len(out["plain"]), len(out["probe"])] == [2, 1]
-    from toymodels.train import finetune
+    from toymodels.loop import finetune
 
     for seed, hist in zip((3, 5), out["plain"], strict=True):  # the same runs as direct calls
         np.testing.assert_array_equal(hist["test_loss"], finetune(cfg.replace(seed=seed))["test_loss"])

@@ -14,7 +14,8 @@ import figures.rslora_unconverted as rsfig
 from analysis import rank_scaling as rs
 from analysis.inputs import default_seed
 from figures import Context
-from toymodels.train import FinetuneConfig, finetune
+from toymodels.config import FinetuneConfig
+from toymodels.loop import finetune
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def test_diverged_run_is_cached_and_truncated_at_its_last_record(monkeypatch):
     np.testing.assert_array_equal(h["train_loss"], ref["train_loss"])
     assert rsfig._final_loss(h) == math.inf and rsfig._spike(h) == math.inf
 
-    from toymodels import train as engine
+    from toymodels import loop as engine
 
     calls = []
     real = engine._train

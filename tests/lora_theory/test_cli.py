@@ -66,7 +66,7 @@ def test_only_the_command_run_is_imported():
     """``lora-theory verify --help`` builds the verify parser alone: the engine, the figures and diagnose are not
     imported (in a fresh interpreter, so that other tests' imports do not count)."""
     code = ("import sys\nfrom lora_theory import cli\ntry:\n    cli.main(['verify', '--help'])\nexcept SystemExit:\n"
-            "    pass\nheavy = [m for m in ('torch', 'toymodels.train', 'figures', 'diagnose') if m in sys.modules]\n"
+            "    pass\nheavy = [m for m in ('torch', 'toymodels.loop', 'figures', 'diagnose') if m in sys.modules]\n"
             "print('IMPORTED', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "IMPORTED []" in out, out

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toymodels import batched, train
+from toymodels import batched, config, loop, mlp, setup
 from toymodels.mlp import ACTIVATIONS, MLP
 
 SMALL = dict(dataset="synthetic", widths=(6, 5, 4, 3), n_pretrain=64, n_finetune=32, n_test=32, pretrain_steps=5,
@@ -74,45 +74,45 @@ def _features(model: MLP, x: torch.Tensor) -> torch.Tensor:
 def test_engine_paths_use_the_activation():
     # layer_inputs (the moments recorder), the frozen-prefix shortcut (targets from layers.1, full batch) and
     # pretraining all follow cfg.activation: the first step's loss is the pretrained identity network's MSE
-    cfg = train.FinetuneConfig(**SMALL, activation="identity", targets=("layers.1", "layers.2"),
+    cfg = config.FinetuneConfig(**SMALL, activation="identity", targets=("layers.1", "layers.2"),
                                recorders=("moments",))
-    model = train.pretrain(cfg)
+    model = setup.pretrain(cfg)
     assert model.activation == "identity"
-    data = train.protocol_data(cfg, torch.device("cpu"))
+    data = setup.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     with torch.no_grad():
         want = ((_by_hand(model, x, relu=False) - torch.nn.functional.one_hot(y, 3)) ** 2).sum(1).mean().item()
-        ins = train.layer_inputs(model, x)
+        ins = mlp.layer_inputs(model, x)
         np.testing.assert_allclose(ins[2].numpy(), _features(model, x).numpy(), rtol=1e-5, atol=1e-6)
-    hist = train.finetune(cfg, use_cache=False)
+    hist = loop.finetune(cfg, use_cache=False)
     assert hist["batch_loss"][0] == pytest.approx(want, rel=1e-5)
     assert hist["out_second"].shape == (2, 2) and np.all(hist["out_second"][-1] > 0)
-    relu_hist = train.finetune(cfg.replace(activation="relu"), use_cache=False)
+    relu_hist = loop.finetune(cfg.replace(activation="relu"), use_cache=False)
     assert relu_hist["batch_loss"][0] != pytest.approx(want, rel=1e-3)  # the ReLU network is another one
 
 
 def test_default_activation_keeps_the_cache_keys():
-    cfg = train.FinetuneConfig()
+    cfg = config.FinetuneConfig()
     d = cfg.as_dict()
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("activation", "dtype")}
-    assert d == {"engine_version": train.ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **fields}
+    assert d == {"engine_version": config.ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **fields}
     assert "activation" not in cfg.pretrain_dict()
     lin = cfg.replace(activation="identity")
     assert lin.as_dict() == {**d, "activation": "identity"}
     assert lin.pretrain_dict() == {**cfg.pretrain_dict(), "activation": "identity"}
-    assert train.run_key(lin) != train.run_key(cfg)
+    assert loop.run_key(lin) != loop.run_key(cfg)
 
 
 @pytest.mark.parametrize("bad", ["tanh", "ReLU", None, 1])
 def test_bad_activation_raises_naming_it(bad):
     with pytest.raises(ValueError, match="activation"):
-        train.FinetuneConfig(**SMALL, activation=bad)
+        config.FinetuneConfig(**SMALL, activation=bad)
     with pytest.raises(ValueError, match="activation"):
         MLP((3, 2), activation=bad)
 
 
 def test_batched_engine_refuses_the_identity_activation():
     assert ACTIVATIONS == ("relu", "identity")
-    batched.check_batchable([train.FinetuneConfig(**SMALL)])
+    batched.check_batchable([config.FinetuneConfig(**SMALL)])
     with pytest.raises(ValueError, match="activation must be 'relu' for the batched engine"):
-        batched.check_batchable([train.FinetuneConfig(**SMALL, activation="identity")])
+        batched.check_batchable([config.FinetuneConfig(**SMALL, activation="identity")])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from analysis.inputs import default_seed
-from toymodels import batched, train
+from toymodels import batched, config, loop, setup
 from toymodels import cache as run_cache
 
 SMALL = dict(dataset="synthetic", widths=(16, 32, 32, 10), n_pretrain=128, n_finetune=64, n_test=256,
@@ -38,20 +38,20 @@ def _env(_cache_root, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def cached_path(config: train.FinetuneConfig, batch=None):
+def cached_path(config: config.FinetuneConfig, batch=None):
     namespace, key_dict = batched.cache_entry(config, batch)
     return run_cache.cache_root() / namespace / f"{run_cache.config_key(key_dict)}.npz"
 
 
-def cfg(**changes) -> train.FinetuneConfig:
-    return train.FinetuneConfig(**{**SMALL, "seed": SEED, **changes})
+def cfg(**changes) -> config.FinetuneConfig:
+    return config.FinetuneConfig(**{**SMALL, "seed": SEED, **changes})
 
 
 def assert_same_runs(configs, **kwargs):
     got = batched.finetune_many(configs, use_cache=False, **kwargs)
     assert len(got) == len(configs)
     for c, h in zip(configs, got, strict=True):
-        want = train.finetune(c, use_cache=False)
+        want = loop.finetune(c, use_cache=False)
         assert set(h) == set(want), c
         for key in want:
             assert h[key].shape == want[key].shape, key
@@ -112,7 +112,7 @@ def test_cached_under_its_own_key(monkeypatch):
     assert cached_path(a, batch=[a, b]).exists() and cached_path(a, batch=[b, a]).parent.name == batched.NAMESPACE
     assert batched.NAMESPACE != "finetune" and not cached_path(a).exists()  # keyed by its batch: not a run alone
     assert run_cache.config_key(batched.cache_entry(a)[1]) != run_cache.config_key(a.as_dict())
-    sequential = train.finetune(a)  # not taken from the batched run's entry: computed by the sequential engine
+    sequential = loop.finetune(a)  # not taken from the batched run's entry: computed by the sequential engine
     np.testing.assert_allclose(sequential["batch_loss"], first[0]["batch_loss"], **TOL)
 
     def no_training(*args, **kwargs):
@@ -167,12 +167,12 @@ def test_divergence_as_the_sequential_engine():
     every run is cached first, then TrainingDiverged is raised (or the histories returned)."""
     good = cfg(optimizer="sgd", lr=0.05, record_every=1)  # a record every step: the truncation shows
     bad = good.replace(lr=300.0)  # diverges after a few steps
-    with pytest.raises(train.TrainingDiverged) as info:
+    with pytest.raises(loop.TrainingDiverged) as info:
         batched.finetune_many([good, bad])
     assert info.value.cfg == bad
     assert cached_path(good, batch=[good, bad]).exists() and cached_path(bad, batch=[good, bad]).exists()
     got = batched.finetune_many([good, bad], on_diverge="return")  # from the cache
-    want = train.finetune(bad, use_cache=False, on_diverge="return")
+    want = loop.finetune(bad, use_cache=False, on_diverge="return")
     assert "diverged_step" in want and 2 < want["diverged_step"][0] < SMALL["steps"]
     assert len(want["step"]) == want["diverged_step"][0]  # records at steps 0 .. diverged - 1
     assert set(got[1]) == set(want) and "diverged_step" not in got[0]
@@ -204,6 +204,6 @@ def test_bad_configs_raise_before_training(configs, kwargs, match, monkeypatch):
         raise AssertionError("training started")
 
     monkeypatch.setattr(batched._Batch, "__init__", no_training)
-    monkeypatch.setattr(train, "protocol_data", no_training)
+    monkeypatch.setattr(setup, "protocol_data", no_training)
     with pytest.raises(ValueError, match=match):
         batched.finetune_many(configs, **kwargs)

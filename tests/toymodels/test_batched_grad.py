@@ -1,11 +1,11 @@
 """toymodels.batched's hand-written numerics against their oracles, step by step (not end to end):
 
 - forward + backward (``_Batch.step``): each run's loss and the gradients of its A and B^T equal autograd through
-  the sequential engine's own model (``train.build_finetune_model``: the pretrained MLP with ``LoRALinear``
+  the sequential engine's own model (``setup.build_finetune_model``: the pretrained MLP with ``LoRALinear``
   layers) on the same mini-batch rows with the same dropout masks (the engine's masks, captured, fed to the
   LoRALinear in place of its ``nn.Dropout``);
 - the optimizer (``_Batch.update``): SGD / Adam / AdamW, with and without weight decay, one lr or one per run,
-  equal ``torch.optim`` (``train.make_optimizer``) on each run's own tensors;
+  equal ``torch.optim`` (``setup.make_optimizer``) on each run's own tensors;
 - a few steps of both together equal a few autograd + torch.optim steps.
 
 Random small configurations by hypothesis: every method and placement the engine supports (method "lora",
@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toymodels import batched, train
+from toymodels import batched, config, losses, setup
 from toymodels.lora import LoRALinear
 
 RTOL, ATOL_REL = 2e-5, 1e-6  # atol relative to the largest magnitude of the compared tensor
@@ -59,7 +59,7 @@ def batches(draw):
     for seed, count in enumerate(counts):
         for _ in range(count):
             lr = draw(st.sampled_from((1e-3, 5e-3))) * (20 if base["optimizer"] == "sgd" else 1)
-            configs.append(train.FinetuneConfig(
+            configs.append(config.FinetuneConfig(
                 **base, seed=seed, lr=lr, dropout=draw(st.sampled_from((0.0, 0.2, 0.5))) if dropout else 0.0,
                 scaling=draw(st.sampled_from((None, 2.0, "rslora")))))
     return list(dict.fromkeys(configs))
@@ -82,7 +82,7 @@ class Oracle:
     def __init__(self, engine: batched._Batch, k: int):
         cfg = engine.runs[k]
         self.cfg, self.k, self.engine = cfg, k, engine
-        self.model = train.build_finetune_model(cfg, torch.device("cpu"))
+        self.model = setup.build_finetune_model(cfg, torch.device("cpu"))
         self.model.train()
         self.layers = {int(n.split(".")[1]): m for n, m in self.model.named_modules() if isinstance(m, LoRALinear)}
         assert sorted(self.layers) == engine.targets
@@ -93,10 +93,10 @@ class Oracle:
                 layer.lora_B.copy_(engine.params[2 * j + 1][k].T)
                 if cfg.dropout > 0:
                     layer.lora_dropout = FixedMask()
-        self.data = train.protocol_data(cfg, torch.device("cpu")).finetune
+        self.data = setup.protocol_data(cfg, torch.device("cpu")).finetune
         params = [p for p in self.model.parameters() if p.requires_grad]
         assert len(params) == 2 * len(self.layers)
-        self.opt = train.make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        self.opt = setup.make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
 
     def step(self, rows: torch.Tensor | None, masks: dict | None) -> float:
         x, y = self.data
@@ -106,7 +106,7 @@ class Oracle:
             if masks is not None and self.cfg.dropout > 0:
                 layer.lora_dropout.mask = masks[i][self.k]
         self.opt.zero_grad(set_to_none=True)
-        loss = train.loss_fn(self.cfg.loss, self.model(x), y)
+        loss = losses.loss_fn(self.cfg.loss, self.model(x), y)
         loss.backward()
         return loss.item()
 
@@ -196,10 +196,10 @@ def test_update_equals_torch_optim(optimizer, weight_decay, lrs):
     base = dict(dataset="synthetic", widths=(6, 8, 3), n_pretrain=32, n_finetune=24, n_test=16, pretrain_steps=3,
                 targets=("layers.0", "layers.1"), r=2, optimizer=optimizer, weight_decay=weight_decay, steps=5,
                 recorders=("loss",))
-    configs = [train.FinetuneConfig(**base, lr=lr, seed=s) for s, lr in enumerate(lrs)]
+    configs = [config.FinetuneConfig(**base, lr=lr, seed=s) for s, lr in enumerate(lrs)]
     engine = batched._Batch(configs, torch.device("cpu"))
     ref = [[p.detach().clone()[k].requires_grad_() for p in engine.params] for k in range(engine.K)]
-    opts = [train.make_optimizer(optimizer, ps, c.lr, weight_decay) for ps, c in zip(ref, engine.runs, strict=True)]
+    opts = [setup.make_optimizer(optimizer, ps, c.lr, weight_decay) for ps, c in zip(ref, engine.runs, strict=True)]
     gen = torch.Generator().manual_seed(7)
     for t in range(1, 6):
         engine.grad.copy_(torch.randn(engine.grad.shape, generator=gen))

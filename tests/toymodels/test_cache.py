@@ -118,3 +118,22 @@ def test_concurrent_writers_never_show_a_partial_file(tmp_path):
     assert bad == []
     assert target.read_bytes() in (b"a" * size, b"b" * size)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_one_cache_directory_for_runs_and_data(monkeypatch, tmp_path):
+    """The toolkit's cache directory is defined once (cache.toolkit_dir): the runs under runs/, the data sets in it;
+    each moves with its own variable."""
+    from toymodels import cache, data
+
+    monkeypatch.delenv("LORA_THEORY_CACHE", raising=False)
+    monkeypatch.delenv("LORA_THEORY_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.toolkit_dir() == tmp_path / "lora-theory"
+    assert cache.cache_root() == tmp_path / "lora-theory" / "runs"
+    assert data.cache_dir() == tmp_path / "lora-theory"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_root() == tmp_path / "home" / ".cache" / "lora-theory" / "runs"
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
+    monkeypatch.setenv("LORA_THEORY_DATA", str(tmp_path / "data"))
+    assert (cache.cache_root(), data.cache_dir()) == (tmp_path / "runs", tmp_path / "data")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis import channels
-from toymodels import train
+from toymodels import callback_base, config, loop, losses, setup
 from toymodels.callbacks import AtSteps, CaptureLayerIO, ScaleAdapters, WeightSnapshots
 from toymodels.lora import lora_modules
 from toymodels.masks import MaskStream
@@ -24,7 +24,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
 
 
-class Spy(train.Callback):
+class Spy(callback_base.Callback):
     """Logs every hook call with what it sees: the step, the record flag, whether gradients exist, ||B||."""
 
     def __init__(self, tag: str = "spy"):
@@ -65,9 +65,9 @@ class Spy(train.Callback):
 
 
 def test_hooks_run_in_order_and_see_the_right_states():
-    cfg = train.FinetuneConfig(**SMALL, recorders=("norms",))
+    cfg = config.FinetuneConfig(**SMALL, recorders=("norms",))
     spy = Spy()
-    hist = train.finetune(cfg, callbacks=[spy], use_cache=False)
+    hist = loop.finetune(cfg, callbacks=[spy], use_cache=False)
     calls = spy.calls
     assert [c[0] for c in calls[:2]] == ["begin", "record"] and calls[0][1] == 0 and calls[-1][0] == "end"
     per_step = [c for c in calls[2:-1]]
@@ -87,12 +87,12 @@ def test_hooks_run_in_order_and_see_the_right_states():
     assert int(hist["spy_n_calls"]) == len(calls)
 
 
-def _independent_loop(cfg: train.FinetuneConfig) -> dict[str, list]:
+def _independent_loop(cfg: config.FinetuneConfig) -> dict[str, list]:
     """The fine-tuning run written out plainly (no engine loop): the streams seed + 2 (masks: one MaskStream
     shared by the layers, drawn in layer order) and seed + 3 (batch permutations), Adam, cross-entropy; records at
     0, every record_every steps and the end (eval mode: no masks drawn)."""
-    model = train.build_finetune_model(cfg, torch.device("cpu"))
-    data = train.protocol_data(cfg, torch.device("cpu"))
+    model = setup.build_finetune_model(cfg, torch.device("cpu"))
+    data = setup.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     layers = lora_modules(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -135,8 +135,8 @@ def _independent_loop(cfg: train.FinetuneConfig) -> dict[str, list]:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_builtin_recorders_equal_an_independent_loop(dropout):
-    cfg = train.FinetuneConfig(**{**SMALL, "steps": 11}, dropout=dropout, recorders=("loss", "norms"))
-    got = train.finetune(cfg, use_cache=False)
+    cfg = config.FinetuneConfig(**{**SMALL, "steps": 11}, dropout=dropout, recorders=("loss", "norms"))
+    got = loop.finetune(cfg, use_cache=False)
     want = _independent_loop(cfg)
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], np.asarray(v, dtype=np.float64), err_msg=k)
@@ -147,9 +147,9 @@ def test_full_batch_frozen_prefix_equals_the_plain_forward():
     """Full batch with layers.0 frozen: the engine computes layers.0's output once; the run equals a plain loop
     that runs the whole model at every step (float64, SGD: a bitwise check of the shortcut)."""
     cfg = _lockstep_cfg(lr=0.1)
-    got = train.finetune(cfg, callbacks=[WeightSnapshots([cfg.steps])], use_cache=False)
-    model = train.build_finetune_model(cfg, torch.device("cpu"))
-    x, y = train.protocol_data(cfg, torch.device("cpu")).finetune
+    got = loop.finetune(cfg, callbacks=[WeightSnapshots([cfg.steps])], use_cache=False)
+    model = setup.build_finetune_model(cfg, torch.device("cpu"))
+    x, y = setup.protocol_data(cfg, torch.device("cpu")).finetune
     x = x.double()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
@@ -180,33 +180,33 @@ class Probe(AtSteps):
 
 
 def test_custom_callback_key_enters_the_cache_key_and_its_result_is_cached(monkeypatch):
-    cfg = train.FinetuneConfig(**SMALL, recorders=("norms",))
-    assert train.run_key(cfg) == cfg.as_dict()  # no custom callback: the key of the config alone
-    keys = [train.run_key(cfg, [c]) for c in (Probe(), Probe(scale=2.0), Probe([1, 2]), Spy())]
+    cfg = config.FinetuneConfig(**SMALL, recorders=("norms",))
+    assert loop.run_key(cfg) == cfg.as_dict()  # no custom callback: the key of the config alone
+    keys = [loop.run_key(cfg, [c]) for c in (Probe(), Probe(scale=2.0), Probe([1, 2]), Spy())]
     assert all(k != cfg.as_dict() for k in keys) and len({str(k) for k in keys}) == len(keys)
-    plain = train.finetune(cfg)
-    h1 = train.finetune(cfg, callbacks=[Probe()])
-    h2 = train.finetune(cfg, callbacks=[Probe(scale=2.0)])  # another key: computed, not read from h1's entry
+    plain = loop.finetune(cfg)
+    h1 = loop.finetune(cfg, callbacks=[Probe()])
+    h2 = loop.finetune(cfg, callbacks=[Probe(scale=2.0)])  # another key: computed, not read from h1's entry
     np.testing.assert_array_equal(h1["probe_step"], plain["step"])  # steps=None: the record steps
     np.testing.assert_allclose(h1["probe_b"], plain["norm_B"][:, -1], rtol=1e-6)
     np.testing.assert_array_equal(h2["probe_b"], 2 * h1["probe_b"])
     np.testing.assert_array_equal(h1["batch_loss"], plain["batch_loss"])  # measuring leaves the run unchanged
-    monkeypatch.setattr(train, "_train", lambda *a: pytest.fail("a cached run must not be retrained"))
-    again = train.finetune(cfg, callbacks=[Probe(scale=2.0)])
+    monkeypatch.setattr(loop, "_train", lambda *a: pytest.fail("a cached run must not be retrained"))
+    again = loop.finetune(cfg, callbacks=[Probe(scale=2.0)])
     np.testing.assert_array_equal(again["probe_b"], h2["probe_b"])
 
 
 def test_callback_errors_are_clear():
-    cfg = train.FinetuneConfig(**SMALL, recorders=("norms",))
+    cfg = config.FinetuneConfig(**SMALL, recorders=("norms",))
 
-    class Clash(train.Callback):
+    class Clash(callback_base.Callback):
         def result(self):
             return {"norm_A": np.zeros(1)}
 
     with pytest.raises(ValueError, match="norm_A"):
-        train.finetune(cfg, callbacks=[Clash()], use_cache=False)
+        loop.finetune(cfg, callbacks=[Clash()], use_cache=False)
     with pytest.raises(ValueError, match="callbacks"):
-        train.finetune(cfg, callbacks=[lambda s: None], use_cache=False)
+        loop.finetune(cfg, callbacks=[lambda s: None], use_cache=False)
     with pytest.raises(ValueError, match="steps"):
         WeightSnapshots([-1])
     with pytest.raises(ValueError, match="steps"):
@@ -214,26 +214,26 @@ def test_callback_errors_are_clear():
     with pytest.raises(ValueError, match="n"):
         ScaleAdapters(3, 0.0)
     with pytest.raises(ValueError, match="dtype"):
-        train.FinetuneConfig(**SMALL, dtype="float16")
+        config.FinetuneConfig(**SMALL, dtype="float16")
 
 
 def test_divergence_stops_the_run_and_truncates_the_callbacks():
-    cfg = train.FinetuneConfig(**SMALL, optimizer="sgd", lr=1e6, loss="mse", recorders=("norms",))
+    cfg = config.FinetuneConfig(**SMALL, optimizer="sgd", lr=1e6, loss="mse", recorders=("norms",))
     spy, snaps = Spy(), WeightSnapshots(range(cfg.steps + 1))
-    hist = train.finetune(cfg, callbacks=[spy, snaps], on_diverge="return")
+    hist = loop.finetune(cfg, callbacks=[spy, snaps], on_diverge="return")
     k = int(hist["diverged_step"][0])
     assert 1 <= k <= cfg.steps and len(hist["batch_loss"]) == k - 1
     np.testing.assert_array_equal(hist["snapshot_step"], np.arange(k))  # steps 0 .. k - 1, then stop
     assert spy.calls[-1][0] == "end" and spy.calls[-1][1] == k and not any(c[1] > k for c in spy.calls)
-    with pytest.raises(train.TrainingDiverged) as info:  # from the cache, with the same step
-        train.finetune(cfg, callbacks=[Spy(), WeightSnapshots(range(cfg.steps + 1))])
+    with pytest.raises(loop.TrainingDiverged) as info:  # from the cache, with the same step
+        loop.finetune(cfg, callbacks=[Spy(), WeightSnapshots(range(cfg.steps + 1))])
     assert info.value.step == k
 
 
 def test_float64_run_is_float64_throughout():
-    cfg = train.FinetuneConfig(**SMALL, optimizer="sgd", lr=0.05, recorders=("loss", "norms"))
-    h32 = train.finetune(cfg, callbacks=[WeightSnapshots([0])], use_cache=False)
-    h64 = train.finetune(cfg.replace(dtype="float64"), callbacks=[WeightSnapshots([0]), CaptureLayerIO([1])],
+    cfg = config.FinetuneConfig(**SMALL, optimizer="sgd", lr=0.05, recorders=("loss", "norms"))
+    h32 = loop.finetune(cfg, callbacks=[WeightSnapshots([0])], use_cache=False)
+    h64 = loop.finetune(cfg.replace(dtype="float64"), callbacks=[WeightSnapshots([0]), CaptureLayerIO([1])],
                          use_cache=False)
     assert h64["snapshot_A0"].dtype == np.float64 and h32["snapshot_A0"].dtype == np.float32
     assert h64["io_X0"].dtype == np.float64 and h64["io_G2"].dtype == np.float64  # data and gradients too
@@ -248,7 +248,7 @@ def test_float64_run_is_float64_throughout():
 def _lockstep_cfg(**changes):
     settings = {**SMALL, "targets": ("layers.1", "layers.2"), "r": 3, "alpha": 3.0, "optimizer": "sgd", "lr": 0.2,
                 "batch_size": None, "dtype": "float64", "recorders": ()}
-    return train.FinetuneConfig(**{**settings, **changes})
+    return config.FinetuneConfig(**{**settings, **changes})
 
 
 def test_captured_inputs_and_output_gradients_give_the_exact_update():
@@ -256,7 +256,7 @@ def test_captured_inputs_and_output_gradients_give_the_exact_update():
     (analysis.channels.one_step_update: the SGD update of LoRA in closed form)."""
     cfg = _lockstep_cfg()
     k = 4
-    hist = train.finetune(cfg, callbacks=[WeightSnapshots([k - 1, k]), CaptureLayerIO([k])], use_cache=False)
+    hist = loop.finetune(cfg, callbacks=[WeightSnapshots([k - 1, k]), CaptureLayerIO([k])], use_cache=False)
     assert hist["io_step"].tolist() == [k]
     for i in range(2):
         A, B = hist[f"snapshot_A{i}"][0], hist[f"snapshot_B{i}"][0]
@@ -274,12 +274,12 @@ def test_captured_inputs_and_output_gradients_give_the_exact_update():
 def test_equivalent_modules_start_equal_and_n1_is_the_plain_run():
     cfg = _lockstep_cfg(steps=6)
     warm = 2
-    plain = train.finetune(cfg, callbacks=[WeightSnapshots([warm, cfg.steps])], use_cache=False)
-    same = train.finetune(cfg, callbacks=[ScaleAdapters(warm, 1.0), WeightSnapshots([warm, cfg.steps])],
+    plain = loop.finetune(cfg, callbacks=[WeightSnapshots([warm, cfg.steps])], use_cache=False)
+    same = loop.finetune(cfg, callbacks=[ScaleAdapters(warm, 1.0), WeightSnapshots([warm, cfg.steps])],
                           use_cache=False)
     for k in plain:
         np.testing.assert_array_equal(plain[k], same[k], err_msg=k)
-    scaled = train.finetune(cfg, callbacks=[ScaleAdapters(warm, 2.0), WeightSnapshots([warm, cfg.steps])],
+    scaled = loop.finetune(cfg, callbacks=[ScaleAdapters(warm, 2.0), WeightSnapshots([warm, cfg.steps])],
                             use_cache=False)
     for i in range(2):
         A0, B0 = plain[f"snapshot_A{i}"][0], plain[f"snapshot_B{i}"][0]
@@ -291,33 +291,11 @@ def test_equivalent_modules_start_equal_and_n1_is_the_plain_run():
     assert not np.allclose(scaled["batch_loss"][-1], plain["batch_loss"][-1], rtol=1e-6)
 
 
-def test_seed_streams():
-    s = train.SeedStreams(7)
-    assert {k: s.seed(k) for k in s.OFFSETS} == {"pretrain": 7, "init": 8, "masks": 9, "batches": 10, "probe": 11,
-                                                 "grad_std": 12}
-    assert torch.equal(s.generator("batches").get_state(), torch.Generator().manual_seed(10).get_state())
-    torch.manual_seed(123)
-    before = torch.random.get_rng_state()
-    with s.fork(10_000):
-        a = torch.rand(3)
-    assert torch.equal(torch.random.get_rng_state(), before)  # the training RNG is untouched
-    torch.manual_seed(7 + 10_000)
-    assert torch.equal(a, torch.rand(3))
-    cfg = train.FinetuneConfig(**SMALL, seed=7)
-    assert cfg.streams.seed("init") == 8
-    for bad in ("nope", 1.5):
-        with pytest.raises(ValueError):
-            s.seed(bad) if isinstance(bad, str) else train.SeedStreams(bad)
-    with pytest.raises(ValueError, match="offset"):
-        with s.fork("nope"):
-            pass
-
-
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), batch=st.one_of(st.none(), st.integers(1, 50)), steps=st.integers(0, 30),
        seed=st.integers(0, 2**31))
 def test_minibatches_are_reshuffled_epochs(n, batch, steps, seed):
-    out = list(train.minibatches(n, batch, steps, torch.Generator().manual_seed(seed)))
+    out = list(setup.minibatches(n, batch, steps, torch.Generator().manual_seed(seed)))
     assert len(out) == steps
     if batch is None or batch >= n:
         assert all(idx is None for idx in out)
@@ -331,9 +309,9 @@ def test_minibatches_are_reshuffled_epochs(n, batch, steps, seed):
 
 def test_public_helpers_reject_unknown_names():
     with pytest.raises(ValueError, match="name"):
-        train.make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(1))], 0.1)
+        setup.make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(1))], 0.1)
     with pytest.raises(ValueError, match="kind"):
-        train.loss_fn("hinge", torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+        losses.loss_fn("hinge", torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
 
 
 def test_full_gradient_norm_probe_is_the_full_set_gradient_and_leaves_training_alone():
@@ -341,13 +319,13 @@ def test_full_gradient_norm_probe_is_the_full_set_gradient_and_leaves_training_a
     autograd on the engine's initial model; at init B = 0, so only dL/dB is non-zero. Training is unchanged."""
     from toymodels.callbacks import FullGradientNorm
 
-    cfg = train.FinetuneConfig(**SMALL, r=4, recorders=("loss", "norms"))
-    hist = train.finetune(cfg, callbacks=[FullGradientNorm(steps=(0, cfg.steps))], use_cache=False)
-    plain = train.finetune(cfg, use_cache=False)
+    cfg = config.FinetuneConfig(**SMALL, r=4, recorders=("loss", "norms"))
+    hist = loop.finetune(cfg, callbacks=[FullGradientNorm(steps=(0, cfg.steps))], use_cache=False)
+    plain = loop.finetune(cfg, use_cache=False)
     for k in plain:
         np.testing.assert_array_equal(hist[k], plain[k], err_msg=k)
-    model = train.build_finetune_model(cfg, torch.device("cpu"))
-    x, y = train.protocol_data(cfg, torch.device("cpu")).finetune
+    model = setup.build_finetune_model(cfg, torch.device("cpu"))
+    x, y = setup.protocol_data(cfg, torch.device("cpu")).finetune
     layers = lora_modules(model)
     loss = torch.nn.functional.cross_entropy(model.eval()(x), y)
     gA = torch.autograd.grad(loss, [m.lora_A for m in layers], retain_graph=True, allow_unused=True)

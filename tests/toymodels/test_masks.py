@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis.inputs import default_seed
-from toymodels import train
+from toymodels import config, loop, seeds
 from toymodels.lora import LoRALinear, lora_modules
 from toymodels.masks import SCHEME, MaskStream, keep_threshold
 
@@ -70,7 +70,7 @@ def test_streams_are_deterministic_and_distinct():
     x, y, z = a.kept((64, 32), 0.5), b.kept((64, 32), 0.5), c.kept((64, 32), 0.5)
     assert np.array_equal(x, y) and not np.array_equal(x, z)
     assert not np.array_equal(a.kept((64, 32), 0.5), x)  # the next draw is a new mask
-    assert train.SeedStreams(SEED).masks().seed == SEED + train.SeedStreams.OFFSETS["masks"]
+    assert seeds.SeedStreams(SEED).masks().seed == SEED + seeds.SeedStreams.OFFSETS["masks"]
 
 
 @pytest.mark.parametrize("placement", ["input", "bottleneck"])
@@ -103,7 +103,7 @@ def test_layer_draws_from_its_stream_in_training_only(placement):
 def test_training_loop_draws_each_step_from_the_run_stream_in_layer_order(monkeypatch):
     """The loop's masks, step by step and layer by layer, are the run's MaskStream(seed + 2) drawn in that order,
     with shapes (batch, d_in); callbacks and records draw nothing from it."""
-    cfg = train.FinetuneConfig(**SMALL, dropout=0.3, seed=SEED, recorders=("loss", "norms"))
+    cfg = config.FinetuneConfig(**SMALL, dropout=0.3, seed=SEED, recorders=("loss", "norms"))
     seen = []
     original = MaskStream.draw
 
@@ -113,7 +113,7 @@ def test_training_loop_draws_each_step_from_the_run_stream_in_layer_order(monkey
         return out
 
     monkeypatch.setattr(MaskStream, "draw", spy)
-    train.finetune(cfg, use_cache=False)
+    loop.finetune(cfg, use_cache=False)
     n_layers = len(SMALL["widths"]) - 1
     assert len(seen) == cfg.steps * n_layers
     reference = MaskStream(SEED + 2)
@@ -124,7 +124,7 @@ def test_training_loop_draws_each_step_from_the_run_stream_in_layer_order(monkey
 
 
 def test_dropout_runs_are_keyed_by_the_scheme():
-    plain, dropped = train.FinetuneConfig(**SMALL), train.FinetuneConfig(**SMALL, dropout=0.1)
+    plain, dropped = config.FinetuneConfig(**SMALL), config.FinetuneConfig(**SMALL, dropout=0.1)
     assert "mask_stream" not in plain.as_dict()  # runs without dropout keep their keys
     assert dropped.as_dict()["mask_stream"] == SCHEME
 
@@ -132,7 +132,7 @@ def test_dropout_runs_are_keyed_by_the_scheme():
 def test_trained_model_layers_hold_no_stream_afterwards():
     """The stream is set for the steps' forward passes only (a callback's own train-mode forward, e.g. the
     grad_std recorder's Monte Carlo, uses nn.Dropout and the forked global RNG)."""
-    cfg = train.FinetuneConfig(**SMALL, dropout=0.3, seed=SEED)
-    run = train.TrainingRun(cfg, torch.device("cpu"))
+    cfg = config.FinetuneConfig(**SMALL, dropout=0.3, seed=SEED)
+    run = loop.TrainingRun(cfg, torch.device("cpu"))
     run.train()
     assert all(m.mask_stream is None for m in lora_modules(run.state.model))

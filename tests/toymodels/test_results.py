@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toymodels import results, sweep, train
+from toymodels import config, loop, results, sweep
 
 TINY = dict(dataset="synthetic", widths=(16, 32, 32, 4), n_pretrain=256, pretrain_steps=20, n_finetune=64,
             n_test=64, steps=30, record_every=10)
@@ -26,8 +26,8 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def swept(tmp_path, cache_dir):
     """A 4-run sweep (2 seeds x LoRA / rsLoRA) plus one that diverges (SGD at lr 1e6), with its table."""
-    configs = [train.FinetuneConfig(seed=s, scaling=sc, **TINY) for s in (0, 1) for sc in (None, "rslora")]
-    configs.append(train.FinetuneConfig(seed=0, optimizer="sgd", lr=1e6, **TINY))
+    configs = [config.FinetuneConfig(seed=s, scaling=sc, **TINY) for s in (0, 1) for sc in (None, "rslora")]
+    configs.append(config.FinetuneConfig(seed=0, optimizer="sgd", lr=1e6, **TINY))
     hists = sweep.run_sweep(configs + configs[:1], workers=1, progress=False, on_diverge="return",
                             table=tmp_path / "out")
     return configs, hists[:-1], tmp_path / "out"
@@ -93,9 +93,9 @@ def test_long_table_rebuilds_the_history(swept):
 
 
 def test_failed_run_row_has_its_reason_and_no_metrics(tmp_path, cache_dir):
-    ok = train.FinetuneConfig(seed=0, **TINY)
+    ok = config.FinetuneConfig(seed=0, **TINY)
     bad = ok.replace(seed=1)
-    hist = train.finetune(ok)
+    hist = loop.finetune(ok)
     runs, steps = results.tables([ok, bad], {ok: hist}, {bad: "worker died (exit code 3)"})
     results.write_tables(tmp_path / "t", runs, steps)
     df = pd.read_csv(tmp_path / "t" / "runs.csv")
@@ -110,8 +110,8 @@ def test_failed_task_of_a_sweep_is_in_the_table_before_the_error(tmp_path, cache
     SweepError is raised; the other runs are 'ok'."""
     from toymodels import cache as run_cache
 
-    good = train.FinetuneConfig(seed=0, **TINY)
-    dead = train.FinetuneConfig(seed=1, method="dora", **TINY)  # a sequential task of its own
+    good = config.FinetuneConfig(seed=0, **TINY)
+    dead = config.FinetuneConfig(seed=1, method="dora", **TINY)  # a sequential task of its own
     monkeypatch.setenv(sweep.KILL_HOOK, run_cache.config_key(dead.as_dict()))
     with pytest.raises(sweep.SweepError):
         sweep.run_sweep([good, dead], workers=2, retries=0, progress=False, batched=False, table=tmp_path / "t")

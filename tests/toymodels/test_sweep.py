@@ -1,4 +1,4 @@
-"""toymodels.sweep / train.run_sweep with the real engines (no mocks): the plan is deterministic, every executor
+"""toymodels.sweep / sweep.run_sweep with the real engines (no mocks): the plan is deterministic, every executor
 (in-process, local worker processes, a ProcessPoolExecutor, a local Ray cluster, submitit's local executor)
 gives the in-process histories bit for bit, a killed worker loses only its run and a rerun resumes, two sweeps
 share one cache concurrently, a corrupt entry is recomputed, divergence and bad input are handled as documented;
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from toymodels import batched, sweep, train
+from toymodels import batched, callback_base, config, loop, sweep
 from toymodels import cache as run_cache
 from toymodels.callbacks import WeightSnapshots
 
@@ -29,8 +29,8 @@ TINY = dict(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetun
             pretrain_steps=5, steps=6, batch_size=8, record_every=3)
 
 
-def cfg(**changes) -> train.FinetuneConfig:
-    return train.FinetuneConfig(**{**TINY, **changes})
+def cfg(**changes) -> config.FinetuneConfig:
+    return config.FinetuneConfig(**{**TINY, **changes})
 
 
 # a batched group (2 seeds x 2 dropout rates), two runs the batched engine cannot take (loop), one duplicate
@@ -52,7 +52,7 @@ def reference(tmp_path_factory):
     mp_env = os.environ.get("LORA_THEORY_CACHE")
     os.environ["LORA_THEORY_CACHE"] = str(root)
     try:
-        return train.run_sweep(SWEEP, workers=1, progress=False)
+        return sweep.run_sweep(SWEEP, workers=1, progress=False)
     finally:
         if mp_env is None:
             del os.environ["LORA_THEORY_CACHE"]
@@ -108,34 +108,34 @@ def test_reference_matches_the_engines(reference):
     group = CONFIGS[:4]
     want = batched.finetune_many(group, use_cache=False)
     assert_bitwise_equal(reference[:4], want)
-    assert_bitwise_equal(reference[4:6], [train.finetune(c, use_cache=False) for c in CONFIGS[4:]])
+    assert_bitwise_equal(reference[4:6], [loop.finetune(c, use_cache=False) for c in CONFIGS[4:]])
     assert_bitwise_equal([reference[-1]], [reference[0]])
     assert reference[-1] is not reference[0]  # a copy: mutating one leaves the other
 
 
 def test_local_workers_bitwise(reference, cache_dir):
-    got = train.run_sweep(SWEEP, workers=2, progress=False)
+    got = sweep.run_sweep(SWEEP, workers=2, progress=False)
     assert_bitwise_equal(got, reference)
     assert len(entries(cache_dir)) == len(CONFIGS)  # each run written by the worker that ran it
-    assert_bitwise_equal(train.run_sweep(SWEEP, workers=2, progress=False), reference)  # from the cache
+    assert_bitwise_equal(sweep.run_sweep(SWEEP, workers=2, progress=False), reference)  # from the cache
 
 
 def test_executor_instance_bitwise(reference, cache_dir):
     """Any concurrent.futures.Executor (a thread pool here: cheap to start; every task pins 1 thread)."""
     with cf.ThreadPoolExecutor(2) as pool:
-        got = train.run_sweep(SWEEP, executor=pool, progress=False)
+        got = sweep.run_sweep(SWEEP, executor=pool, progress=False)
     assert_bitwise_equal(got, reference)
 
 
 def test_ray_bitwise(reference, cache_dir, ray_cluster):
-    got = train.run_sweep(SWEEP, executor="ray", workers=2, progress=False)
+    got = sweep.run_sweep(SWEEP, executor="ray", workers=2, progress=False)
     assert_bitwise_equal(got, reference)
     assert len(entries(cache_dir)) == len(CONFIGS)
 
 
 def test_submitit_local_bitwise(reference, cache_dir, tmp_path):
     pytest.importorskip("submitit")
-    got = train.run_sweep(SWEEP, executor="slurm", workers=2, progress=False,
+    got = sweep.run_sweep(SWEEP, executor="slurm", workers=2, progress=False,
                           executor_options={"cluster": "local", "folder": str(tmp_path / "jobs"), "timeout_min": 5})
     assert_bitwise_equal(got, reference)
     assert len(entries(cache_dir)) == len(CONFIGS)
@@ -149,14 +149,14 @@ def test_killed_worker_loses_only_its_run_and_a_rerun_resumes(reference, cache_d
     with sweep._pinned_threads(1):
         monkeypatch.setenv(sweep.KILL_HOOK, run_cache.config_key(victim.as_dict()))
     with pytest.raises(sweep.SweepError) as info:
-        train.run_sweep(SWEEP, workers=2, progress=False, retries=1)
+        sweep.run_sweep(SWEEP, workers=2, progress=False, retries=1)
     assert [c for c, _ in info.value.failures] == [victim]
     assert "worker process died (exit code 3)" in info.value.failures[0][1]
     assert "method='dora'" in str(info.value)  # the report names the config
     survived = entries(cache_dir)
     assert len(survived) == len(CONFIGS) - 1
     monkeypatch.delenv(sweep.KILL_HOOK)
-    got = train.run_sweep(SWEEP, workers=2, progress=False)
+    got = sweep.run_sweep(SWEEP, workers=2, progress=False)
     assert_bitwise_equal(got, reference)
     after = entries(cache_dir)
     assert len(after) == len(CONFIGS) and all(after[p] == t for p, t in survived.items())  # not recomputed
@@ -170,8 +170,8 @@ def test_two_sweeps_share_one_cache_concurrently(reference, cache_dir, tmp_path)
         torch.set_num_threads(1)
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sweep import SWEEP
-        from toymodels import train
-        hists = train.run_sweep(SWEEP, workers=2, progress=False)
+        from toymodels import callback_base, config, loop, sweep
+        hists = sweep.run_sweep(SWEEP, workers=2, progress=False)
         np.savez(sys.argv[1], **{{f"{{i}}/{{k}}": v for i, h in enumerate(hists) for k, v in h.items()}})
     """)
     outs = [tmp_path / f"out{i}.npz" for i in range(2)]
@@ -188,12 +188,12 @@ def test_two_sweeps_share_one_cache_concurrently(reference, cache_dir, tmp_path)
 
 
 def test_corrupt_entry_is_recomputed(reference, cache_dir):
-    train.run_sweep(SWEEP, workers=1, progress=False)
+    sweep.run_sweep(SWEEP, workers=1, progress=False)
     victim = max(entries(cache_dir))  # any one entry
     path = Path(victim)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.warns(UserWarning, match="recomputing"):
-        got = train.run_sweep(SWEEP, workers=1, progress=False)
+        got = sweep.run_sweep(SWEEP, workers=1, progress=False)
     assert_bitwise_equal(got, reference)
     assert run_cache.load(path) is not None
 
@@ -201,11 +201,11 @@ def test_corrupt_entry_is_recomputed(reference, cache_dir):
 def test_divergence_is_cached_then_raised(cache_dir):
     good = cfg(optimizer="sgd", lr=0.05, method="dora")
     bad = good.replace(lr=1e8)  # non-finite loss at step 3
-    with pytest.raises(train.TrainingDiverged) as info:
-        train.run_sweep([good, bad, good.replace(seed=3)], workers=1, progress=False)
+    with pytest.raises(loop.TrainingDiverged) as info:
+        sweep.run_sweep([good, bad, good.replace(seed=3)], workers=1, progress=False)
     assert info.value.cfg == bad
     assert len(entries(cache_dir)) == 3  # every run finished and cached before the raise
-    hists = train.run_sweep([good, bad], workers=1, progress=False, on_diverge="return")
+    hists = sweep.run_sweep([good, bad], workers=1, progress=False, on_diverge="return")
     assert "diverged_step" in hists[1] and "diverged_step" not in hists[0]
 
 
@@ -215,12 +215,12 @@ def test_interrupt_stops_workers_and_says_how_to_resume(cache_dir, tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         torch.set_num_threads(1)
-        from toymodels import sweep, train
-        base = train.FinetuneConfig(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32,
+        from toymodels import callback_base, config, loop, sweep
+        base = config.FinetuneConfig(dataset="synthetic", widths=(8, 16, 16, 4), n_pretrain=64, n_finetune=32,
                                     n_test=64, pretrain_steps=5, steps=200000, batch_size=8, method="dora")
         print("started", flush=True)
         try:
-            train.run_sweep([base.replace(seed=s) for s in range(4)], workers=2, progress=False)
+            sweep.run_sweep([base.replace(seed=s) for s in range(4)], workers=2, progress=False)
         except sweep.SweepInterrupted as exc:
             sys.exit(130 if exc.total == 4 else 1)
     """)
@@ -248,9 +248,9 @@ def test_interrupt_stops_workers_and_says_how_to_resume(cache_dir, tmp_path):
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        train.run_sweep(CONFIGS, progress=False, **kwargs)
+        sweep.run_sweep(CONFIGS, progress=False, **kwargs)
     with pytest.raises(ValueError, match="configs"):
-        train.run_sweep(["not a config"])
+        sweep.run_sweep(["not a config"])
 
 
 def test_threads_are_pinned_per_task(cache_dir):
@@ -258,7 +258,7 @@ def test_threads_are_pinned_per_task(cache_dir):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        hist = train.run_sweep([CONFIGS[4]], workers=1, progress=False)[0]
+        hist = sweep.run_sweep([CONFIGS[4]], workers=1, progress=False)[0]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -272,7 +272,7 @@ def test_threads_are_pinned_per_task(cache_dir):
 # ------------------------------------------------------------------------------------------ custom callbacks
 
 
-class BTrace(train.Callback):
+class BTrace(callback_base.Callback):
     """A custom callback (module level: it pickles): ``scale`` x sum |B| over the LoRA layers after every step,
     and the number of steps it saw (it would count the previous run's steps too if a run reused its state)."""
 
@@ -295,7 +295,7 @@ class BTrace(train.Callback):
         return {"b_trace": np.asarray(self.trace), "b_trace_count": np.asarray([len(self.trace)])}
 
 
-class NumpyNorm(train.Callback):
+class NumpyNorm(callback_base.Callback):
     """A custom callback computing with numpy's BLAS (a long dot product: its last bits depend on BLAS's thread
     count, which the sweep pins like torch's): the norm of layers.0's A tiled to 2^18 entries plus fixed noise,
     at the end."""
@@ -324,7 +324,7 @@ def cb_reference():
     batched pair (no cache), with 1 torch and 1 BLAS thread (what the sweep's tasks run with)."""
     pair = batched.finetune_many([CONFIGS[0], CONFIGS[2]], use_cache=False)
     with sweep._pinned_threads(1):
-        direct = [train.finetune(c, callbacks=[pickle.loads(pickle.dumps(cb)) for cb in cbs], use_cache=False)
+        direct = [loop.finetune(c, callbacks=[pickle.loads(pickle.dumps(cb)) for cb in cbs], use_cache=False)
                   for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3], strict=True)]
     return direct + [pair[0], pair[1], direct[1]]
 
@@ -366,27 +366,27 @@ def test_callback_forms_and_plan():
 )
 def test_bad_callbacks(callbacks, match):
     with pytest.raises(ValueError, match=match):
-        train.run_sweep(CONFIGS[:4], workers=1, progress=False, callbacks=callbacks)
+        sweep.run_sweep(CONFIGS[:4], workers=1, progress=False, callbacks=callbacks)
 
 
 def test_callbacks_in_process_equal_direct_finetune_and_share_its_cache_entry(cb_reference, cache_dir):
-    got = train.run_sweep(CB_SWEEP, workers=1, progress=False, callbacks=CB_PER_RUN)
+    got = sweep.run_sweep(CB_SWEEP, workers=1, progress=False, callbacks=CB_PER_RUN)
     assert_bitwise_equal(got, cb_reference)
     assert "b_trace" in got[0] and "snapshot_A0" in got[0] and "snapshot_A0" not in got[1]
     assert [int(h["b_trace_count"][0]) for h in got[:3]] == [CONFIGS[0].steps] * 3  # no state carried over
     assert SHARED.trace == []  # the caller's object is not the one that ran
     with sweep._pinned_threads(1):
-        keys = [run_cache.config_key(train.run_key(c, cbs)) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3],
+        keys = [run_cache.config_key(loop.run_key(c, cbs)) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3],
                                                                                strict=True)]
     before = entries(cache_dir)
     assert all(str(cache_dir / "finetune" / f"{k}.npz") in before for k in keys)  # finetune's own entries
-    again = [train.finetune(c, callbacks=cbs) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3], strict=True)]
+    again = [loop.finetune(c, callbacks=cbs) for c, cbs in zip(CB_SWEEP[:3], CB_PER_RUN[:3], strict=True)]
     assert_bitwise_equal(again, cb_reference[:3])
     assert entries(cache_dir) == before  # loaded, not retrained
 
 
 def test_callbacks_local_workers_bitwise(cb_reference, cache_dir, importable):
-    got = train.run_sweep(CB_SWEEP, workers=2, progress=False, callbacks=CB_PER_RUN)
+    got = sweep.run_sweep(CB_SWEEP, workers=2, progress=False, callbacks=CB_PER_RUN)
     assert_bitwise_equal(got, cb_reference)
     assert len(entries(cache_dir)) == 5  # 3 runs with callbacks + the batched pair, each written once
 
@@ -395,12 +395,12 @@ def test_callbacks_thread_pool_bitwise(cb_reference, cache_dir):
     """Threads share the caller's callback objects: each run still gets its own copy (the runs without numpy
     BLAS: threads share one process's BLAS setting)."""
     with cf.ThreadPoolExecutor(2) as pool:
-        got = train.run_sweep(CB_SWEEP, executor=pool, progress=False, callbacks=CB_PER_RUN, batched=False)
+        got = sweep.run_sweep(CB_SWEEP, executor=pool, progress=False, callbacks=CB_PER_RUN, batched=False)
     assert_bitwise_equal([got[0], got[1], got[5]], [cb_reference[0], cb_reference[1], cb_reference[5]])
 
 
 def test_callbacks_ray_bitwise(cb_reference, cache_dir, ray_cluster):
-    got = train.run_sweep(CB_SWEEP, executor="ray", workers=2, progress=False, callbacks=CB_PER_RUN)
+    got = sweep.run_sweep(CB_SWEEP, executor="ray", workers=2, progress=False, callbacks=CB_PER_RUN)
     assert_bitwise_equal(got, cb_reference)
 
 
@@ -409,17 +409,17 @@ def test_unpicklable_callback_is_named(cache_dir, monkeypatch):
         pass
 
     with pytest.raises(ValueError, match="LocalProbe does not .*pickle"):
-        train.run_sweep(CONFIGS[:2], workers=1, progress=False, callbacks=[LocalProbe(1.0)])
+        sweep.run_sweep(CONFIGS[:2], workers=1, progress=False, callbacks=[LocalProbe(1.0)])
     holds_lambda = BTrace(1.0)
     holds_lambda.transform = lambda x: x
     with pytest.raises(ValueError, match="test_sweep.BTrace does not"):
-        train.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=lambda c: [holds_lambda])
+        sweep.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=lambda c: [holds_lambda])
     main = type("MainProbe", (BTrace,), {"__module__": "__main__"})  # a class of a script or notebook
     monkeypatch.setattr(sys.modules["__main__"], "MainProbe", main, raising=False)
     with pytest.raises(ValueError, match="__main__.MainProbe is defined in __main__"):
-        train.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=[main(1.0)])
+        sweep.run_sweep(CONFIGS[:2], workers=2, progress=False, callbacks=[main(1.0)])
     assert not entries(cache_dir)  # checked before any run started
-    hist = train.run_sweep(CONFIGS[:1], workers=1, progress=False, callbacks=[main(1.0)])[0]  # in-process: fine
+    hist = sweep.run_sweep(CONFIGS[:1], workers=1, progress=False, callbacks=[main(1.0)])[0]  # in-process: fine
     assert "b_trace" in hist
 
 
@@ -428,17 +428,17 @@ def test_idle_workers_serve_the_next_sweep_in_the_same_environment(cache_dir, mo
     the same processes, with the same bits as direct calls; a changed environment gets fresh workers; shutdown
     stops them."""
     first, second = CONFIGS[4:6], [c.replace(seed=7) for c in CONFIGS[4:6]]
-    train.run_sweep(first, workers=2, progress=False)
+    sweep.run_sweep(first, workers=2, progress=False)
     procs = [p for p, _ in sweep._POOLS[1][0].workers]
     assert len(procs) == 2
-    got = train.run_sweep(second, workers=2, progress=False)
+    got = sweep.run_sweep(second, workers=2, progress=False)
     assert [p for p, _ in sweep._POOLS[1][0].workers] == procs
-    assert_bitwise_equal(got, [train.finetune(c, use_cache=False) for c in second])
+    assert_bitwise_equal(got, [loop.finetune(c, use_cache=False) for c in second])
     other = cache_dir.parent / "other-runs"  # another run cache: the same workers, which write the runs there
     monkeypatch.setenv("LORA_THEORY_CACHE", str(other))
-    again = train.run_sweep(first, workers=2, progress=False)
+    again = sweep.run_sweep(first, workers=2, progress=False)
     assert [p for p, _ in sweep._POOLS[1][0].workers] == procs and len(entries(other)) == len(first)
-    assert_bitwise_equal(again, [train.finetune(c, use_cache=False) for c in first])
+    assert_bitwise_equal(again, [loop.finetune(c, use_cache=False) for c in first])
     assert sweep._local_pool(2, threads=2) is not sweep._POOLS[1][0]  # other threads: another pool
     monkeypatch.setenv("LORA_THEORY_SWEEP_TEST_MARKER", "1")
     fresh = sweep._local_pool(2, threads=1)  # what the next sweep gets (workers start on its first task)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toymodels import sweep_cli, train
+from toymodels import config, sweep_cli
 
 TINY = ["dataset=synthetic", "widths=[16,32,32,4]", "n_pretrain=256", "pretrain_steps=20", "n_finetune=64",
         "n_test=64", "steps=30"]
@@ -41,9 +41,9 @@ def test_overrides_expand_like_hydra():
 def test_configs_are_the_product_and_rslora_is_lora_with_its_scaling():
     configs = sweep_cli.build_configs(["r=4,8", "method=lora,rslora", "seed=range(2)"])
     assert len(configs) == 8
-    assert configs[0] == train.FinetuneConfig(r=4, method="lora", seed=0)
-    assert configs[3] == train.FinetuneConfig(r=4, method="lora", scaling="rslora", seed=1)
-    assert configs[-1] == train.FinetuneConfig(r=8, method="lora", scaling="rslora", seed=1)
+    assert configs[0] == config.FinetuneConfig(r=4, method="lora", seed=0)
+    assert configs[3] == config.FinetuneConfig(r=4, method="lora", scaling="rslora", seed=1)
+    assert configs[-1] == config.FinetuneConfig(r=8, method="lora", scaling="rslora", seed=1)
 
 
 @pytest.mark.parametrize("override, named", [

@@ -11,7 +11,7 @@ from analysis import dropout as dr
 from analysis.inputs import default_seed
 from figures.allora.fig2_grad_std import entry_stats
 from figures.allora.protocol import last_layer_problem
-from toymodels import train
+from toymodels import config, losses, setup
 from toymodels.lora import lora_modules
 
 SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
@@ -24,14 +24,14 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _last_layer_model(p: float, placement: str):
-    cfg = train.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
+    cfg = config.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
                                recorders=())
-    model = train.build_finetune_model(cfg, torch.device("cpu")).double()
+    model = setup.build_finetune_model(cfg, torch.device("cpu")).double()
     layer = lora_modules(model)[-1]
     gen = torch.Generator().manual_seed(default_seed())
     with torch.no_grad():  # a nonzero B, as after fine-tuning
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
-    data = train.protocol_data(cfg, torch.device("cpu"))
+    data = setup.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     return model, layer, x[:16].double(), y[:16]
 
@@ -50,7 +50,7 @@ def test_engine_loss_gradient_std_is_grad_moments_over_n(placement):
     h = model.features(x).detach()
     ga, gb = [], []
     for _ in range(masks):
-        loss = train.loss_fn("mse", layer(h), y)
+        loss = losses.loss_fn("mse", layer(h), y)
         a, b = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
         ga.append(a.flatten())
         gb.append(b.flatten())

@@ -11,7 +11,7 @@ import torch
 from analysis import dropout as dr
 from figures.allora import fig3_norms as fig3
 from figures.allora.protocol import last_layer_problem
-from toymodels import train
+from toymodels import config, loop, setup
 from toymodels.lora import lora_modules
 
 SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
@@ -29,9 +29,9 @@ def test_fig3_measurement_matches_the_runs_weights(placement):
     snapshots at the record steps (same run, same cache entry)."""
     from toymodels.callbacks import WeightSnapshots
 
-    cfg = train.FinetuneConfig(**SMALL, dropout=0.3, placement=placement, recorders=("loss", "norms"))
+    cfg = config.FinetuneConfig(**SMALL, dropout=0.3, placement=placement, recorders=("loss", "norms"))
     snaps = WeightSnapshots(cfg.record_steps())
-    hist = train.finetune(cfg, callbacks=[fig3.DecayStrengths(), snaps], use_cache=False)
+    hist = loop.finetune(cfg, callbacks=[fig3.DecayStrengths(), snaps], use_cache=False)
     got = fig3.DecayStrengths.of(hist)
     np.testing.assert_array_equal(got["step"], hist["step"])
     n_layers = hist["norm_A"].shape[1]
@@ -39,8 +39,8 @@ def test_fig3_measurement_matches_the_runs_weights(placement):
                      for t in range(len(hist["step"]))])
     np.testing.assert_allclose(got["dist_A"], dist, rtol=1e-5, atol=1e-7)
     assert got["dist_A"][0].max() == 0 and got["dist_A"][-1].min() > 0
-    model = train.build_finetune_model(cfg, torch.device("cpu"))
-    data = train.protocol_data(cfg, torch.device("cpu"))
+    model = setup.build_finetune_model(cfg, torch.device("cpu"))
+    data = setup.protocol_data(cfg, torch.device("cpu"))
     with torch.no_grad():  # the model at the last step, from the snapshots (its features depend on every layer)
         for i, m in enumerate(lora_modules(model)):
             m.lora_A.copy_(torch.from_numpy(hist[f"snapshot_A{i}"][-1]))

@@ -13,7 +13,7 @@ from analysis import dropout as dr
 from analysis.inputs import default_seed
 from figures.allora import protocol
 from figures.allora.protocol import last_layer_problem
-from toymodels import train
+from toymodels import config, setup
 from toymodels.lora import lora_modules
 
 SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
@@ -26,14 +26,14 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _last_layer_model(p: float, placement: str):
-    cfg = train.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
+    cfg = config.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
                                recorders=())
-    model = train.build_finetune_model(cfg, torch.device("cpu")).double()
+    model = setup.build_finetune_model(cfg, torch.device("cpu")).double()
     layer = lora_modules(model)[-1]
     gen = torch.Generator().manual_seed(default_seed())
     with torch.no_grad():  # a nonzero B, as after fine-tuning
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
-    data = train.protocol_data(cfg, torch.device("cpu"))
+    data = setup.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     return model, layer, x[:16].double(), y[:16]
 
@@ -59,7 +59,7 @@ def test_summary_helpers():
     assert r["ci_low"] < r["ratio"] < r["ci_high"]
     assert protocol.spearman([1, 2, 3], [3, 3, 3]) == 0.0
     assert protocol.spearman([1, 2, 3], [1, 5, 9]) == pytest.approx(1.0)
-    assert protocol.steps_per_epoch(train.FinetuneConfig(**SMALL)) == 4
+    assert protocol.steps_per_epoch(config.FinetuneConfig(**SMALL)) == 4
 
 
 def test_escape_step_is_exact_on_an_exponential_and_inf_when_never_reached():

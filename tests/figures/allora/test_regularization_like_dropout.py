@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from figures.allora import regularization_like_dropout as fn
-from toymodels.train import FinetuneConfig, finetune
+from toymodels.config import FinetuneConfig
+from toymodels.loop import finetune
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def _tiny(**kw):
 def test_epoch_probe_penalty_is_zero_at_b_zero_and_matches_the_closed_form_later():
     from analysis import dropout as closed
     from toymodels.callbacks import WeightSnapshots
-    from toymodels.train import build_finetune_model, protocol_data
+    from toymodels.setup import build_finetune_model, protocol_data
 
     cfg = _tiny(targets=("layers.2",))
     h = finetune(cfg, callbacks=[fn.EpochProbe([0, 4], 0.2), WeightSnapshots([4])])

@@ -8,7 +8,8 @@ import pytest
 
 from analysis import ripple
 from figures.allora import ripple_adaptive as fn
-from toymodels.train import FinetuneConfig, finetune
+from toymodels.config import FinetuneConfig
+from toymodels.loop import finetune
 
 
 @pytest.fixture(autouse=True)

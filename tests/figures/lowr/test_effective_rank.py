@@ -40,7 +40,8 @@ def test_stable_rank_and_top_share():
 
 
 def test_adapter_spectrum_is_the_svd_of_s_ba():
-    from toymodels.train import FinetuneConfig, finetune
+    from toymodels.config import FinetuneConfig
+    from toymodels.loop import finetune
 
     cfg = FinetuneConfig(dataset="synthetic", widths=(6, 5, 3), targets=("layers.0", "layers.1"), n_pretrain=64,
                          n_finetune=32, n_test=32, pretrain_steps=5, steps=3, batch_size=8, r=4,

@@ -28,7 +28,9 @@ def test_relative_change():
 
 
 def test_probe_stability_matches_a_direct_computation():
-    from toymodels.train import Callback, FinetuneConfig, finetune
+    from toymodels.callback_base import Callback
+    from toymodels.config import FinetuneConfig
+    from toymodels.loop import finetune
 
     class Direct(Callback):  # layer-1 input relu(layers.0(x)) and dL/dlogits = (softmax - onehot) / N, by hand
         def reset(self):
