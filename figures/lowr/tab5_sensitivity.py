@@ -191,14 +191,27 @@ def measure(ctx, runs) -> Measurement:
 def draw(numbers):
     fig, axes = new_figure(2, 1, width=5.0, height=3.6, gridspec_kw={"width_ratios": [3, 1]})
     ax, cl = axes[0, 0], colors(3)
+    # the y range of the settings without a diverged seed and the margin; a setting whose mean lies below (its
+    # diverged seeds at chance) is an arrow at the bottom with its mean, so the margin stays readable
+    kept = [r["delta"] for r in numbers["rows"] if not r["diverged"]] or [r["delta"] for r in numbers["rows"]]
+    lo = min(-NONINFERIORITY_PP, *(d["ci_low"] for d in kept))
+    hi = max(0.0, *(d["ci_high"] for d in kept))
+    ylo, yhi = lo - 0.35 * (hi - lo), hi + 0.15 * (hi - lo)
     for i, row in enumerate(numbers["rows"]):
         d = row["delta"]
         col = cl[2] if d["ci_low"] > -NONINFERIORITY_PP else cl[1]
+        div = f"{row['diverged']}/{numbers['n_seeds']} diverged" if row["diverged"] else ""
+        if d["mean"] < ylo:
+            ax.plot(i, ylo, marker="v", ms=8, color=col, clip_on=False)
+            ax.annotate(f"mean {d['mean']:.1f}\n(off scale)\n{div}".strip(), (i, ylo), xytext=(0, 6),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=6, color=col)
+            continue
         ax.errorbar(i, d["mean"], yerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o", capsize=3,
                     color=col)
-        if row["diverged"]:
-            ax.annotate(f"{row['diverged']}/{numbers['n_seeds']}\ndiverged", (i, 0), xycoords=("data", "axes fraction"),
-                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=6, color=cl[1])
+        if div:
+            ax.annotate(div.replace(" ", "\n"), (i, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=6, color=cl[1])
+    ax.set_ylim(ylo, yhi)
     ax.axhline(0, color="grey", lw=1)
     ax.axhline(-NONINFERIORITY_PP, color="grey", lw=1, ls="--", label="non-inferiority margin")
     ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}" for t, a, e in numbers["grid"]],
