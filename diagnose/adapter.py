@@ -87,25 +87,33 @@ class Adapter:
     peft_model: object | None = None  # the PeftModel when read from one
 
     def missing_by_stack(self) -> list[str]:
-        """Modules missing from a stack of same-role layers, without the base model: a stack
-        (``...layers.*.self_attn.q_proj``) lacking an index that other stacks of the adapter have
-        (e.g. q_proj saved for layers 0-15 but layer 5). Empty when ``layers_to_transform`` restricts the layers
-        on purpose. With the base model, :meth:`diagnose.base.BaseSource.missing_modules` is exact."""
+        """Modules missing from a stack of same-role layers, without the base model.
+
+        A stack is a module path with its first numeric index as the depth (``model.layers.*.self_attn.q_proj``,
+        ``encoder.block.*.layer.0.SelfAttention.q``); its container is the path before that index (``model.layers``,
+        ``encoder.block``). A stack that holds at least half of the depths seen in its container but not all of them
+        misses the others (q_proj saved for layers 0-15 but 5: a lost shard). Stacks present at a few depths only
+        (attention every 8th layer of a hybrid model) are not judged, nor is an adapter with ``layers_to_transform``.
+        With the base model, :meth:`diagnose.base.BaseSource.missing_modules` is exact.
+        """
         if self.config.get("layers_to_transform") not in (None, []):
             return []
-        stacks: dict[str, set[int]] = {}
-        names = [lay.name for lay in self.layers] + [u["name"] for u in self.unsupported]
-        for name in names:
+        stacks: dict[tuple[str, str], set[int]] = {}
+        for name in [lay.name for lay in self.layers] + [u["name"] for u in self.unsupported]:
             parts = name.split(".")
             idx = [i for i, p in enumerate(parts) if p.isdigit()]
             if idx:
-                i = idx[-1]
-                stacks.setdefault(".".join(parts[:i] + ["*"] + parts[i + 1:]), set()).add(int(parts[i]))
-        if len(stacks) == 0:
-            return []
-        seen = set().union(*stacks.values())
-        return sorted((pattern.replace("*", str(i)) for pattern, got in stacks.items() for i in seen - got),
-                      key=natural_order)
+                i = idx[0]
+                container = ".".join(parts[:i])
+                stacks.setdefault((container, ".".join(parts[:i] + ["*"] + parts[i + 1:])), set()).add(int(parts[i]))
+        seen: dict[str, set[int]] = {}
+        for (container, _), got in stacks.items():
+            seen.setdefault(container, set()).update(got)
+        missing = []
+        for (container, pattern), got in stacks.items():
+            if 2 * len(got) >= len(seen[container]):
+                missing += [pattern.replace("*", str(i), 1) for i in seen[container] - got]
+        return sorted(missing, key=natural_order)
 
 
 def natural_order(name: str) -> tuple:

@@ -421,3 +421,25 @@ def test_sequence_classification_base_follows_the_task_type(tmp_path_factory):
     rep = diagnose_adapter(root / "adapter", base=root / "base", calibration=token_batch(2, 8))
     assert all(lay.calibration["penalty"] == 0 and lay.calibration["adapter_output_energy"] > 0
                for lay in rep.layers)
+
+
+def test_missing_by_stack_judges_only_near_complete_stacks():
+    """Without the base: a lost module in a near-complete stack is named; an encoder and a decoder of different
+    depths, T5-style nested indices and a hybrid model's sparse attention layers are not taken for losses."""
+    from diagnose.adapter import Adapter
+
+    def adapter(names):
+        return Adapter(source="x", config={}, layers=[type("L", (), {"name": n})() for n in names])
+
+    P = "base_model.model."
+    llama = [f"{P}model.layers.{i}.self_attn.{m}" for i in range(16) for m in ("q_proj", "v_proj")]
+    lost = [n for n in llama if n != f"{P}model.layers.5.self_attn.v_proj"]
+    assert adapter(lost).missing_by_stack() == [f"{P}model.layers.5.self_attn.v_proj"]
+    assert adapter(llama).missing_by_stack() == []
+    t5 = [f"{P}encoder.block.{i}.layer.0.SelfAttention.q" for i in range(6)] + \
+        [f"{P}decoder.block.{i}.layer.{j}.{m}.q" for i in range(12) for j, m in ((0, "SelfAttention"),
+                                                                               (1, "EncDecAttention"))]
+    assert adapter(t5).missing_by_stack() == []
+    hybrid = [f"{P}model.layers.{i}.mamba.in_proj" for i in range(32) if i % 8] + \
+        [f"{P}model.layers.{i}.self_attn.q_proj" for i in range(4, 32, 8)]
+    assert adapter(hybrid).missing_by_stack() == []
