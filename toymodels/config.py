@@ -15,7 +15,7 @@ import torch
 
 from analysis.inputs import dropout_rate, finite_scalar, positive_int
 from toymodels import data as datasets
-from toymodels.lora import METHODS, PLACEMENTS
+from toymodels.lora import PLACEMENTS, VARIANTS
 from toymodels.masks import SCHEME as MASK_SCHEME
 from toymodels.mlp import check_activation
 from toymodels.seeds import SeedStreams
@@ -87,8 +87,8 @@ class FinetuneConfig:
         dropout_rate(self.dropout, name="dropout")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in VARIANTS:
+            raise ValueError(f"method must be one of {tuple(VARIANTS)}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.loss not in LOSSES:

@@ -8,18 +8,23 @@ B = lora_B (d_out, r). A LoRA layer computes
 with s the scaling factor and drop the dropout (p = probability of zeroing, kept entries scaled by
 1 / (1 - p); the ALLoRA paper's lambda is the keep probability 1 - p). What this module holds:
 
-- :class:`LoRALinear` wraps a frozen ``nn.Linear``. ``method`` picks the variant:
-    "lora"      the layer above; ``scaling`` = "lora" (alpha / r), "rslora" (alpha / sqrt(r), rsLoRA
+- :class:`LoRALinear` wraps a frozen ``nn.Linear``. ``method`` names its variant, a registered
+  :class:`LoRAVariant` (the PEFT way, ``peft.tuners.lora.variants``: each variant owns its scaling, its extra
+  initialisation, its forward and its merge; :data:`VARIANTS` maps a name to it, :func:`register_variant` adds one):
+    "lora"      (:class:`LoRA`) the layer above; ``scaling`` = "lora" (alpha / r), "rslora" (alpha / sqrt(r), rsLoRA
                 eq. (4), thm. 3.2), a float, or a callable r -> s (rsLoRA app. B.6, eqs. (12)-(13):
                 r^-1/4 and r^-2).
-    "dora"      DoRA as PEFT implements it (peft/tuners/lora/dora.py): W' = m * (W + s BA) / ||W + s BA||_row
-                with the norm detached from the graph (DoRA sec. 4.3).
-    "allora"    ALLoRA (ALLoRA sec. 4.2, listing 1): no scaling factor and no dropout; the gradient of BA,
-                g = G^T x, has its row i scaled by s_i = 1 / sqrt(||(BA)_{i,:}|| + 1/eta^2) in the parameter
-                gradients only; the input gradient is the plain G B A.
-    "allora+d"  ALLoRA with dropout (ALLoRA sec. 4.4, table 2 right), at the configured placement.
-    "allora_od" ALLoRA-OD (sec. 4.3): the per-sample scale 1 / sqrt(|f(x)_{n,i}| + 1/eta^2), f = x A^T B^T.
-    "asf"       ASF-LoRA (sec. 4.3): output f / sqrt(|f| + 1/eta^2) elementwise, natural gradient; not mergeable.
+    "dora"      (:class:`DoRA`) DoRA as PEFT implements it (peft/tuners/lora/dora.py):
+                W' = m * (W + s BA) / ||W + s BA||_row with the norm detached from the graph (DoRA sec. 4.3).
+    "allora"    (:class:`ALLoRA`) ALLoRA (ALLoRA sec. 4.2, listing 1): no scaling factor and no dropout; the
+                gradient of BA, g = G^T x, has its row i scaled by s_i = 1 / sqrt(||(BA)_{i,:}|| + 1/eta^2) in the
+                parameter gradients only; the input gradient is the plain G B A.
+    "allora+d"  (:class:`ALLoRAWithDropout`) ALLoRA with dropout (ALLoRA sec. 4.4, table 2 right), at the
+                configured placement.
+    "allora_od" (:class:`ALLoRAOD`) ALLoRA-OD (sec. 4.3): the per-sample scale 1 / sqrt(|f(x)_{n,i}| + 1/eta^2),
+                f = x A^T B^T.
+    "asf"       (:class:`ASFLoRA`) ASF-LoRA (sec. 4.3): output f / sqrt(|f| + 1/eta^2) elementwise, natural
+                gradient; not mergeable.
 - ``dropout_placement``: "input" (PEFT and the original LoRA code: dropout on x before A) or "bottleneck"
   (ALLoRA eq. 1: dropout on x A^T, one mask entry per sample and rank). The papers analyse the bottleneck;
   PEFT implements the input placement. Their gradients differ; only the input placement matches PEFT.
@@ -42,8 +47,6 @@ from torch import nn
 from analysis import inputs as analysis_inputs
 from analysis.inputs import dropout_rate, finite_scalar, lowr_tau, positive_int
 
-METHODS = ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
-ADAPTIVE_METHODS = ("allora", "allora+d", "allora_od", "asf")  # ALLoRA sec. 4: no scaling factor
 SCALINGS = ("lora", "rslora")
 INITS = ("kaiming", "gaussian", "zero_a", "pissa", "olora")
 PLACEMENTS = analysis_inputs.PLACEMENTS  # one list of dropout placements: analysis.inputs.PLACEMENTS
@@ -157,7 +160,8 @@ class LoRALinear(nn.Module):
             adaptive methods have no scaling factor (s = 1): they accept the default and reject any other value.
         dropout: p, the probability of zeroing, in [0, 1). "allora" requires 0 (use "allora+d").
         dropout_placement: "input" (PEFT: on x before A) or "bottleneck" (ALLoRA eq. 1: on x A^T).
-        method: one of :data:`METHODS`.
+        method: the name of a registered :class:`LoRAVariant` (:data:`VARIANTS`: "lora", "dora", "allora",
+            "allora+d", "allora_od", "asf").
         eta: the ALLoRA family's eta > 0 (scale eta at BA = 0; listing 1 uses 1/eta^2 = 1/4). Ignored by
             lora and dora.
         init: A's initialisation, "kaiming" (PEFT's default: ``kaiming_uniform_(A, a=sqrt(5))``, i.e.
@@ -200,23 +204,18 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise ValueError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
         self.r = positive_int("r", r)
-        self.method = _choice("method", method, METHODS)
+        if not isinstance(method, str) or method not in VARIANTS:
+            raise ValueError(f"method must be one of {tuple(VARIANTS)}, got {method!r}")
+        self.method = method
+        self.variant = VARIANTS[method]
         self.dropout_placement = _choice("dropout_placement", dropout_placement, PLACEMENTS)
         self.init = _choice("init", init, INITS)
         self.p = dropout_rate(dropout, name="dropout")
         self.eta = finite_scalar("eta", eta, positive=True)
         self.alpha = finite_scalar("alpha", alpha)
         b_init_std = finite_scalar("b_init_std", b_init_std, nonnegative=True)
-        if self.method == "allora" and self.p > 0:
-            raise ValueError(f"dropout must be 0 for method 'allora' (ALLoRA removes dropout), got {dropout!r}; "
-                             "use method='allora+d' for ALLoRA with dropout")
-        if self.method in ADAPTIVE_METHODS:
-            if scaling not in (None, "lora"):  # "lora" is the signature's default: accepted and ignored
-                raise ValueError(f"scaling must be left at its default for method {self.method!r}: the ALLoRA "
-                                 f"family has no scaling factor (ALLoRA sec. 4.2), got {scaling!r}")
-            self.scaling = 1.0
-        else:
-            self.scaling = scaling_factor("lora" if scaling is None else scaling, self.alpha, self.r)
+        self.variant.check(self)
+        self.scaling = self.variant.scaling(self, scaling)
 
         self.base = base
         for param in base.parameters():
@@ -250,9 +249,7 @@ class LoRALinear(nn.Module):
                     nn.init.normal_(self.lora_B, std=b_init_std, generator=generator)
                 else:
                     nn.init.zeros_(self.lora_B)
-        if self.method == "dora":
-            self.lora_magnitude = nn.Parameter(torch.empty(d_out, **factory))
-            self.reset_magnitude()
+        self.variant.init(self)
 
     def _decomposition_init(self, b_init_std: float, rank_scaled_init: bool) -> None:
         """PiSSA / OLoRA (the initialisations of LoWR table 2), as HF PEFT's ``pissa_init`` / ``olora_init``:
@@ -265,9 +262,9 @@ class LoRALinear(nn.Module):
         and the frozen base weight becomes the residual W - s B A (in place, as PEFT), so the layer's function is
         unchanged at initialisation. Deterministic (no generator). Needs r <= min(d_out, d_in); computed in float64.
         """
-        if self.method == "asf":
+        if not self.variant.linear_in_ba:
             raise ValueError(f"init={self.init!r} needs a layer linear in BA (the residual W - s BA must restore W); "
-                             "method 'asf' is not")
+                             f"method {self.method!r} is not")
         if b_init_std > 0 or rank_scaled_init:
             raise ValueError(f"init={self.init!r} sets both factors from W: b_init_std must be 0 and "
                              f"rank_scaled_init False, got {b_init_std}, {rank_scaled_init}")
@@ -312,7 +309,7 @@ class LoRALinear(nn.Module):
 
     def reset_magnitude(self) -> None:
         """Set DoRA's magnitude m to ||W + s BA||_row, so that the layer starts at W + s BA (PEFT's init)."""
-        if self.method != "dora":
+        if not isinstance(self.variant, DoRA):
             raise ValueError(f"method must be 'dora' to have a magnitude, got {self.method!r}")
         with torch.no_grad():
             self.lora_magnitude.copy_(self.weight_norm())
@@ -332,44 +329,188 @@ class LoRALinear(nn.Module):
             return None
         return self._dropout(torch.ones(shape, dtype=like.dtype, device=like.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        A, B = self.lora_A, self.lora_B
-        h = self._dropout(x) if self.dropout_placement == "input" else x
-        if self.method in ("allora", "allora+d", "allora_od"):
-            mask = self._bottleneck_mask(x.shape[:-1] + (self.r,), x)
-            return result + AdaptiveLoRAFunction.apply(h, A, B, mask, self.eta, self.method == "allora_od")
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """h, what A sees: drop(x) for the input placement (PEFT), x for the bottleneck."""
+        return self._dropout(x) if self.dropout_placement == "input" else x
 
-        z = h @ A.T
+    def lora_output(self, h: torch.Tensor) -> torch.Tensor:
+        """f = drop?(h A^T) B^T, the unscaled adapter output (the bottleneck placement drops h A^T)."""
+        z = h @ self.lora_A.T
         if self.dropout_placement == "bottleneck":
             z = self._dropout(z)
-        f = z @ B.T
-        if self.method == "lora":
-            return result + self.scaling * f
-        if self.method == "asf":
-            return result + adaptive_scaling(f, self.eta)
-        # DoRA, as peft/tuners/lora/dora.py: result + (m/n - 1) * h W^T + (m/n) * s * f, with n detached.
-        # Without dropout (or in eval) this is b + x W'^T with W' = diag(m/n) (W + s BA); with input dropout PEFT
-        # feeds the dropped-out h to both the adapter and the W-part of the rescaling, and so does this layer.
-        mag_norm_scale = self.lora_magnitude / self.weight_norm()
-        return result + (mag_norm_scale - 1) * F.linear(h, self.base.weight) + mag_norm_scale * (self.scaling * f)
+        return z @ self.lora_B.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variant.forward(self, x)
 
     # -- merging -------------------------------------------------------------------------------------------
 
     def merged_weight(self) -> torch.Tensor:
-        """The single matrix W' (d_out, d_in) with forward(x) = x W'^T + b in eval mode.
-
-        lora: W + s BA; dora: diag(m / ||W + s BA||_row) (W + s BA); allora, allora+d, allora_od: W + BA (their
-        output adaptor is the identity). asf cannot be merged (ALLoRA sec. 4.3: the output adaptor is nonlinear).
-        """
-        if self.method == "asf":
-            raise ValueError("method 'asf' cannot be merged: ASF-LoRA's output f / sqrt(|f| + 1/eta^2) is nonlinear "
-                             "in x (ALLoRA sec. 4.3)")
+        """The single matrix W' (d_out, d_in) with forward(x) = x W'^T + b in eval mode (the variant's
+        :meth:`LoRAVariant.merged_weight`: lora W + s BA; dora diag(m / ||W + s BA||_row) (W + s BA); the ALLoRA
+        family W + BA; asf cannot be merged)."""
         with torch.no_grad():
-            weight = self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
-            if self.method == "dora":
-                weight = (self.lora_magnitude / self.weight_norm()).unsqueeze(1) * weight
-            return weight
+            return self.variant.merged_weight(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants: each owns its scaling, its extra initialisation, its forward and its merge
+
+
+class LoRAVariant:
+    """One LoRA method, as a registered object (PEFT's ``LoraVariant``: ``init`` / ``forward`` / ``merge``).
+
+    A variant is stateless: its hooks take the :class:`LoRALinear` (``layer``), which holds the parameters
+    (``lora_A`` (r, d_in), ``lora_B`` (d_out, r), any extra ones the variant's :meth:`init` adds) and the options
+    (``r``, ``alpha``, ``p``, ``dropout_placement``, ``eta``, ``init``). Adding a variant is one subclass and one
+    :func:`register_variant`; its ``name`` is then a valid ``method`` of :class:`LoRALinear` and of
+    :class:`toymodels.config.FinetuneConfig` (the name enters the run-cache key).
+
+    Class attributes: ``name``; ``linear_in_ba`` (the output is linear in BA: the decomposition inits, which
+    replace W by the residual W - s BA, restore W only then).
+    """
+
+    name: str = ""
+    linear_in_ba: bool = True
+
+    def check(self, layer: LoRALinear) -> None:
+        """Reject options the variant does not support (ValueError naming the argument)."""
+
+    def scaling(self, layer: LoRALinear, scaling) -> float:
+        """The factor s multiplying BA (:func:`scaling_factor`; None means "lora")."""
+        return scaling_factor("lora" if scaling is None else scaling, layer.alpha, layer.r)
+
+    def init(self, layer: LoRALinear) -> None:
+        """Create the variant's extra parameters, after A and B are initialised (none by default)."""
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output: x W^T + b + s f, f = drop?(h A^T) B^T (LoRA, Hu et al. 2021; ALLoRA def. 1)."""
+        result = layer.base(x)
+        return result + layer.scaling * layer.lora_output(layer.adapter_input(x))
+
+    def merged_weight(self, layer: LoRALinear) -> torch.Tensor:
+        """W' with forward(x) = x W'^T + b in eval mode: W + s BA (called under ``torch.no_grad``)."""
+        return layer.base.weight + layer.scaling * (layer.lora_B @ layer.lora_A)
+
+
+#: name -> the registered variant (insertion order: the built-ins as listed in the module docstring)
+VARIANTS: dict[str, LoRAVariant] = {}
+
+
+def register_variant(cls: type[LoRAVariant]) -> type[LoRAVariant]:
+    """Register a :class:`LoRAVariant` subclass under its ``name`` (usable as a class decorator); returns it."""
+    if not (isinstance(cls, type) and issubclass(cls, LoRAVariant)):
+        raise ValueError(f"cls must be a LoRAVariant subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise ValueError(f"cls.name must be a non-empty string, got {cls.name!r}")
+    if cls.name in VARIANTS:
+        raise ValueError(f"a variant named {cls.name!r} is already registered ({type(VARIANTS[cls.name]).__name__})")
+    VARIANTS[cls.name] = cls()
+    return cls
+
+
+@register_variant
+class LoRA(LoRAVariant):
+    """LoRA (Hu et al. 2021; PEFT ``LoraLayer``): y = x W^T + b + s drop?(x) A^T B^T, any scaling rule."""
+
+    name = "lora"
+
+
+@register_variant
+class DoRA(LoRAVariant):
+    """DoRA as PEFT implements it (peft/tuners/lora/dora.py): a magnitude m (d_out,), initialised to
+    ||W + s BA||_row, and W' = diag(m / ||W + s BA||_row) (W + s BA) with the norm detached (DoRA sec. 4.3)."""
+
+    name = "dora"
+
+    def init(self, layer: LoRALinear) -> None:
+        weight = layer.base.weight
+        layer.lora_magnitude = nn.Parameter(torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        layer.reset_magnitude()
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        # result + (m/n - 1) * h W^T + (m/n) * s * f, with n detached. Without dropout (or in eval) this is
+        # b + x W'^T with W' = diag(m/n) (W + s BA); with input dropout PEFT feeds the dropped-out h to both the
+        # adapter and the W-part of the rescaling, and so does this layer.
+        result = layer.base(x)
+        h = layer.adapter_input(x)
+        f = layer.lora_output(h)
+        mag_norm_scale = layer.lora_magnitude / layer.weight_norm()
+        return result + (mag_norm_scale - 1) * F.linear(h, layer.base.weight) + mag_norm_scale * (layer.scaling * f)
+
+    def merged_weight(self, layer: LoRALinear) -> torch.Tensor:
+        weight = super().merged_weight(layer)
+        return (layer.lora_magnitude / layer.weight_norm()).unsqueeze(1) * weight
+
+
+class _Adaptive(LoRAVariant):
+    """The ALLoRA family (ALLoRA sec. 4): no scaling factor (s = 1; ``scaling`` must stay at its default), eta."""
+
+    def scaling(self, layer: LoRALinear, scaling) -> float:
+        if scaling not in (None, "lora"):  # "lora" is the signature's default: accepted and ignored
+            raise ValueError(f"scaling must be left at its default for method {layer.method!r}: the ALLoRA "
+                             f"family has no scaling factor (ALLoRA sec. 4.2), got {scaling!r}")
+        return 1.0
+
+
+@register_variant
+class ALLoRA(_Adaptive):
+    """ALLoRA (sec. 4.2, listing 1): f = h A^T B^T with the parameter gradients of BA's row i scaled by
+    1 / sqrt(||(BA)_{i,:}|| + 1/eta^2) (:class:`AdaptiveLoRAFunction`); no dropout (see "allora+d"). Merges to
+    W + BA (its output adaptor is the identity)."""
+
+    name = "allora"
+    per_sample = False
+
+    def check(self, layer: LoRALinear) -> None:
+        if layer.p > 0:
+            raise ValueError(f"dropout must be 0 for method 'allora' (ALLoRA removes dropout), got {layer.p!r}; "
+                             "use method='allora+d' for ALLoRA with dropout")
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        result = layer.base(x)
+        h = layer.adapter_input(x)
+        mask = layer._bottleneck_mask(x.shape[:-1] + (layer.r,), x)
+        return result + AdaptiveLoRAFunction.apply(h, layer.lora_A, layer.lora_B, mask, layer.eta, self.per_sample)
+
+
+@register_variant
+class ALLoRAWithDropout(ALLoRA):
+    """ALLoRA with dropout at the configured placement (ALLoRA sec. 4.4, table 2 right)."""
+
+    name = "allora+d"
+
+    def check(self, layer: LoRALinear) -> None:
+        pass
+
+
+@register_variant
+class ALLoRAOD(ALLoRAWithDropout):
+    """ALLoRA-OD (sec. 4.3): the per-sample gradient scale 1 / sqrt(|f_{n,i}| + 1/eta^2), f = x A^T B^T."""
+
+    name = "allora_od"
+    per_sample = True
+
+
+@register_variant
+class ASFLoRA(_Adaptive):
+    """ASF-LoRA (sec. 4.3): output f / sqrt(|f| + 1/eta^2) elementwise (:func:`adaptive_scaling`), natural
+    gradient; not mergeable (the output adaptor is nonlinear)."""
+
+    name = "asf"
+    linear_in_ba = False
+
+    def forward(self, layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        result = layer.base(x)
+        return result + adaptive_scaling(layer.lora_output(layer.adapter_input(x)), layer.eta)
+
+    def merged_weight(self, layer: LoRALinear) -> torch.Tensor:
+        raise ValueError(f"method {layer.method!r} cannot be merged: ASF-LoRA's output f / sqrt(|f| + 1/eta^2) is "
+                         "nonlinear in x (ALLoRA sec. 4.3)")
+
+
+METHODS = tuple(VARIANTS)  # the built-in variants (a variant registered later is in VARIANTS)
+ADAPTIVE_METHODS = tuple(n for n, v in VARIANTS.items() if isinstance(v, _Adaptive))  # no scaling factor
 
 
 # ----------------------------------------------------------------------------------------------------------

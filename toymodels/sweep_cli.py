@@ -100,7 +100,7 @@ def allowed_values() -> dict[str, str]:
     """What each key accepts, in words (its type, and the engine's list of names where there is one)."""
     from toymodels import config, data, lora, mlp
 
-    names = {"dataset": data.DATASETS, "method": (*lora.METHODS, *METHOD_ALIASES), "placement": lora.PLACEMENTS,
+    names = {"dataset": data.DATASETS, "method": (*lora.VARIANTS, *METHOD_ALIASES), "placement": lora.PLACEMENTS,
              "init": lora.INITS, "optimizer": config.OPTIMIZERS, "loss": config.LOSSES, "dtype": config.DTYPES,
              "activation": mlp.ACTIVATIONS, "task_shift": tuple(str(t).lower() for t in data.TASK_SHIFTS)}
     out = {}
@@ -281,7 +281,7 @@ def build_configs(overrides: list[str]) -> list:
     allowed = allowed_values()
     if "method" in grid:
         for m in grid["method"]:
-            if m not in (*lora.METHODS, *METHOD_ALIASES):
+            if m not in (*lora.VARIANTS, *METHOD_ALIASES):
                 raise OverrideError(f"method={m}: method takes {allowed['method']}")
             if m in METHOD_ALIASES and any(k in grid for k in METHOD_ALIASES[m] if k != "method"):
                 raise OverrideError(f"method={m} sets {METHOD_ALIASES[m]}; do not give scaling= as well")

@@ -709,3 +709,61 @@ def test_adaptive_methods_accept_the_default_scaling_and_ignore_it():
     for method in ("allora", "allora_od", "asf"):
         layer = LoRALinear(base, 2, 16.0, scaling="lora", method=method, eta=2.0)
         assert layer.scaling == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants are registered objects: adding one is one class and one registration
+
+
+def test_the_builtin_variants_are_registered_in_order():
+    from toymodels import lora
+
+    assert tuple(lora.VARIANTS) == lora.METHODS == ("lora", "dora", "allora", "allora+d", "allora_od", "asf")
+    assert all(isinstance(v, lora.LoRAVariant) and v.name == n for n, v in lora.VARIANTS.items())
+    assert lora.ADAPTIVE_METHODS == ("allora", "allora+d", "allora_od", "asf")
+    assert LoRALinear(nn.Linear(4, 3), 2, method="dora").variant is lora.VARIANTS["dora"]
+
+
+@pytest.fixture
+def half_lora():
+    """A new variant, as a user writes one: LoRA at half the scaling factor, merged accordingly."""
+    from toymodels import lora
+
+    class HalfLoRA(lora.LoRAVariant):
+        name = "half_lora"
+
+        def scaling(self, layer, scaling):
+            return 0.5 * super().scaling(layer, scaling)
+
+    lora.register_variant(HalfLoRA)
+    yield HalfLoRA
+    del lora.VARIANTS["half_lora"]
+
+
+def test_a_registered_variant_is_a_method_of_the_layer_and_of_the_config(half_lora):
+    from toymodels.config import FinetuneConfig
+
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    new = LoRALinear(copy.deepcopy(base), 3, 6.0, method="half_lora", b_init_std=0.5,
+                     generator=torch.Generator().manual_seed(1))
+    ref = LoRALinear(copy.deepcopy(base), 3, 6.0, scaling=1.0, b_init_std=0.5,
+                     generator=torch.Generator().manual_seed(1))  # alpha / r / 2 = 1
+    assert new.scaling == 1.0
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(new(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(new.merged_weight(), ref.merged_weight(), rtol=0, atol=0)
+    assert FinetuneConfig(method="half_lora").as_dict()["method"] == "half_lora"
+
+
+def test_register_variant_bad_input(half_lora):
+    from toymodels import lora
+
+    with pytest.raises(ValueError, match="already registered"):
+        lora.register_variant(half_lora)
+    with pytest.raises(ValueError, match="cls must be a LoRAVariant"):
+        lora.register_variant(int)
+    with pytest.raises(ValueError, match="cls.name"):
+        lora.register_variant(type("Nameless", (lora.LoRAVariant,), {}))
+    with pytest.raises(ValueError, match="method must be one of"):
+        LoRALinear(nn.Linear(4, 3), 2, method="vera")
