@@ -42,9 +42,7 @@ import torch
 from analysis.jsonable import to_jsonable
 from figures.criteria import VERDICTS, Criterion, Outcome
 from toymodels.callbacks import AtSteps
-from toymodels.protocol import real_datasets  # noqa: F401  (re-exported for the figures; its home is toymodels)
-
-FIDELITIES = ("quick", "default", "large")
+from toymodels.protocol import FIDELITIES, real_datasets  # noqa: F401  (re-exported for the figures; home: toymodels)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import numpy as np
 
 from analysis import dropout as closed
 from figures import seeds
-from figures._common import base_config
 from figures.allora.protocol import last_layer_problem, log_ratio_ci
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, Unavailable, real_datasets
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 
 ID = "allora-fig1-dropout-mc"
 PAPER = "ALLoRA fig. 1"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures._common import base_config
 from figures.allora.protocol import spearman
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 
 ID = "allora-fig4-expected-vs-empirical"
 PAPER = "ALLoRA fig. 4"

@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 
-from figures._common import base_config
 from figures.allora.protocol import ETA2, escape_step, row_norm_curve
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 
 ID = "allora-fig5-escape"
 PAPER = "ALLoRA fig. 5 (right)"

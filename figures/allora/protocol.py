@@ -15,8 +15,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from figures._common import base_config
 from toymodels.lora import LoRALinear
+from toymodels.protocol import base_config
 
 ETA2 = 4.0  # listing 1: 1/eta^2 = 1/4
 SANITY_NOTE = ("Sanity check, not a test of an empirical claim: the figure evaluates a closed form (or a "

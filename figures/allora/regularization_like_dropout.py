@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from analysis import dropout as closed
-from figures._common import base_config
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 from toymodels.train import TrainState, evaluate
 
 ID = "allora-regularization-like-dropout"

@@ -11,11 +11,11 @@ import torch
 from analysis import allora_dynamics as dyn
 from analysis import ripple
 from figures import seeds
-from figures._common import base_config
 from figures.allora.protocol import ETA2
 from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 from toymodels.train import TrainState, loss_fn
 
 ID = "allora-ripple-adaptive"

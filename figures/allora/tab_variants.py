@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 
-from figures._common import base_config
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci
 from figures.framework import Measurement, Protocol, diverged
 from figures.style import colors, new_figure
+from toymodels.protocol import base_config
 
 ID = "allora-tab-variants"
 PAPER = "ALLoRA tables 1, 2, 4"

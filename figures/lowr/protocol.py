@@ -20,9 +20,9 @@ import math
 import numpy as np
 
 from analysis import channels
-from figures._common import base_config
 from figures.criteria import ci_finite
 from figures.framework import Protocol
+from toymodels.protocol import base_config
 
 DATASET = "mnist"
 MAIN_LOWR = (10.0, 0.1, 1)  # (tau, alpha, every): tau from the paper's grid, alpha the smaller GSM8K value
