@@ -49,6 +49,8 @@ _HOMES = {
     "run_sweep": "toymodels.sweep",
     "MLP": "toymodels.mlp",
     "LoRALinear": "toymodels.lora",
+    "LoRAVariant": "toymodels.lora",
+    "register_variant": "toymodels.lora",
     "inject_lora": "toymodels.lora",
     "lora_modules": "toymodels.lora",
 }
@@ -58,6 +60,7 @@ __all__ = [
     "Callback",
     "FinetuneConfig",
     "LoRALinear",
+    "LoRAVariant",
     "SeedStreams",
     "TrainState",
     "TrainingDiverged",
@@ -70,6 +73,7 @@ __all__ = [
     "pretrain",
     "protocol_data",
     "real_datasets",
+    "register_variant",
     "run_key",
     "run_sweep",
 ]
@@ -78,7 +82,7 @@ if TYPE_CHECKING:  # what a reader's tools see; at run time the names are import
     from toymodels.callback_base import Callback, TrainState
     from toymodels.config import FinetuneConfig
     from toymodels.loop import TrainingDiverged, TrainingRun, finetune, run_key
-    from toymodels.lora import LoRALinear, inject_lora, lora_modules
+    from toymodels.lora import LoRALinear, LoRAVariant, inject_lora, lora_modules, register_variant
     from toymodels.mlp import MLP
     from toymodels.protocol import base_config, real_datasets
     from toymodels.seeds import SeedStreams
