@@ -379,6 +379,49 @@ def ridge_minimizer(X, Y, lam) -> np.ndarray:
     return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y).T
 
 
+def printed_ridge_minimizer(X, Y, lam, c=None) -> np.ndarray:
+    """The Tikhonov solutions as printed in ALLoRA sec. 3.1, evaluated literally (paper shapes, X (N, D), Y (N, C)).
+
+    ``c=None``: "(X^T X + lambda I)^{-1} Y^T X"; a number c: "c/(c + lambda) (X^T X)^{-1} Y^T X" (the whitened
+    case X^T X = c I). Both carry the transposition of the printed dropout minimiser (ERRATA.md D1): Y^T X is C x D,
+    so the product is undefined unless C = D (ValueError naming Y); when C = D it returns the printed (D, C) matrix,
+    which equals the Tikhonov minimiser (X^T X + lambda I)^{-1} X^T Y (= ``ridge_minimizer(X, Y, lam).T``) iff
+    X^T Y is symmetric. For comparison only.
+    """
+    X, Y, _ = _linear_problem(X, Y)
+    lam = _validate.finite_scalar("lam", lam, nonnegative=True)
+    D, C = X.shape[1], Y.shape[1]
+    if C != D:
+        raise ValueError(f"Y has C = {C} columns but X has D = {D}: the printed product (...)^{{-1}} Y^T X is "
+                         f"({D} x {D}) @ ({C} x {D}), undefined unless C = D (ALLoRA sec. 3.1, ERRATA.md D1)")
+    if c is None:
+        return np.linalg.solve(X.T @ X + lam * np.eye(D), Y.T @ X)
+    c = _validate.finite_scalar("c", c, positive=True)
+    return c / (c + lam) * np.linalg.solve(X.T @ X, Y.T @ X)
+
+
+def zero_b_gradient_ratio(X, Y, W, A, p, lr, steps, *, placement="bottleneck", scaling=1.0) -> np.ndarray:
+    """||grad_A E[L]|| / ||grad_B E[L]|| at steps 0..``steps`` of gradient descent on E[L] from B = 0 (ALLoRA sec.
+    3.2, ERRATA.md D6).
+
+    Both factors move (A_{t+1} = A_t - lr grad_A, B likewise) from the given A and B_0 = 0 (d_out, r). At step 0 the
+    ratio is exactly 0 (grad_A = 2 s X^T(...) B = 0); after one step B_1 = -lr grad_B E[L](B = 0) != 0, so grad_A is
+    already nonzero, of order lr: the paper's "the effective gradient norm for A is 0 during the first few steps"
+    holds at step 0 only.
+    """
+    X, Y, W, A, _ = _validate.lora_problem(X, Y, W, A, np.zeros((np.shape(W)[0], np.shape(A)[0])))
+    lr = _validate.finite_scalar("lr", lr, positive=True)
+    if not (isinstance(steps, int | np.integer) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    B = np.zeros((W.shape[0], A.shape[0]))
+    out = np.empty(int(steps) + 1)
+    for t in range(int(steps) + 1):
+        gA, gB = expected_loss_grad(X, Y, W, A, B, p, placement=placement, scaling=scaling)
+        out[t] = np.linalg.norm(gA) / np.linalg.norm(gB)
+        A, B = A - lr * gA, B - lr * gB
+    return out
+
+
 def ridge_lambda(c, p) -> float:
     """Tikhonov strength equivalent to dropout rate p when X^T X = c I: lam = c p / (1 - p).
 

@@ -25,6 +25,7 @@ class Row:
     measured: str
     criterion: str
     passed: bool
+    value: float | None = None  # the measured number unrounded (prose quotes it: analysis.verify.prose)
 
 
 _REGISTRY: list[tuple[str, Callable[[int], Iterable[Row]]]] = []
@@ -43,7 +44,8 @@ def check(topic: str) -> Callable[[Callable[[int], Iterable[Row]]], Callable[[in
 def row(topic: str, what: str, measured: float | str, criterion: str, passed: bool) -> Row:
     """Build a row; floats are printed with 3 significant digits."""
     text = f"{measured:.3g}" if isinstance(measured, float) else str(measured)
-    return Row(topic, what, text, criterion, bool(passed))
+    value = float(measured) if isinstance(measured, int | float) and not isinstance(measured, bool) else None
+    return Row(topic, what, text, criterion, bool(passed), value)
 
 
 def _load(topics: Iterable[str]) -> None:

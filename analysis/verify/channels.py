@@ -178,3 +178,45 @@ def errata_left_right_and_sign(seed: int):
     rel2 = float(np.linalg.norm(trajectory(*equivalent_modules(A, B, 2.0)) - base) / np.linalg.norm(base))
     yield row(TOPIC, "erratum Prop. 4.1 'n != 1': n = -1, 15 SGD steps, rel. difference of BA", rel,
               f"<= 1e-13 (n=2: {rel2:.2g})", rel <= 1e-13 and rel2 > 1e-6)
+
+
+@check(TOPIC)
+def errata_batch_names_and_tau(seed: int):
+    """Item 5 (Algorithm 1 line 5's value, fixed draw: ERRATA quotes it), item 8 (Prop. 3.1 for a batch: grad a_i
+    in the span of the inputs, parallel to none) and item 9 (tau = inf: nothing bounds ||a_i|| / ||b_i||)."""
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((4, 6)), rng.standard_normal((5, 4))
+    rho = float(lowr_gamma(A, B, 0.1)[0] - 1)
+    yield row(TOPIC, "item 5: Algorithm 1 line 5 'r <- ...' for channel 1 (std-normal A (4,6), B (5,4), alpha .1)",
+              rho, "a real number, not the rank 4", rho != 4)
+    # Prop. 3.1 for a batch of N = 3 inputs (d_in = 8): grad a_i = sum_n (b_i . g_n) x_n
+    rng = np.random.default_rng(1)
+    A, B, X, G = (rng.standard_normal(s) for s in ((3, 8), (5, 3), (3, 8), (3, 5)))
+    gA, _ = proxy_gradients(A, B, X, G)
+    Q, _ = np.linalg.qr(X.T)  # orthonormal basis of span{x_n}
+    off_span = float(np.max(np.linalg.norm(gA - gA @ Q @ Q.T, axis=1) / np.linalg.norm(gA, axis=1)))
+    cos = np.abs(gA @ X.T) / np.outer(np.linalg.norm(gA, axis=1), np.linalg.norm(X, axis=1))
+    yield row(TOPIC, "item 8: batch of 3: grad a_i off span{x_n} (max rel.)", off_span, "<= 1e-12 (in the span)",
+              off_span <= 1e-12)
+    yield row(TOPIC, "item 8: batch of 3: max_i,n |cos(grad a_i, x_n)|", float(cos.max()),
+              "< 0.99 (parallel to no input)", cos.max() < 0.99)
+    # tau = inf: 30 passes, alpha chosen so that every non-max channel starts with gamma = 1.2 or more
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((4, 6)), rng.standard_normal((5, 4))
+    na, nb = channel_norms(A, B)
+    moved = nb < nb.max()
+    alpha = 0.2 / np.min((nb.max() - nb[moved]) * np.var(na * nb))
+    start = na / nb
+    Ai, Bi, At, Bt = A, B, A, B
+    for _ in range(30):
+        Ai, Bi = lowr_rescale(Ai, Bi, tau=np.inf, alpha=alpha)
+        At, Bt = lowr_rescale(At, Bt, tau=10.0, alpha=alpha)
+    nai, nbi = channel_norms(Ai, Bi)
+    growth = float(np.min((nai / nbi)[moved] / start[moved]))
+    yield row(TOPIC, "item 9: tau = inf, 30 passes: min growth of ||a_i||/||b_i|| (non-max channels)", growth,
+              ">= 1.2^60 = 5.6e4", growth >= 1.2**60 * (1 - 1e-9))
+    cap = (1 + alpha * nb.max() * np.var(na * nb)) ** 2
+    nat, nbt = channel_norms(At, Bt)
+    worst = float(np.max((nat / nbt) / np.maximum(start, 10.0 * cap)))
+    yield row(TOPIC, "item 9: tau = 10, 30 passes: max ratio / max(start, tau (1 + alpha max||b|| var)^2)", worst,
+              "<= 1 (bounded)", worst <= 1)

@@ -189,3 +189,41 @@ def paper_discrepancies(seed: int):
     r_inf = dr.two_point_deviation_ratio(10**6)
     yield row(TOPIC, "D7 two-point law: ratio at n=1e6 vs sqrt(2/pi)=0.798", r_inf, "|diff| < 1e-6",
               abs(r_inf - math.sqrt(2 / math.pi)) < 1e-6)
+
+
+@check(TOPIC)
+def fixed_problem_errata(seed: int):
+    """D1 (Tikhonov displays), D5 (placements), D6 (A's gradient after the first step): exact numbers on fixed
+    problems (independent of ``seed``: ERRATA.md quotes them)."""
+    # D1: the printed Tikhonov displays carry the same transposition: not stationary for the ridge objective
+    rng = np.random.default_rng(5)
+    Xs, Ys, lam = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)), 0.5
+    for label, c in (("(X^T X + lam I)^-1 Y^T X", None), ("c/(c+lam) (X^T X)^-1 Y^T X, c = mean eig.", "mean")):
+        cc = None if c is None else float(np.trace(Xs.T @ Xs) / 5)
+        Wp = dr.printed_ridge_minimizer(Xs, Ys, lam, cc)
+        grad = 2 * (Xs.T @ (Xs @ Wp - Ys) + lam * Wp)
+        g_rel = float(np.linalg.norm(grad) / np.linalg.norm(2 * Xs.T @ Ys))
+        yield row(TOPIC, f"D1 printed Tikhonov '{label}', C = D: |grad| / |2 X^T Y|", g_rel,
+                  "> 0.1 (corrected: 0)", g_rel > 0.1)
+    # D5: the test's problem (tests/analysis/test_dropout.py::test_placements_give_different_penalties)
+    rng = np.random.default_rng(14)
+    X, _, _ = rng.normal(size=(64, 32)), rng.normal(size=(64, 8)), rng.normal(size=(8, 32))
+    A, B = rng.normal(size=(4, 32)), rng.normal(size=(8, 4))
+    pb = dr.dropout_penalty(X, A, B, 0.1, placement="bottleneck")
+    pi = dr.dropout_penalty(X, A, B, 0.1, placement="input")
+    yield row(TOPIC, "D5 penalty, bottleneck (N=64, d_in=32, d_out=8, r=4, p=0.1)", pb, "> 0", pb > 0)
+    yield row(TOPIC, "D5 penalty, input (same problem)", pi, "> 0", pi > 0)
+    yield row(TOPIC, "D5 bottleneck / input penalty - 1 (same problem)", pb / pi - 1, "|.| > 0.01 (placements differ)",
+              abs(pb / pi - 1) > 0.01)
+    # D6: ||grad_A E L|| / ||grad_B E L|| from B = 0 under gradient descent on E[L]
+    rng = np.random.default_rng(3)
+    X, Y, W = rng.normal(size=(16, 6)), rng.normal(size=(16, 3)), 0.5 * rng.normal(size=(3, 6))
+    A = rng.normal(size=(2, 6)) / math.sqrt(6)
+    lr = 0.1 / (2 * np.linalg.norm(X, 2) ** 2 * (1 + np.linalg.norm(A, 2) ** 2))
+    ratio = dr.zero_b_gradient_ratio(X, Y, W, A, 0.1, lr, 10)
+    half = dr.zero_b_gradient_ratio(X, Y, W, A, 0.1, lr / 2, 1)
+    yield row(TOPIC, "D6 |grad_A|/|grad_B| from B = 0, step 0 (N=16, d_in=6, r=2, p=0.1)", float(ratio[0]), "= 0",
+              ratio[0] == 0.0)
+    yield row(TOPIC, "D6 same, after 1 step (lr = 0.1 / (2 |X|^2 (1 + |A|^2)))", float(ratio[1]),
+              "> 0 and ~ lr (half lr: half)", ratio[1] > 0 and abs(ratio[1] / half[1] - 2) < 0.05)
+    yield row(TOPIC, "D6 same, after 10 steps", float(ratio[10]), "> after 1 step", ratio[10] > ratio[1])

@@ -117,6 +117,14 @@ def small_rank_regime(seed: int):
     yield row(TOPIC, "d=784 r=8: MC E|grad_x|^2 vs exact (|z|)", float(z_exact), "|z| <= 5", z_exact <= Z_MAX)
     yield row(TOPIC, "d=784 r=8: MC E|grad_x|^2 vs paper's (g^2 r)^2 term (z)", float(z_paper),
               "z > 5: paper rejected", z_paper > Z_MAX)
+    # item 7(d): eq. (10) writes the random gradient as its mean; its relative sd sqrt(E|g|^2 / |E g|^2 - 1)
+    rel_exact = math.sqrt(exact["second_grad_in"] / kept - 1)
+    rel_mc = math.sqrt(m2 / kept - 1)
+    tol = Z_MAX * se2 / (2 * rel_exact * kept)  # 5 SE of m2, propagated (d rel / d m2 = 1 / (2 rel kept))
+    yield row(TOPIC, "item 7(d) d=784 r=8: relative sd of grad_x over A0, exact (sqrt(785/8))", rel_exact,
+              "= sqrt(785/8)", math.isclose(rel_exact, math.sqrt(785 / 8), rel_tol=1e-10))
+    yield row(TOPIC, "item 7(d) d=784 r=8: relative sd of grad_x over A0, MC (2000 draws)", rel_mc,
+              "exact +- 5 SE", abs(rel_mc - rel_exact) <= tol)
     ranks = np.array([1, 2, 4, 8, 16])
     vals = [rs.one_step_moments(x0, v0, x, v, r=int(k), gamma=rs.gamma(int(k), 1.0, "rslora"), lr=0.1)
             ["second_grad_in"] for k in ranks]

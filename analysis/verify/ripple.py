@@ -80,3 +80,19 @@ def errata(seed: int):
     fro = float(np.linalg.norm(P, "fro") / np.linalg.norm(P, 2))
     yield row(TOPIC, "erratum 'Cauchy-Schwartz': gives ||P||_F; ||P||_F/||P||_2", fro,
               "> 1 (looser than induced)", fro > 1 + 1e-6)
+
+
+@check(TOPIC)
+def two_norms(seed: int):
+    """Item 2: with two different norms the first "<=" is false in general: ||f||_2 / ||f||_inf > 1 on
+    tight_instance(2, 6, 2, 0.5, 1.0) at seed 0 (ERRATA quotes it)."""
+    from analysis.ripple import output_norm
+
+    Ws, As, Bs, x = tight_instance(2, 6, 2, 0.5, 1.0, seed=0)
+    f = x
+    for W, A, B in zip(Ws, As, Bs, strict=True):
+        f = (W + 0.5 * B @ A) @ f
+    ratio = float(np.linalg.norm(f, 2) / np.linalg.norm(f, np.inf))
+    same = abs(float(np.linalg.norm(f)) / output_norm(Ws, As, Bs, 0.5, x) - 1)
+    yield row(TOPIC, "erratum first '<=' with l2 vs l_inf: ||f||_2/||f||_inf, tight_instance(2,6,2,.5,1)", ratio,
+              "> 1 (false)", ratio > 1 and same < 1e-12)

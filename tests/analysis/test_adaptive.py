@@ -290,3 +290,34 @@ def test_bad_input():
         adaptive_function("abc", 1.0)
     with pytest.raises(ValueError, match="scaling"):
         lora_grads(X, A, B, G, float("nan"))
+
+
+def test_adam_cancels_eta_on_the_first_step_only():
+    """ERRATA adaptive 6: under Adam a *constant* factor on the gradient cancels at every step (LoRA with its
+    gradients times 2 follows LoRA's trajectory), and ALLoRA's s_i = eta at B = 0 is such a factor on the first
+    step; afterwards s_i = eta / sqrt(1 + eta^2 ||(BA)_i||) varies between rows and over time: ALLoRA leaves LoRA's
+    trajectory, and eta = 2 and eta = 4 give different trajectories (eta matters, but not as a learning rate)."""
+    from analysis.verify.adaptive import adam_trajectories
+
+    tr = adam_trajectories(etas=(2.0, 4.0), lr=1e-2, steps=20, seed=default_seed())
+    lora, a2, a4 = tr["LoRA"], tr["ALLoRA eta=2"], tr["ALLoRA eta=4"]
+
+    def rel(u, v):
+        return np.linalg.norm(u - v) / np.linalg.norm(v)
+
+    assert rel(a2[0], lora[0]) < 1e-6 and rel(a4[0], lora[0]) < 1e-6
+    assert rel(a2[-1], lora[-1]) > 1e-3 and rel(a2[-1], a4[-1]) > 1e-3
+    # the control: a constant factor on LoRA's gradient cancels under Adam at every step (eps aside)
+    rng = np.random.default_rng(default_seed())
+    X, Y, A0 = rng.standard_normal((16, 12)), rng.standard_normal((16, 5)), rng.standard_normal((3, 12)) / 12**0.5
+    runs = []
+    for factor in (1.0, 2.0):
+        A = torch.tensor(A0, requires_grad=True)
+        B = torch.zeros(5, 3, dtype=T64, requires_grad=True)
+        opt = torch.optim.Adam([A, B], lr=1e-2)
+        for _ in range(20):
+            opt.zero_grad()
+            (factor * ((torch.tensor(X) @ A.T @ B.T - torch.tensor(Y)) ** 2).sum()).backward()
+            opt.step()
+        runs.append(B.detach().numpy())
+    assert rel(runs[1], runs[0]) < 1e-6

@@ -393,3 +393,41 @@ def test_prop_4_1_condition_n_neq_1_admits_n_minus_1(optimizer):
     G = rng.standard_normal((6, 4))
     diff = equivalent_update_difference(A, B, X, G, 0.1, -1.0)  # (n^2 - 1) a_term + (1/n^2 - 1) b_term = 0
     assert np.linalg.norm(diff) <= 1e-14 * np.linalg.norm(one_step_update(A, B, X, G, 0.1)["total"])
+
+
+def test_prop31_for_a_batch_grad_a_is_in_the_span_of_the_inputs_parallel_to_none():
+    """ERRATA channels 8: eq. 5 ("a_i is updated in the direction of x") is per sample. For a batch, grad a_i =
+    sum_n (b_i . g_n) x_n (autograd): in span{x_n}, along one input only if b_i . g_n vanishes for all others.
+    Constructed: orthonormal inputs e_1, e_2, e_3, so cos(grad a_i, x_n) = |c_in| / ||c_i||, c_in = b_i . g_n."""
+    rng = np.random.default_rng(SEED)
+    r, d_in, d_out, N = 3, 8, 5, 3
+    A, B, G = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r)), rng.standard_normal((N, d_out))
+    X = np.eye(d_in)[:N]
+    gA, _ = proxy_gradients(A, B, X, G)
+    c = B.T @ G.T  # (r, N): c_in = b_i . g_n
+    At = torch.tensor(A, requires_grad=True)
+    f = torch.tensor(X) @ At.T @ torch.tensor(B).T
+    (f * torch.tensor(G)).sum().backward()  # dL/dy = G
+    np.testing.assert_allclose(gA, At.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gA, c @ X, rtol=1e-12, atol=1e-14)
+    cos = np.abs(gA @ X.T) / np.linalg.norm(gA, axis=1, keepdims=True)
+    np.testing.assert_allclose(cos, np.abs(c) / np.linalg.norm(c, axis=1, keepdims=True), rtol=1e-12)
+    # a channel with b_i . g_n != 0 for two inputs or more is parallel to none of them; with one sample, to x
+    share = np.abs(c) / np.linalg.norm(c, axis=1, keepdims=True)
+    spread = np.sort(share, axis=1)[:, -2] > 1e-3  # a second input carries > 0.1% of the channel's gradient
+    assert spread.any() and np.all(cos[spread] <= np.sqrt(1 - 1e-6))
+    g1, _ = proxy_gradients(A, B, X[:1], G[:1])
+    np.testing.assert_allclose(np.abs(g1 @ X[0]) / np.linalg.norm(g1, axis=1), 1.0, rtol=1e-12)
+
+
+def test_algorithm1_line5_value_is_a_real_number_not_the_rank():
+    """ERRATA channels 5: line 5 assigns r <- alpha [max ||b|| - ||b_i||] var(||a|| ||b||), by hand from the norms
+    (population variance), equal to lowr_gamma - 1; on a standard-normal draw it is a small real number, so read
+    literally it overwrites the loop bound (the rank)."""
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((4, 6)), rng.standard_normal((5, 4))
+    na, nb = np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=0)
+    c = na * nb
+    by_hand = 0.1 * (nb.max() - nb[0]) * (np.mean(c**2) - np.mean(c) ** 2)
+    assert lowr_gamma(A, B, 0.1)[0] - 1 == pytest.approx(by_hand, rel=1e-12)
+    assert 0 < by_hand < 1  # not the rank 4 (a loop over "i = 1..r" would stop after channel 1)

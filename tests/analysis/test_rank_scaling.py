@@ -660,3 +660,26 @@ def test_erratum_sec21_and_thm32_swap_d1_and_d2():
         W + B_thm @ A_thm
     B_21, A_21 = rng.normal(size=(d2, r)), rng.normal(size=(r, d1))  # sec. 2.1's shapes (= PEFT's)
     assert (W + B_21 @ A_21).shape == (d2, d1)
+
+
+def test_erratum_thm32_mean_and_variance_do_not_fix_the_second_moments():
+    """ERRATA rank 5: laws with the same mean 0 and variance sigma_A but growing fourth moment give unbounded
+    second moments: three-point laws P(+-sqrt(s2/q)) = q/2 (excess kurtosis 1/q - 3), by exact enumeration over
+    every A0 (torch autograd SGD). E||grad_x||^2 grows linearly in the kurtosis, without bound as q -> 0 (a law
+    with infinite fourth moment, e.g. Student t with 3 dof, is the limit: E||grad_x||^2 = infinity)."""
+    r, d, d_out, s2, g, lr = 1, 2, 2, 0.7, 0.8, 0.6
+    xs, vs, x, v = vectors(3, d, d_out)
+    second, kappas = [], []
+    for q in (0.5, 0.05, 0.005):
+        values, probs, kappa = three_point(s2, q)
+        A0s, w = enumerate_law(values, probs, r, d)
+        _, gx, _, _ = torch_sgd(A0s, xs, vs, x, v, gamma=g, lr=lr)
+        want = enumerated_moments(A0s, w, np.zeros((len(w), 1)), gx)
+        assert want["mean_grad_in"] == pytest.approx(rs.one_step_moments(xs[0], vs[0], x, v, r=r, gamma=g, lr=lr,
+                                                     sigma2=s2, excess_kurtosis=kappa)["mean_grad_in"], rel=1e-11)
+        second.append(want["second_grad_in"])
+        kappas.append(kappa)
+    # same mean (the first moment depends on sigma_A only), second moment affine in kappa with a positive slope
+    slope = (second[2] - second[1]) / (kappas[2] - kappas[1])
+    assert slope > 0 and (second[1] - second[0]) / (kappas[1] - kappas[0]) == pytest.approx(slope, rel=1e-9)
+    assert second[2] > 50 * second[0]
