@@ -44,8 +44,9 @@ SEEDS ?= 11 23 37 41 59
 SEEDED_TESTS = $(shell grep -rlE 'default_seed|LORA_THEORY_SEED|\bSEED\b' tests --include='test_*.py' | sort)
 
 test-seeds: $(STAMP)
-	@set -e; for s in $(SEEDS); do echo "== LORA_THEORY_SEED=$$s"; \
-	  LORA_THEORY_SEED=$$s $(BIN)/python -m pytest -q -p no:cacheprovider $(SEEDED_TESTS); done
+	@failed=""; for s in $(SEEDS); do echo "== LORA_THEORY_SEED=$$s"; \
+	  LORA_THEORY_SEED=$$s $(BIN)/python -m pytest -q -p no:cacheprovider $(SEEDED_TESTS) || failed="$$failed $$s"; \
+	done; if [ -n "$$failed" ]; then echo "failed at LORA_THEORY_SEED =$$failed"; exit 1; fi
 
 bench: $(STAMP)
 	$(BIN)/lora-theory bench
