@@ -36,7 +36,14 @@ from figures.lowr import (
     prop41_equivalent,
     tab5_sensitivity,
 )
-from figures.rslora import layer_subset, multilayer, trajectory
+from figures.rslora import (
+    fig2_loss_vs_rank,
+    fig9_activation_moments,
+    layer_subset,
+    multilayer,
+    thm_coordcheck,
+    trajectory,
+)
 
 # the figure files, each a module with ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw
 FIGURES = (
@@ -58,6 +65,9 @@ FIGURES = (
     fig4_loss_gradnorm,
     tab5_sensitivity,
     prop41_equivalent,
+    thm_coordcheck,
+    fig2_loss_vs_rank,
+    fig9_activation_moments,
     effective_rank,
     mechanism,
     plugin_inits,
