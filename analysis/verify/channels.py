@@ -122,6 +122,9 @@ def errata(seed: int):
     q05, q50, q95 = np.quantile(rels, (0.05, 0.5, 0.95))
     yield row(TOPIC, f"eq. 10-11 drop O(eta^2) (announced): ratio over 200 random layers [{q05:.3f}, {q95:.3f}]",
               float(q50), "median > 0, spread > 2x", q50 > 0 and q95 > 2 * q05)
+    yield row(TOPIC, "eq. 10-11 ratio over the 200 layers: 5% quantile", float(q05), "> 0", q05 > 0)
+    yield row(TOPIC, "eq. 10-11 ratio over the 200 layers: 95% quantile", float(q95), "> 2 x the 5% quantile",
+              q95 > 2 * q05)
     r0 = second_ratio(A, np.zeros_like(B), X, G)
     yield row(TOPIC, "eq. 10-11: ||2nd||/||1st|| at B = 0 (LoRA's start)", r0, "= 0 exactly", r0 == 0.0)
     a, b = rng.standard_normal(5), rng.standard_normal(4)
@@ -220,3 +223,21 @@ def errata_batch_names_and_tau(seed: int):
     worst = float(np.max((nat / nbt) / np.maximum(start, 10.0 * cap)))
     yield row(TOPIC, "item 9: tau = 10, 30 passes: max ratio / max(start, tau (1 + alpha max||b|| var)^2)", worst,
               "<= 1 (bounded)", worst <= 1)
+
+
+@check(TOPIC)
+def second_order_one_layer(seed: int):
+    """Item 2's example: ||second-order|| / ||first-order|| of one SGD step (lr 1e-2) on one standard-normal layer
+    (N = 8, d_in = 6, r = 3, d_out = 5; the draw of tests/analysis/test_channels.py at seed 0, ERRATA quotes it), and
+    after the equivalent rescaling (2A, B/2)."""
+    rng = np.random.default_rng(0)
+    A, B, X, G = (rng.standard_normal(s) for s in ((3, 6), (5, 3), (8, 6), (8, 5)))
+
+    def ratio(A_, B_):
+        u = one_step_update(A_, B_, X, G, 1e-2)
+        return float(np.linalg.norm(u["second_order"]) / np.linalg.norm(u["a_term"] + u["b_term"]))
+
+    base, moved = ratio(A, B), ratio(*equivalent_modules(A, B, 2.0))
+    yield row(TOPIC, "item 2: ||2nd||/||1st||, one std-normal layer, lr 1e-2", base, "> 0", base > 0)
+    yield row(TOPIC, "item 2: same after (2A, B/2)", moved, "!= the above (changed by the rescaling)",
+              abs(moved / base - 1) > 0.1)
