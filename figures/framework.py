@@ -12,7 +12,7 @@ and is listed once in :mod:`figures.registry`. The framework (:func:`run_figure`
 
 - **the seed fan-out and the sweep**: every entry of ``configs(ctx)`` is run once per seed of ``ctx.seeds``
   (``cfg.replace(seed=s)``; :class:`Runs` for custom callbacks or the first seed only), all of one protocol in one
-  cached, parallel :func:`toymodels.train.run_sweep`; ``runs[name]`` is the list of histories, one per seed;
+  cached, parallel :func:`toymodels.run_sweep`; ``runs[name]`` is the list of histories, one per seed;
 - **the one way to read a diverged run**: sweeps return a diverged run truncated, with ``diverged_step``;
   :func:`diverged` says so and :func:`final` reads a last value as NaN for it;
 - **the criterion's evaluation** (:meth:`figures.criteria.Criterion.evaluate` on ``Measurement.samples``), the
@@ -113,7 +113,7 @@ class Result:
     datasets: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     figure: object | None = None  # a matplotlib Figure (None only when unavailable)
-    criterion: dict | None = None  # the declared criterion (Criterion.as_dict()); None for undeclared figures
+    criterion: dict | None = None  # the declared criterion (Criterion.as_dict()); None when the figure crashed
     protocols: list[dict] | None = None  # one dict per protocol run: protocol, verdict, outcome, key numbers
     draw: dict | None = None  # the headline protocol's numbers for draw() (saved in the JSON)
     headline: str | None = None  # the headline protocol's name
@@ -128,8 +128,7 @@ class Measurement:
     """What ``measure`` returns: ``samples`` (test name -> per-seed values / Estimate / number, the input of
     :meth:`Criterion.evaluate`), ``measured`` (JSON numbers), ``summary`` (the key numbers in one or two
     sentences, without restating the rule), ``key`` (a few numbers for the protocol map), ``draw`` (the numbers
-    ``draw`` needs, JSON-able), and for figures in the old form ``plot`` (a callable drawing the figure).
-    ``unavailable`` (a reason) when the measurement cannot be made here."""
+    ``draw`` needs, JSON-able). ``unavailable`` (a reason) when the measurement cannot be made here."""
 
     samples: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
@@ -137,9 +136,8 @@ class Measurement:
     key: dict = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
-    plot: Callable[[], object] | None = None
-    unavailable: str | None = None
     draw: dict | None = None
+    unavailable: str | None = None
 
 
 class Unavailable(Exception):  # noqa: N818  (a state, not an error: the figure cannot be made here)
@@ -158,18 +156,18 @@ class Runs:
 
 @dataclass(frozen=True)
 class Spec:
-    """A registered figure, run by :func:`run_figure`. New form: ``module`` with ``configs`` / ``measure`` /
-    ``draw``; old form (until every figure is converted): ``measure(ctx, protocol)`` (declared with ``@figure``)."""
+    """A registered figure (:func:`spec_of` a figure module), run by :func:`run_figure`: its id, paper, claim,
+    criterion, protocols, and its ``configs(ctx)``, ``measure(ctx, runs)`` and ``draw(numbers)``."""
 
     id: str
     paper: str
     claim: str
-    criterion: Criterion | None = None
-    protocols: tuple[Protocol, ...] = ()
-    measure: Callable | None = None
-    configs: Callable | None = None
-    draw: Callable | None = None
-    module: str | None = None
+    criterion: Criterion
+    protocols: tuple[Protocol, ...]
+    configs: Callable
+    measure: Callable
+    draw: Callable
+    module: str = ""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -243,14 +241,14 @@ def spec_of(module: ModuleType) -> Spec:
         raise ValueError(f"{module.__name__}.CRITERION must be a figures.criteria.Criterion")
     protocols = tuple(module.PROTOCOLS)
     check_protocols(protocols)
-    return Spec(module.ID, module.PAPER, module.CLAIM, module.CRITERION, protocols, module.measure, module.configs,
+    return Spec(module.ID, module.PAPER, module.CLAIM, module.CRITERION, protocols, module.configs, module.measure,
                 module.draw, module.__name__)
 
 
 def sweep(ctx: Context, runs: Mapping[str, object]) -> dict[str, list[dict]]:
     """Run every entry of ``runs`` (a config or :class:`Runs`) once per seed of ``ctx`` (or the first seed), in one
     cached parallel sweep; diverged runs come back truncated with ``diverged_step``. Returns name -> histories."""
-    from toymodels.train import run_sweep
+    from toymodels import run_sweep
 
     plan, configs, callbacks = [], [], []
     for name, entry in runs.items():
@@ -310,10 +308,7 @@ def holds_count(protocols: list[dict]) -> dict:
 def _measure(spec: Spec, ctx: Context, prot: Protocol) -> Measurement:
     pctx = ctx.with_protocol(prot)
     try:
-        if spec.configs is None:  # a figure in the old form: measure(ctx, protocol) does everything
-            meas = spec.measure(ctx, prot)
-        else:
-            meas = spec.measure(pctx, sweep(pctx, spec.configs(pctx)))
+        meas = spec.measure(pctx, sweep(pctx, spec.configs(pctx)))
     except Unavailable as exc:
         return Measurement(unavailable=str(exc))
     except Exception as exc:
@@ -332,8 +327,6 @@ def run_figure(spec: Spec, ctx: Context) -> Result:
     and ``draw`` filled and its figure drawn. An error in a non-primary protocol makes that protocol
     ``unavailable`` (and is printed); an error in the primary one propagates."""
     crit = spec.criterion
-    if crit is None or spec.measure is None:
-        raise ValueError(f"spec: {spec.id} is not a declared figure (no criterion / measure)")
     primary = [p for p in spec.protocols if p.primary]
     todo = primary + ([p for p in spec.protocols if not p.primary] if ctx.robustness else [])
     records, headline, head_meas = [], None, None
@@ -366,15 +359,12 @@ def run_figure(spec: Spec, ctx: Context) -> Result:
         summary += (f" Holds (reproduced) in {counts['reproduced']} of {counts['n']} protocols, partially in "
                     f"{counts['partially reproduced']}.")
     numbers, fig = None, None
-    if not head_meas.unavailable:
-        if spec.draw is not None and head_meas.draw is not None:
-            numbers = as_saved(head_meas.draw)
-            try:
-                fig = spec.draw(numbers)
-            except Exception:  # a broken plot must not lose the measurement: the JSON keeps the numbers (--redraw)
-                traceback.print_exc()
-        elif head_meas.plot is not None:
-            fig = head_meas.plot()
+    if not head_meas.unavailable and head_meas.draw is not None:
+        numbers = as_saved(head_meas.draw)
+        try:
+            fig = spec.draw(numbers)
+        except Exception:  # a broken plot must not lose the measurement: the JSON keeps the numbers (--redraw)
+            traceback.print_exc()
     return Result(headline["verdict"], summary, dict(head_meas.measured), list(head_meas.datasets),
                   dict(head_meas.config), fig, criterion=crit.as_dict(), protocols=records, draw=numbers,
                   headline=headline["name"])

@@ -22,13 +22,6 @@ from toymodels.cache import atomic_write_bytes
 DEFAULT_OUT = Path(__file__).resolve().parent
 
 
-def _legacy_protocol(result: Result) -> dict:
-    """The one protocol record of a figure without a declared criterion (rule still in its code)."""
-    return {"name": "as run", "protocol": {}, "primary": True, "paper": False, "verdict": result.verdict,
-            "summary": result.summary, "key": {},
-            "note": "not yet declared: one protocol, the rule is in the figure's code (see the summary)"}
-
-
 def _headline(record: dict) -> str | None:
     for p in record.get("protocols") or []:
         if p.get("primary"):
@@ -65,7 +58,7 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
         "image": f"{fig_id}.png" if result.figure is not None else None,
         "robustness": bool(ctx.robustness),
         "criterion": result.criterion,
-        "protocols": result.protocols if result.protocols is not None else [_legacy_protocol(result)],
+        "protocols": result.protocols or [],
     }
     record["holds"] = holds_count(record["protocols"])
     if result.draw is not None:
@@ -85,8 +78,6 @@ def redraw(spec: Spec, out: Path) -> str | None:
     if not path.exists():
         return f"no {path.name} in {out} (run the figure first)"
     record = json.loads(path.read_text())
-    if spec.draw is None:
-        return "an old-form figure without a draw function (regenerate it instead)"
     if record.get("draw") is None:
         return f"{path.name} holds no draw numbers (written before --redraw existed, or unavailable): regenerate it"
     fig = spec.draw(record["draw"])
@@ -158,7 +149,7 @@ def write_gallery(out: Path) -> Path:
         path = out / f"{fig_id}.json"
         if path.exists():
             r = json.loads(path.read_text())
-            r.setdefault("protocols", [_legacy_protocol(Result(r["verdict"], r["summary"]))])
+            r.setdefault("protocols", [])
             r.setdefault("criterion", None)
             r["holds"] = holds_count(r["protocols"])
             records.append(r)
@@ -202,10 +193,10 @@ def write_gallery(out: Path) -> Path:
                   for fid, c in recal]
     else:
         lines.append("None recorded in these JSONs.")
-    legacy = [r["id"] for r in records if not r.get("criterion")]
-    if legacy:
-        lines += ["", "Figures whose rule is not yet declared as data (the rule is stated in their summary): "
-                  + ", ".join(legacy) + "."]
+    undeclared = [r["id"] for r in records if not r.get("criterion")]
+    if undeclared:
+        lines += ["", "Figures without a declared criterion in their JSON (a crashed regeneration): "
+                  + ", ".join(undeclared) + "."]
     path = out / "README.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

@@ -1,14 +1,8 @@
-"""Every figure of the gallery, in the gallery's order: one import and one line of :data:`FIGURES` per figure
-file (``figures/<paper>/<name>.py``, see :mod:`figures.framework`). The figure ids are a contract (the JSON and
-PNG names, the command's arguments).
-
-Transition (issue 15): figures not yet in their own file are still registered by the ``@figure`` decorator of
-their old module, listed in :data:`_OLD_MODULES`; :func:`specs` imports those too.
-"""
+"""Every figure of the gallery, in the gallery's order: one import and one line of :data:`FIGURES` per figure file
+(``figures/<paper>/<name>.py``, see :mod:`figures.framework`). The figure ids (each module's ``ID``) are a contract:
+the JSON and PNG names and the command's arguments."""
 
 from __future__ import annotations
-
-import importlib
 
 from figures.allora import (
     fig1_dropout_mc,
@@ -37,7 +31,11 @@ from figures.lowr import (
     tab5_sensitivity,
 )
 from figures.rslora import (
+    b4_lr_sweep,
     fig2_loss_vs_rank,
+    fig3_gradnorm,
+    fig6_init_only,
+    fig8_other_gammas,
     fig9_activation_moments,
     layer_subset,
     multilayer,
@@ -45,92 +43,46 @@ from figures.rslora import (
     trajectory,
 )
 
-# the figure files, each a module with ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw
+# the figure files (ID / PAPER / CLAIM / CRITERION / PROTOCOLS / configs / measure / draw), in the gallery's order
 FIGURES = (
-    fig1_dropout_mc,
-    fig2_grad_std,
-    fig3_norms,
-    fig4_expected_vs_empirical,
-    tab5_dropout_epochs,
-    fig5_escape,
-    fig6_adaptive_fn,
-    prop1_ripple,
-    tab_variants,
-    ripple_adaptive,
-    zero_init_a,
-    tab5_best_epoch,
-    regularization_like_dropout,
-    fig2_channel_corr,
-    fig3_with_without,
-    fig4_loss_gradnorm,
-    tab5_sensitivity,
-    prop41_equivalent,
-    thm_coordcheck,
-    fig2_loss_vs_rank,
-    fig9_activation_moments,
-    effective_rank,
-    mechanism,
-    plugin_inits,
-    multilayer,
-    trajectory,
-    layer_subset,
+    fig1_dropout_mc,  # allora-fig1-dropout-mc
+    fig2_grad_std,  # allora-fig2-grad-std
+    fig3_norms,  # allora-fig3-norms
+    fig4_expected_vs_empirical,  # allora-fig4-expected-vs-empirical
+    tab5_dropout_epochs,  # allora-tab5-dropout-epochs
+    fig5_escape,  # allora-fig5-escape
+    fig6_adaptive_fn,  # allora-fig6-adaptive-fn
+    prop1_ripple,  # allora-prop1-ripple
+    tab_variants,  # allora-tab-variants
+    thm_coordcheck,  # rslora-thm-coordcheck
+    fig2_loss_vs_rank,  # rslora-fig2-loss-vs-rank
+    fig3_gradnorm,  # rslora-fig3-gradnorm
+    fig6_init_only,  # rslora-fig6-init-only
+    fig8_other_gammas,  # rslora-fig8-other-gammas
+    fig9_activation_moments,  # rslora-fig9-activation-moments
+    b4_lr_sweep,  # rslora-b4-lr-sweep
+    fig2_channel_corr,  # lowr-fig2-channel-corr
+    fig3_with_without,  # lowr-fig3-with-without
+    fig4_loss_gradnorm,  # lowr-fig4-loss-gradnorm
+    tab5_sensitivity,  # lowr-tab5-sensitivity
+    prop41_equivalent,  # lowr-prop41-equivalent
+    multilayer,  # rslora-multilayer
+    trajectory,  # rslora-trajectory
+    layer_subset,  # rslora-layer-subset
+    effective_rank,  # lowr-effective-rank
+    mechanism,  # lowr-mechanism
+    plugin_inits,  # lowr-plugin-inits
+    ripple_adaptive,  # allora-ripple-adaptive
+    zero_init_a,  # allora-zero-init-a
+    tab5_best_epoch,  # allora-tab5-best-epoch
+    regularization_like_dropout,  # allora-regularization-like-dropout
 )
 
-# the gallery's order of every figure id (the contract)
-FIGURE_IDS = (
-    "allora-fig1-dropout-mc",
-    "allora-fig2-grad-std",
-    "allora-fig3-norms",
-    "allora-fig4-expected-vs-empirical",
-    "allora-tab5-dropout-epochs",
-    "allora-fig5-escape",
-    "allora-fig6-adaptive-fn",
-    "allora-prop1-ripple",
-    "allora-tab-variants",
-    "rslora-thm-coordcheck",
-    "rslora-fig2-loss-vs-rank",
-    "rslora-fig3-gradnorm",
-    "rslora-fig6-init-only",
-    "rslora-fig8-other-gammas",
-    "rslora-fig9-activation-moments",
-    "rslora-b4-lr-sweep",
-    "lowr-fig2-channel-corr",
-    "lowr-fig3-with-without",
-    "lowr-fig4-loss-gradnorm",
-    "lowr-tab5-sensitivity",
-    "lowr-prop41-equivalent",
-    "rslora-multilayer",
-    "rslora-trajectory",
-    "rslora-layer-subset",
-    "lowr-effective-rank",
-    "lowr-mechanism",
-    "lowr-plugin-inits",
-    "allora-ripple-adaptive",
-    "allora-zero-init-a",
-    "allora-tab5-best-epoch",
-    "allora-regularization-like-dropout",
-)
-
-# transition only: old multi-figure modules (in figures/) and the ids they still register with @figure
-_OLD_MODULES = ("rslora_unconverted",)
-
-_LEGACY: dict[str, Spec] = {}  # filled by figures.figure (the old decorator)
+FIGURE_IDS = tuple(m.ID for m in FIGURES)
 
 
 def specs() -> dict[str, Spec]:
-    """Every registered figure (id -> Spec), in the gallery's order."""
-    found = {m.ID: spec_of(m) for m in FIGURES}
-    for name in _OLD_MODULES:
-        try:
-            importlib.import_module(f"figures.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"figures.{name}":
-                raise
-    both = set(found) & set(_LEGACY)
-    if both:
-        raise ValueError(f"figures registered twice (a figure file and an old module): {sorted(both)}")
-    found.update(_LEGACY)
-    unknown = set(found) - set(FIGURE_IDS)
-    if unknown:
-        raise ValueError(f"figures not in FIGURE_IDS: {sorted(unknown)}")
-    return {fid: found[fid] for fid in FIGURE_IDS if fid in found}
+    """Every figure (id -> Spec), in the gallery's order."""
+    if len(set(FIGURE_IDS)) != len(FIGURE_IDS):
+        raise ValueError(f"a figure id is listed twice in FIGURES: {FIGURE_IDS}")
+    return {m.ID: spec_of(m) for m in FIGURES}

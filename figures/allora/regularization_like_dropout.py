@@ -12,8 +12,9 @@ from analysis import dropout as closed
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
+from toymodels import TrainState
+from toymodels.losses import evaluate
 from toymodels.protocol import base_config
-from toymodels.train import TrainState, evaluate
 
 ID = "allora-regularization-like-dropout"
 PAPER = "ALLoRA sec. 4.2, 6 (open question); sec. 4.3, 5.1"

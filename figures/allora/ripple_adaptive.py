@@ -15,8 +15,9 @@ from figures.allora.protocol import ETA2
 from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
+from toymodels import TrainState
+from toymodels.losses import loss_fn
 from toymodels.protocol import base_config
-from toymodels.train import TrainState, loss_fn
 
 ID = "allora-ripple-adaptive"
 PAPER = "ALLoRA sec. 3.3, 4.2-4.3"
@@ -66,8 +67,7 @@ class RippleProbe(Probe):
     z_l^0 without them: the frozen model), ``amp`` = ||z_l|| / ||z_l^0||, and ``grad_amp`` = ||J_l^T u|| / its
     frozen-model value, the gradient that reaches the input of layer l (l = 0: the data) when the same output
     gradient u = dL/dz_L of the frozen model is sent back through the adapted and the frozen network (a fixed u,
-    as the chain's grad_out: the fit of the adapted model does not enter). For ALLoRA the backward is the
-    engine's own (sec. 4.2: the input gradient is not rescaled). Prefix "ripple_"."""
+    as the chain's grad_out). For ALLoRA the backward is the engine's own (sec. 4.2: no input-gradient rescaling)."""
 
     prefix = "ripple_"
     version = 1

@@ -13,8 +13,8 @@ from figures.allora.protocol import escape_step, row_norm_curve
 from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
+from toymodels import build_finetune_model, protocol_data
 from toymodels.protocol import base_config
-from toymodels.train import build_finetune_model, protocol_data
 
 ID = "allora-zero-init-a"
 PAPER = "ALLoRA sec. 3.2"

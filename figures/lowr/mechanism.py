@@ -13,7 +13,7 @@ from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
 from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, b_share, split_settings, unit_scale_config
 from figures.style import colors, new_figure
-from toymodels.train import Callback
+from toymodels import Callback
 
 ID = "lowr-mechanism"
 PAPER = "LoWR sec. 3.3"

@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 
-from figures._common import base_config
 from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, Protocol, diverged, require_datasets
 from figures.rslora.protocol import METHOD_COLOR, METHODS, errorbars, seed_slopes
 from figures.style import new_figure
+from toymodels.protocol import base_config
 
 ID = "rslora-layer-subset"
 PAPER = "rsLoRA app. B.5 / fig. 7"

@@ -19,9 +19,9 @@ import math
 import numpy as np
 import seaborn as sns
 
-from figures._common import base_config
 from figures.framework import Protocol, diverged, floats
-from toymodels.train import FinetuneConfig
+from toymodels import FinetuneConfig
+from toymodels.protocol import base_config
 
 METHODS = ("lora", "rslora")
 METHOD_LABEL = {"lora": "LoRA (alpha/r)", "rslora": "rsLoRA (alpha/sqrt(r))"}

@@ -290,9 +290,6 @@ def test_ci_dict_is_the_t_interval():
     d = ci_dict(x)
     half = stats.t.ppf(0.975, 9) * 2.0 / math.sqrt(10)
     assert d["mean"] == pytest.approx(1.0) and d["ci_high"] - d["mean"] == pytest.approx(half)
-    from figures._common import ci_dict as legacy
-
-    assert legacy is ci_dict
 
 
 # ------------------------------------------------------------------------------------ protocols / gallery
@@ -306,16 +303,17 @@ _PROTS = (Protocol("adam", {"optimizer": "adam", "lr": 1e-3 / 3}, primary=True, 
           Protocol("sgd", {"optimizer": "sgd"}), Protocol("broken", {"optimizer": "sgd", "lr": 9.0}))
 
 
-def _measure(ctx, protocol):
-    if protocol.name == "broken":
+def _measure(ctx, runs):
+    if ctx.protocol.name == "broken":
         raise RuntimeError("boom")
-    mean = 1.0 if protocol.name == "adam" else 0.0
+    mean = 1.0 if ctx.protocol.name == "adam" else 0.0
     return Measurement(samples={"gap": _sample(mean, 1.0)}, measured={"gap": mean}, summary=f"gap {mean}",
-                       key={"gap": mean}, datasets=["synthetic"], plot=None)
+                       key={"gap": mean}, datasets=["synthetic"])
 
 
 def _spec():
-    return Spec("rslora-fig2-loss-vs-rank", "paper", "claim", _CRIT, _PROTS, _measure)
+    return Spec("rslora-fig2-loss-vs-rank", "paper", "claim", _CRIT, _PROTS, configs=lambda ctx: {}, measure=_measure,
+                draw=lambda numbers: None)
 
 
 def test_run_figure_primary_only_and_robustness_grid(capsys):
@@ -331,16 +329,14 @@ def test_run_figure_primary_only_and_robustness_grid(capsys):
 
 
 def test_protocol_declarations_are_checked():
-    from figures import figure
+    from figures.framework import check_protocols
 
     with pytest.raises(ValueError, match="exactly one primary"):
-        figure("rslora-fig2-loss-vs-rank", paper="p", claim="c", criterion=_CRIT,
-               protocols=(Protocol("a", primary=True), Protocol("b", primary=True)))
+        check_protocols((Protocol("a", primary=True), Protocol("b", primary=True)))
     with pytest.raises(ValueError, match="paper"):
-        figure("rslora-fig2-loss-vs-rank", paper="p", claim="c", criterion=_CRIT,
-               protocols=(Protocol("a", primary=True), Protocol("b", paper=True)))
-    with pytest.raises(ValueError, match="unknown figure id"):
-        figure("no-such-id", paper="p", claim="c")
+        check_protocols((Protocol("a", primary=True), Protocol("b", paper=True)))
+    with pytest.raises(ValueError, match="unique names"):
+        check_protocols((Protocol("a", primary=True), Protocol("a")))
 
 
 def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,4 +54,8 @@ def test_list_and_bad_ids(capsys):
 
 
 def test_every_contract_id_is_registered():
+    """The registry's ids are the committed gallery's (one JSON and one PNG per figure, nothing else)."""
+    gallery = Path(figures.__file__).parent
     assert list(figures.specs()) == list(registry.FIGURE_IDS)
+    assert sorted(registry.FIGURE_IDS) == sorted(p.stem for p in gallery.glob("*.json"))
+    assert sorted(registry.FIGURE_IDS) == sorted(p.stem for p in gallery.glob("*.png"))

@@ -31,7 +31,7 @@ def test_a_context_overrides_and_another_dataset():
 
 def test_figures_use_this_protocol():
     from figures import Context
-    from figures._common import base_config as figures_base_config
+    from figures.lowr.protocol import base_config as figures_base_config
 
     assert figures_base_config is base_config
     assert base_config(Context(fidelity="large")) == base_config("large")

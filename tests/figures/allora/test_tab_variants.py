@@ -8,9 +8,9 @@ import pytest
 
 from analysis.inputs import default_seed
 from figures import Context
-from figures._common import base_config
 from figures.allora.tab_variants import BEATS, CRITERION, OTHERS, VARIANTS, variant_config, variants_table
 from tests.figures.constructed import pattern
+from toymodels.protocol import base_config
 
 
 def test_variant_configs_follow_the_papers_learning_rates_scalings_and_dropout():
