@@ -23,7 +23,6 @@ Layout, each module importing only the ones above it (no import cycle: ``tests/t
     results.py        the results table of a sweep (Parquet / CSV)
     sweep.py          run_sweep: many configs, batched or looped, in processes / Ray / SLURM, resumable
     sweep_cli.py      ``lora-theory sweep``;  data_cli.py  ``lora-theory data``
-    train.py          deprecated alias of the modules train.py was split into (nothing here imports it)
 """
 
 from __future__ import annotations

@@ -68,10 +68,15 @@ def test_no_import_cycle_in_toymodels():
     assert find_cycle(graph) is None, f"import cycle in toymodels: {' -> '.join(find_cycle(graph))}"
 
 
-def test_no_module_imports_the_package_face_or_the_deprecated_alias():
+def test_no_module_imports_the_package_face():
     graph = import_graph()
-    bad = {m: sorted(t & {"__init__", "train"}) for m, t in graph.items() if m not in ("__init__", "train")}
+    bad = {m: sorted(t & {"__init__"}) for m, t in graph.items() if m != "__init__"}
     assert not {m: t for m, t in bad.items() if t}, bad
+
+
+def test_train_py_is_gone():
+    """train.py was split into config / seeds / setup / losses / callback_base / loop (issue 15); no alias remains."""
+    assert "train" not in import_graph()
 
 
 def test_the_cycle_check_can_fail():
