@@ -50,8 +50,22 @@ def _split(names) -> tuple[list[str], list[str]]:
     return [n for n in names if kinds[n] == "problem"], [n for n in names if kinds[n] == "note"]
 
 
+class _FlagKinds:
+    """``problems`` / ``notes``: the raised ``flags`` split by their declared kind (:data:`diagnose.flags.FLAGS`)."""
+
+    flags: list
+
+    @property
+    def problems(self) -> list[str]:
+        return _split(self.flags)[0]
+
+    @property
+    def notes(self) -> list[str]:
+        return _split(self.flags)[1]
+
+
 @dataclass
-class LayerReport:
+class LayerReport(_FlagKinds):
     """All numbers of one layer; :meth:`to_dict` is its JSON form. Arrays (row norms, ...) stay numpy here."""
 
     name: str
@@ -74,14 +88,6 @@ class LayerReport:
         if item in quantities:
             return quantities[item]
         raise AttributeError(item)
-
-    @property
-    def problems(self) -> list[str]:
-        return _split(self.flags)[0]
-
-    @property
-    def notes(self) -> list[str]:
-        return _split(self.flags)[1]
 
     def to_dict(self, *, full: bool = False) -> dict:
         """JSON-ready dict; ``full`` adds the per-row ALLoRA arrays (length d_out) and the intruder cosines."""
@@ -109,7 +115,7 @@ class LayerReport:
 
 
 @dataclass
-class Report:
+class Report(_FlagKinds):
     """The diagnosis: ``layers`` (:class:`LayerReport`), ``flags`` (names raised), ``problems`` / ``notes`` (the
     same split by kind), ``flag_details`` (name -> kind, rule, explanation, threshold, layers), ``stacks``,
     ``unsupported``, ``missing_modules``, ``messages`` (sentences: what was skipped and why)."""
@@ -126,14 +132,6 @@ class Report:
     missing_modules: list[str] = field(default_factory=list)
     base_info: dict | None = None
     questions: dict = field(default_factory=lambda: {"adapter_applied": None, "rslora_ignored_factor": None})
-
-    @property
-    def problems(self) -> list[str]:
-        return _split(self.flags)[0]
-
-    @property
-    def notes(self) -> list[str]:
-        return _split(self.flags)[1]
 
     def layer(self, name: str) -> LayerReport:
         for lay in self.layers:

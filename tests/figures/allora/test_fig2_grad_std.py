@@ -11,11 +11,8 @@ from analysis import dropout as dr
 from analysis.inputs import default_seed
 from figures.allora.fig2_grad_std import entry_stats
 from figures.allora.protocol import last_layer_problem
-from toymodels import config, losses, setup
-from toymodels.lora import lora_modules
-
-SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
-             pretrain_steps=10, steps=12, batch_size=16, record_every=4)
+from tests.figures.allora.small import last_layer_model
+from toymodels import losses
 
 
 @pytest.fixture(autouse=True)
@@ -23,24 +20,11 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
 
 
-def _last_layer_model(p: float, placement: str):
-    cfg = config.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
-                               recorders=())
-    model = setup.build_finetune_model(cfg, torch.device("cpu")).double()
-    layer = lora_modules(model)[-1]
-    gen = torch.Generator().manual_seed(default_seed())
-    with torch.no_grad():  # a nonzero B, as after fine-tuning
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
-    data = setup.protocol_data(cfg, torch.device("cpu"))
-    x, y = data.finetune
-    return model, layer, x[:16].double(), y[:16]
-
-
 @pytest.mark.parametrize("placement", ["bottleneck", "input"])
 def test_engine_loss_gradient_std_is_grad_moments_over_n(placement):
     """fig. 2's overlay: per-entry std over masks of d(engine MSE)/d(A, B) = sqrt(grad_moments var) / N."""
     p, masks = 0.3, 2000
-    model, layer, x, y = _last_layer_model(p, placement)
+    model, layer, x, y = last_layer_model(p, placement)
     prob = last_layer_problem(model, layer, x, y)
     _, var_a, _, var_b = dr.grad_moments(prob["X"], prob["Y"], prob["W"], prob["A"], prob["B"], p,
                                          placement=placement, scaling=float(prob["s"]))

@@ -11,11 +11,9 @@ import torch
 from analysis import dropout as dr
 from figures.allora import fig3_norms as fig3
 from figures.allora.protocol import last_layer_problem
+from tests.figures.allora.small import SMALL
 from toymodels import config, loop, setup
 from toymodels.lora import lora_modules
-
-SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
-             pretrain_steps=10, steps=12, batch_size=16, record_every=4)
 
 
 @pytest.fixture(autouse=True)

@@ -10,14 +10,10 @@ import pytest
 import torch
 
 from analysis import dropout as dr
-from analysis.inputs import default_seed
 from figures.allora import protocol
 from figures.allora.protocol import last_layer_problem
-from toymodels import config, setup
-from toymodels.lora import lora_modules
-
-SMALL = dict(dataset="synthetic", widths=(16, 24, 24, 6), n_pretrain=128, n_finetune=64, n_test=128,
-             pretrain_steps=10, steps=12, batch_size=16, record_every=4)
+from tests.figures.allora.small import SMALL, last_layer_model
+from toymodels import config
 
 
 @pytest.fixture(autouse=True)
@@ -25,21 +21,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "runs"))
 
 
-def _last_layer_model(p: float, placement: str):
-    cfg = config.FinetuneConfig(**SMALL, targets=("layers.2",), loss="mse", dropout=p, placement=placement,
-                               recorders=())
-    model = setup.build_finetune_model(cfg, torch.device("cpu")).double()
-    layer = lora_modules(model)[-1]
-    gen = torch.Generator().manual_seed(default_seed())
-    with torch.no_grad():  # a nonzero B, as after fine-tuning
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
-    data = setup.protocol_data(cfg, torch.device("cpu"))
-    x, y = data.finetune
-    return model, layer, x[:16].double(), y[:16]
-
-
 def test_last_layer_problem_matches_the_model_output():
-    model, layer, x, y = _last_layer_model(0.2, "bottleneck")
+    model, layer, x, y = last_layer_model(0.2, "bottleneck")
     prob = last_layer_problem(model, layer, x, y)
     model.eval()
     with torch.no_grad():
