@@ -8,9 +8,10 @@ def run_all(quick: bool = False) -> int:
 
     __import__("benchmarks.bench_finetune").bench_finetune.run_isolated(quick=quick)
     status = bench_sample_loss.main(quick=quick)
-    from benchmarks import bench_redraw, bench_sweep
+    from benchmarks import bench_redraw, bench_sweep, bench_sweep_small
 
     # quick: a smoke run in seconds (the test suite runs it), so without Ray's start-up (tests/toymodels cover Ray)
     status = bench_sweep.main(["--quick", "--skip-ray"] if quick else []) or status
+    status = bench_sweep_small.main(["--quick"] if quick else []) or status
     status = bench_redraw.main(["--quick"] if quick else []) or status
     return __import__("benchmarks.bench_diagnose").bench_diagnose.main(quick=quick) or status

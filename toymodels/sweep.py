@@ -88,11 +88,12 @@ from analysis.inputs import positive_int
 from toymodels import batched as batched_engine
 from toymodels import cache as run_cache
 from toymodels import loop as loop_engine
+from toymodels import setup
 from toymodels.callback_base import Callback
 from toymodels.config import FinetuneConfig
 
 EXECUTORS = ("local", "ray", "slurm")
-KINDS = ("batched", "sequential")
+KINDS = ("batched", "sequential", "pretrain")
 #: test hook: a local worker process (never the calling process) running a task that holds the config whose
 #: sequential cache key (``config_key(cfg.as_dict())``) is this variable's value exits at once with code 3
 KILL_HOOK = "LORA_THEORY_SWEEP_TEST_EXIT"
@@ -103,7 +104,8 @@ _IN_WORKER = False
 class Task:
     """A unit of work: ``configs`` trained together by the batched engine, or one config by the loop (with its
     custom ``callbacks``, one sequence per config, when it has any; ``callback_keys`` names them in equality
-    and hashing: :func:`callbacks_key`)."""
+    and hashing: :func:`callbacks_key`), or (``kind="pretrain"``) the pretrained base model of one config,
+    written to the run cache for the fine-tuning tasks that need it (:func:`fill_workers`)."""
 
     kind: str
     configs: tuple[FinetuneConfig, ...]
@@ -180,6 +182,73 @@ def plan(configs: Sequence[FinetuneConfig], *, batched: bool = True, max_batch: 
         elif c in loop:
             tasks.append(Task("sequential", (c,)))
     return tasks
+
+
+#: a batched task is split for idle workers only into parts of at least this many runs: below it, the batched
+#: engine's cost per run rises (fixed per-step costs shared by fewer runs; BENCHMARKS.md, "filling the workers")
+MIN_SPLIT_RUNS = 2
+
+
+def split_task(task: Task, parts: int) -> list[Task]:
+    """A batched task cut into ``parts`` batched tasks at seed boundaries (the runs of a seed stay together: the
+    engine holds data and base weights per seed), nearly equal in seeds, in the canonical order; a part of one run
+    keeps its seeds' runs per seed, hence the engine's per-seed blocks and the bits of every run."""
+    batch = batched_engine.canonical_batch(task.configs)
+    seeds = list(dict.fromkeys(c.seed for c in batch))
+    parts = max(1, min(parts, len(seeds)))
+    bounds = [round(i * len(seeds) / parts) for i in range(parts + 1)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        chosen = set(seeds[a:b])
+        out.append(Task("batched", tuple(c for c in batch if c.seed in chosen)))
+    return out
+
+
+def fill_workers(tasks: Sequence[Task], workers: int) -> list[Task]:
+    """The fine-tuning tasks still to run, reshaped so that ``workers`` workers all have work: while there are
+    fewer tasks than workers, the largest batched task that can be split (:func:`_splittable`) is split in two at
+    a seed boundary (:func:`split_task`). A function of the tasks and the worker count; the results are the same
+    bits whatever the split (the batched engine's numbers for a run depend on how many runs its seed has in the
+    batch, which a split at seed boundaries keeps, not on the other seeds: tests/toymodels/test_sweep_fill.py),
+    and a split task's runs are found in the cache by a later sweep with any worker count
+    (:func:`cached_histories`)."""
+    tasks = list(tasks)
+    while len(tasks) < workers:
+        candidates = [t for t in tasks if t.kind == "batched" and _splittable(t)]
+        if not candidates:
+            break
+        big = max(candidates, key=lambda t: len(t.configs))
+        i = tasks.index(big)
+        tasks[i:i + 1] = split_task(big, 2)
+    return tasks
+
+
+def _splittable(task: Task) -> bool:
+    """At least 2 seeds, ``2 * MIN_SPLIT_RUNS`` runs, and the same number of runs for every seed: the engine then
+    trains each seed as one block of m runs, and so does every part (a batch with unequal counts trains each run as
+    its own block, whose float sums can differ in the last bits: such a task is never split)."""
+    counts = {}
+    for c in task.configs:
+        counts[c.seed] = counts.get(c.seed, 0) + 1
+    return len(counts) >= 2 and len(task.configs) >= 2 * MIN_SPLIT_RUNS and len(set(counts.values())) == 1
+
+
+def pretrain_tasks(tasks: Sequence[Task], threads: int) -> tuple[list[Task], dict[Task, set[str]]]:
+    """One ``pretrain`` task per distinct base model the tasks need that is not cached yet (so that they train in
+    parallel before the fine-tuning that needs them), and, per task, the bases it waits for."""
+    bases: dict[str, FinetuneConfig] = {}
+    needs: dict[Task, set[str]] = {}
+    for t in tasks:
+        keys = set()
+        for c in t.configs:
+            key = _base_key(c, threads)
+            if key not in bases and not pretrained_cached(c, threads):
+                bases[key] = c
+            if key in bases:
+                keys.add(key)
+        needs[t] = keys
+    pre = [Task("pretrain", (c,)) for c in bases.values()]
+    return pre, needs
 
 
 def resolve_callbacks(callbacks, configs: Sequence[FinetuneConfig]) -> list[tuple[Callback, ...]]:
@@ -321,6 +390,10 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
     # (per run; callbacks fork it), so tasks sharing a process (a thread-pool executor) would interleave their
     # draws; in a worker process of its own the lock is never contended.
     with _TASK_LOCK, _pinned_threads(threads):
+        if task.kind == "pretrain":
+            for c in task.configs:
+                setup.pretrain(c, device)
+            return []
         if task.kind == "batched":
             return batched_engine.finetune_many(list(task.configs), device, use_cache=use_cache,
                                                 on_diverge="return")
@@ -329,7 +402,37 @@ def run_task(task: Task, *, device: str | None = None, use_cache: bool = True, t
 
 
 def cached_histories(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
-    """The task's histories if every run is cached (read in this process, nothing trained), else None."""
+    """The task's histories if every run is cached (read in this process, nothing trained), else None. A batched
+    task also counts as cached when an earlier sweep computed it split at seed boundaries (:func:`split_task`:
+    a sweep on more workers), in any number of parts."""
+    hit = _cached_as_is(task, threads)
+    if hit is not None or task.kind != "batched":
+        return hit
+    order = {c: i for i, c in enumerate(task.configs)}
+    for parts in range(2, len({c.seed for c in task.configs}) + 1):
+        found: dict[FinetuneConfig, dict] = {}
+        for sub in split_task(task, parts):
+            hits = _cached_as_is(sub, threads)
+            if hits is None:
+                break
+            found.update(zip(sub.configs, hits, strict=True))
+        else:
+            return [found[c] for c in sorted(found, key=order.__getitem__)]
+    return None
+
+
+def _base_key(cfg: FinetuneConfig, threads: int) -> str:
+    with _pinned_threads(threads):
+        return run_cache.config_key(cfg.pretrain_dict())
+
+
+def pretrained_cached(cfg: FinetuneConfig, threads: int) -> bool:
+    """Whether the pretrained base model of ``cfg`` is in the run cache (the key of :func:`toymodels.setup.pretrain`
+    at ``threads`` torch threads)."""
+    return (run_cache.cache_root() / "pretrain" / f"{_base_key(cfg, threads)}.npz").exists()
+
+
+def _cached_as_is(task: Task, threads: int) -> list[dict[str, np.ndarray]] | None:
     with _pinned_threads(threads):
         if task.kind == "batched":
             batch = batched_engine.canonical_batch(task.configs)
@@ -686,12 +789,16 @@ def run_sweep(configs: Sequence[FinetuneConfig], *, executor: str | cf.Executor 
     failures: list[tuple[FinetuneConfig, str]] = []
     try:
         if pending:
-            local_workers = min(workers or os.cpu_count() or 1, len(pending))
+            wanted = workers or os.cpu_count() or 1
+            if wanted > 1 and not (executor == "local" and len(pending) == 1 and len(pending[0].configs) == 1):
+                pending = fill_workers(pending, wanted)  # split batched tasks so that no worker idles
+            pre, needs = pretrain_tasks(pending, threads) if use_cache and wanted > 1 else ([], {})
+            local_workers = min(wanted, max(len(pending), len(pre)))
             if executor == "local" and local_workers == 1:
                 _run_in_process(pending, kwargs, found, failures, bar)
             else:
-                _run_distributed(pending, kwargs, found, failures, bar, executor, workers, threads, retries,
-                                 local_workers, executor_options or {})
+                _run_distributed(pre + pending, needs, kwargs, found, failures, bar, executor, workers, threads,
+                                 retries, local_workers, executor_options or {})
     except KeyboardInterrupt:
         bar.close()
         cached = len(found) if use_cache else 0
@@ -745,8 +852,10 @@ def _name(task: Task, i: int) -> str:
     return _short(task.configs[i]) + _with_callbacks(task, i)
 
 
-def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, threads, retries, local_workers,
-                     options) -> None:
+def _run_distributed(pending, needs, kwargs, found, failures, bar, executor, workers, threads, retries,
+                     local_workers, options) -> None:
+    """The tasks on the workers of ``executor``; a task starts once the ``pretrain`` tasks of the bases it
+    ``needs`` are done (those come first in ``pending``)."""
     if isinstance(executor, cf.Executor):
         backend = _FuturesBackend(executor, workers)
     elif executor == "local":
@@ -758,15 +867,28 @@ def _run_distributed(pending, kwargs, found, failures, bar, executor, workers, t
     queue = list(pending)
     attempts: dict[Task, int] = {}
     running: dict = {}  # handle -> task
+    waiting_for = {t: set(needs.get(t, ())) for t in queue}
+    base_of = {t: _base_key(t.configs[0], threads) for t in queue if t.kind == "pretrain"}
     try:
         while queue or running:
-            while queue and len(running) < backend.capacity:
-                task = queue.pop(0)
+            while len(running) < backend.capacity:
+                task = next((t for t in queue if not waiting_for.get(t)), None)
+                if task is None:
+                    break
+                queue.remove(task)
                 attempts[task] = attempts.get(task, 0) + 1
                 running[backend.submit(task, kwargs)] = task
             for handle in backend.wait(list(running), timeout=0.5):
                 task = running.pop(handle)
                 res = backend.result(handle)
+                if task.kind == "pretrain":
+                    if isinstance(res, _Failed) and attempts[task] <= retries:
+                        queue.insert(0, task)
+                        continue
+                    # done, or failed for good: the tasks waiting for it go on (they pretrain it themselves)
+                    for t in waiting_for:
+                        waiting_for[t].discard(base_of[task])
+                    continue
                 if isinstance(res, _Failed):
                     if attempts[task] <= retries:
                         queue.append(task)

@@ -358,9 +358,15 @@ def describe_plan(configs, workers: int | None, threads: int) -> str:
     hits = sum(len(t.configs) for t in cached)
     w = workers or os.cpu_count() or 1
     todo = [t for t in tasks if t not in cached]
+    if w > 1:  # what run_sweep does with the tasks to run: split for idle workers, pretrainings first
+        todo = sweep.fill_workers(todo, w)
+        tasks = cached + todo
+    pre, _ = sweep.pretrain_tasks(todo, threads) if w > 1 else ([], {})
     lines = [f"{len(distinct)} runs ({len(configs) - len(distinct)} duplicates merged) in {len(tasks)} tasks: "
              f"{sum(t.kind == 'batched' for t in tasks)} batched, {sum(t.kind == 'sequential' for t in tasks)} "
              f"through the training loop; {hits} of {len(distinct)} runs already in the run cache"]
+    if pre:
+        lines.append(f"{len(pre)} pretrainings first, as tasks of their own (their base models are not cached)")
     for i, t in enumerate(tasks, 1):
         varying = [k for k in ("seed", "dropout", "lr", "scaling") if len({getattr(c, k) for c in t.configs}) > 1]
         what = f"varying {', '.join(varying)}" if varying else ""

@@ -14,4 +14,5 @@ def test_bench_quick_runs_every_benchmark(tmp_path, monkeypatch, capfd):
     assert "(b) and (c) K=1 losses equal to rtol 1e-4: p=0 True, p=0.1 True" in out
     assert "sample_loss benchmark" in out and "ratio" in out
     assert "sweep benchmark: 4 runs (QUICK" in out
+    assert "small-sweep benchmark: 12 runs (QUICK" in out and "(bits equal: True" in out
     assert "bit for bit: " in out and "False" not in out.split("bit for bit: ")[1].splitlines()[0]
