@@ -4,7 +4,8 @@ The model of the issue: hidden 1024, intermediate 2816, 16 layers, 16 heads (8 k
 254 M parameters, random weights built from a config (no download), saved as safetensors; an all-linear r = 16
 adapter (112 layers) with a trained-like B (Gaussian, so that m is a few percent); a calibration batch of 8 x 512
 random token ids. Each run is a fresh ``python -m diagnose.cli`` process (imports included), timed wall-clock,
-with its peak RSS (``ru_maxrss`` of the child). Then the per-layer costs at the shapes of a 7B Llama
+with its peak RSS (``ru_maxrss`` of the child). Then the per-layer costs (and which path ``base_quantities`` took:
+truncated, exact, or exact after an undetermined truncated verdict) at the shapes of a 7B Llama
 (4096 x 4096 and 11008 x 4096 / 4096 x 11008, r = 16) and a projection to a 7B all-linear adapter (32 layers x 7
 modules) from them; the calibration forward pass is projected from the measured one by the parameter ratio.
 
@@ -100,9 +101,9 @@ def per_layer_costs(quick: bool) -> dict:
         A = rng.uniform(-1, 1, (R, d_in)) / np.sqrt(d_in)
         B = 0.02 * rng.standard_normal((d_out, R))
         X = rng.standard_normal((tokens, d_in))
-        costs = {}
+        costs, info = {}, {}
         steps = (("adapter", lambda A=A, B=B: adapter_quantities(A, B, 2.0, use_rslora=False)),
-                 ("base", lambda W=W, A=A, B=B: base_quantities(W, A, B, 2.0)),
+                 ("base", lambda W=W, A=A, B=B, info=info: base_quantities(W, A, B, 2.0, info=info)),
                  ("calibration_per_512_tokens", lambda A=A, B=B, X=X: DropoutStatistics(A, B, 2.0, 0.05).add(X)))
         for name, fn in steps:
             times = []
@@ -112,7 +113,7 @@ def per_layer_costs(quick: bool) -> dict:
                     fn()
                     times.append(time.perf_counter() - t)
             costs[name] = float(np.median(times))
-        out[f"{d_out}x{d_in}"] = costs
+        out[f"{d_out}x{d_in}"] = {**costs, "solver": info["solver"]}
     return out
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None, quick: bool | None = None) -> int:
     print("  per layer at the 7B shapes (r=16, s):")
     for shape, c in costs.items():
         print(f"    {shape:<11} adapter {c['adapter']:.3f}  base {c['base']:.3f}  "
-              f"calibration stats per 512 tokens {c['calibration_per_512_tokens']:.3f}")
+              f"calibration stats per 512 tokens {c['calibration_per_512_tokens']:.3f}  ({c['solver']} path)")
     if not quick:
         forward = None
         if "--base --calibration" in rows and "--base" in rows:

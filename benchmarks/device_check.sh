@@ -90,10 +90,29 @@ EOF
 rc=$?
 log "engines on cuda (batched cuda vs cpu, run_sweep workers 1 vs 2): exit $rc ($(grep -E 'relative|bit for bit' "$OUT/tests.txt" | tr '\n' ';'))"
 
-# --- 2b. diagnose on cuda (issue 17): the calibration forward pass on the GPU equals the CPU's -------------------
+# --- 2b. diagnose on cuda (issue 17): the calibration forward pass and the per-layer base numerics (Gram +
+# eigh, float64) on the GPU equal the CPU's; then the base numerics' seconds per layer at the 7B shapes -------------
 timeout "$STEP_TESTS" "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/diagnose > "$OUT/tests-diagnose.txt" 2>&1
 rc=$?
 log "pytest -k cuda tests/diagnose (lora-theory diagnose --device cuda vs cpu): exit $rc ($(tail -1 "$OUT/tests-diagnose.txt"))"
+timeout "$STEP_TESTS" "$PY" - > "$OUT/diagnose-base-cuda.txt" 2>&1 <<'PYEOF'
+import time
+import numpy as np
+import torch
+from diagnose.quantities import base_quantities
+rng = np.random.default_rng(0)
+for d_out, d_in in ((4096, 4096), (11008, 4096), (4096, 11008)):
+    W = rng.standard_normal((d_out, d_in)) * 0.02
+    A = rng.uniform(-1, 1, (16, d_in)) / np.sqrt(d_in)
+    B = 0.02 * rng.standard_normal((d_out, 16))
+    base_quantities(W[:512, :512], A[:, :512], B[:512], 2.0, device="cuda")  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    base_quantities(W, A, B, 2.0, device="cuda")
+    print(f"{d_out}x{d_in} base {time.perf_counter() - t:.3f} s")
+PYEOF
+rc=$?
+log "diagnose base numerics per layer on cuda at the 7B shapes: exit $rc ($(tr '\n' ';' < "$OUT/diagnose-base-cuda.txt"))"
 
 # --- 3. figures on cuda, verdicts vs the committed CPU JSONs ---------------------------------------------------
 fig_deadline=$(( $(date +%s) + STEP_FIGURES ))

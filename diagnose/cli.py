@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--quiet", action="store_true", help="print no table")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     inputs.add_argument("--device", metavar="DEVICE", help="where the base model runs the calibration forward pass: "
-                        "cpu, cuda, cuda:N (default: cuda when available); the per-layer numerics stay on the CPU")
+                        "cpu, cuda, cuda:N (default: cuda when available); when given, the base numerics of every layer (Gram "
+                        "matrices and their eigendecompositions, float64) run there too, otherwise on the CPU")
     out.add_argument("--threads", type=int, default=1, metavar="N", help="BLAS threads for the per-layer "
                      "numerics (default 1, the fastest on a shared machine; 0: the library's default)")
     ci = parser.add_argument_group("checks (CI)")

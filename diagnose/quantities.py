@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 
 from analysis import adaptive, channels, dropout, rank_scaling
 
@@ -167,18 +168,55 @@ def _singular(G: np.ndarray, top: int | None = None):
     return V, np.sqrt(lam)
 
 
+#: Below this smaller side the exact path (a full eigendecomposition) is as cheap as a truncated solve.
+TRUNCATED_MIN_SIDE = 256
+
+
+def _top_eigsh(G: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` largest eigenpairs of a symmetric PSD G (largest first): ARPACK's implicitly restarted Lanczos
+    (``scipy.sparse.linalg.eigsh``, tol = 0: to machine precision) from a fixed start vector, so the same bits
+    every run; LAPACK's subset driver where ARPACK cannot take it (top >= n - 1)."""
+    n = G.shape[0]
+    if top >= n - 1:
+        return _descending_eigh(G, top)
+    v0 = np.random.default_rng(0).standard_normal(n)
+    lam, V = scipy.sparse.linalg.eigsh(G, k=top, which="LA", tol=0.0, v0=v0, ncv=min(n, max(2 * top + 1, 20)))
+    order = np.argsort(lam)[::-1]
+    return np.maximum(lam[order], 0.0), V[:, order]
+
+
 def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None = None, intruder_top_k: int = 10,
-                    intruder_epsilon: float = 0.5) -> dict:
+                    intruder_epsilon: float = 0.5, method: str = "auto", info: dict | None = None,
+                    device: str | None = None) -> dict:
     """m = ||s B A||_2 / ||W||_2 (and its Frobenius analogue) and the intruder dimensions of W + s B A.
 
-    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first). W's singular values and left
-    singular vectors U_W come from one eigendecomposition of the Gram matrix of its smaller side (d x d with
-    d = min(d_out, d_in); U = W V / S when d_in is the smaller side): the same thin SVD as ``numpy.linalg.svd``
-    (tested to 1e-8) at a fraction of the cost; ||W||_2 is its largest singular value (no second SVD). The top-k
-    directions u_j (singular values s_j) of W + s B A come from the top-k eigenpairs of the Gram of W + s B A,
-    which is the Gram of W plus a rank-2r correction (no d_out x d_in product is formed twice).
-    Intruder test (as PEFT's ``reduce_intruder_dimension``): u_j is an intruder when max_i |<u_j, U_W[:, i]>| <
-    epsilon.
+    W (d_out, d_in) in nn.Linear orientation (transpose a Conv1D weight first). Everything comes from the Gram
+    matrix G of W's smaller side (d x d with d = min(d_out, d_in); U = W V / S when d_in is the smaller side) and
+    the Gram of W + s B A, which is G plus a rank-2r correction (no d_out x d_in product is formed twice);
+    ||W||_2 is W's largest singular value (no second SVD), ||W||_F = sqrt(tr G).
+    Intruder test (as PEFT's ``reduce_intruder_dimension``): u_j (the top-k left singular vectors of W + s B A,
+    singular values s_j) is an intruder when max_i |<u_j, U_W[:, i]>| < epsilon over every left singular vector
+    U_W[:, i] of W.
+
+    ``method``: "exact" (one full eigendecomposition of G: W's whole thin SVD, the same as ``numpy.linalg.svd`` to
+    1e-8), "truncated" (only the top K = 2k eigenpairs of G and the top k of the updated Gram, from ARPACK's
+    Lanczos in float64 to machine precision) or "auto" (truncated when d >= ``TRUNCATED_MIN_SIDE``). The truncated
+    path knows the cosines with W's top K directions only; the rest are bounded: since
+    sum_i <u_j, U_W[:, i]>^2 <= 1, every uncomputed |cos| is at most b_j = sqrt(1 - sum over the computed ones).
+    A verdict is kept only where it is determined: not an intruder when a computed |cos| >= epsilon, an intruder
+    when the computed max and b_j are both < epsilon, abstained as below; the cluster size is exact when W's
+    K-th singular value lies below s_j - ||sBA||_2, otherwise it counts W's computed singular values only (a lower
+    bound, enough once it reaches ``intruder_cluster_size``). Where any of the k verdicts is undetermined, the
+    layer falls back to the exact path, so counts and abstentions always equal the exact ones. ``max_abs_cos``
+    then equals the exact value where it is >= b_j and is a lower bound of it otherwise (the exact value lies
+    in [max_abs_cos, max(max_abs_cos, b_j)]); m, ||W||_2, ||W||_F, spectral_gap and energy_in_update agree with
+    the exact path to about 1e-10; ``info`` (a dict, if given) receives "solver": "exact", "truncated" or
+    "exact (truncated undetermined)" (float64 throughout; float32 is not used: the cosines' error is eps / gap of
+    W's top spectrum, and a random W's top gaps are ~1e-3 relative, which would leave ~1e-4 in float32).
+
+    ``device``: a torch device other than the CPU (e.g. "cuda") forms both Gram matrices and eigendecomposes them
+    there (``torch.linalg.eigh``, float64, the exact path: a full eigendecomposition is cheap on a GPU); the rest
+    (k directions) is the same numpy code. None or "cpu": numpy / LAPACK / ARPACK on the CPU.
 
     Abstention (a flat spectrum): by Weyl's inequality each singular value moves by at most delta = ||s B A||_2, so
     where W has a cluster of at least ``intruder_cluster_size(epsilon)`` singular values within delta of s_j, the
@@ -189,6 +227,8 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
     basis of span(B)). A direction the update put there (its part outside span(B) shorter than eps) is judged.
     ``spectral_gap``: (sigma_1 - sigma_{k+1}) / sigma_1 of W, the relative spread of its top k+1 singular values.
     """
+    if method not in ("auto", "exact", "truncated"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'truncated', not {method!r}")
     W = np.asarray(W, dtype=np.float64)
     A = np.asarray(A, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
@@ -197,35 +237,82 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
         sigma_update = update_singular_values(A, B, scaling)
     delta_2 = float(sigma_update[0]) if len(sigma_update) else 0.0
     d_out, d_in = W.shape
+    n = min(d_out, d_in)
     left = d_out <= d_in
-    k = min(int(intruder_top_k), min(d_out, d_in))
-    G = W @ W.T if left else W.T @ W
-    V_w, S_w = _singular(G)  # left: V_w = U_W; else U_W = W V_w / S_w (never formed)
+    k = min(int(intruder_top_k), n)
+    on_device = device is not None and str(device) != "cpu"
+    if on_device:
+        import torch
+
+        dev = torch.device(device)
+        Wt, At, sBt = (torch.as_tensor(x, device=dev) for x in (W, A, sB))
+    else:
+        Wt, At, sBt = W, A, sB
+    G = Wt @ Wt.T if left else Wt.T @ Wt
     # Gram of W + sB A from G: left: (W + sBA)(W + sBA)^T = G + sB (A W^T) + (W A^T) sB^T + sB (A A^T) sB^T
     if left:
-        corr = (W @ A.T) @ sB.T
-        G_m = G + corr + corr.T + sB @ (A @ A.T) @ sB.T
+        corr = (Wt @ At.T) @ sBt.T
+        G_m = G + corr + corr.T + sBt @ (At @ At.T) @ sBt.T
     else:  # (W + sBA)^T (W + sBA) = G + A^T (sB^T W) + (W^T sB) A + A^T (sB^T sB) A
-        corr = (W.T @ sB) @ A
-        G_m = G + corr + corr.T + A.T @ (sB.T @ sB) @ A
-    V_m, S_m = _singular((G_m + G_m.T) / 2, top=k)
+        corr = (Wt.T @ sBt) @ At
+        G_m = G + corr + corr.T + At.T @ (sBt.T @ sBt) @ At
+    G_m = (G_m + G_m.T) / 2
+    truncated = not on_device and (method == "truncated" or (method == "auto" and n >= TRUNCATED_MIN_SIDE))
+    K = min(n, 2 * k) if truncated else n
+    if truncated and K >= n - 1:
+        truncated, K = False, n
+    if on_device:
+        lam_m, V_m = (x.flip(-1).cpu().numpy() for x in torch.linalg.eigh(G_m))
+        lam_m, V_m = np.maximum(lam_m[:k], 0.0), V_m[:, :k]
+        lam_w, V_w = (x.flip(-1).cpu().numpy() for x in torch.linalg.eigh(G))
+        lam_w = np.maximum(lam_w, 0.0)
+        G = G.cpu().numpy()
+    else:
+        lam_m, V_m = _top_eigsh(G_m, k) if truncated else _descending_eigh(G_m, k)
+        lam_w, V_w = _top_eigsh(G, K) if truncated else _descending_eigh(G)
+    S_m = np.sqrt(lam_m)
+    S_w = np.sqrt(lam_w)  # left: V_w = U_W; else U_W = W V_w / S_w (never formed)
     if left:
         U_m = V_m
-        proj = U_m.T @ V_w  # (k, d) cosines with every left singular vector of W
-    else:  # u_j = (W + sBA) v_j / s_j; <u_j, U_W[:, i]> = (W^T u_j)_i-th coordinate in V_w, over S_w[i]
+    else:  # u_j = (W + sBA) v_j / s_j
         U_m = (W @ V_m + sB @ (A @ V_m)) / np.where(S_m > 0, S_m, 1.0)
         U_m /= np.maximum(np.linalg.norm(U_m, axis=0), 1e-300)
-        proj = np.divide((W.T @ U_m).T @ V_w, S_w, out=np.zeros((k, len(S_w))), where=S_w > 0)
-    norm_W = float(np.sqrt(max(np.trace(G), 0.0)))
-    cos = np.abs(proj).max(axis=1)
-    cluster = np.array([int(np.sum(np.abs(S_w - S_m[j]) <= delta_2 * (1 + 1e-12))) for j in range(k)])
     Q_B = np.linalg.qr(B)[0] if np.any(B) else np.zeros((B.shape[0], 0))
     in_update = ((Q_B.T @ U_m[:, :k]) ** 2).sum(axis=0)
-    abstain = (cluster >= intruder_cluster_size(intruder_epsilon)) & (in_update < 1.0 - intruder_epsilon**2)
-    intruder = (cos < intruder_epsilon) & ~abstain
+    n_c = intruder_cluster_size(intruder_epsilon)
+
+    def verdicts(V_w, S_w, complete):
+        if left:  # cosines with every computed left singular vector of W
+            proj = U_m.T @ V_w
+        else:  # <u_j, U_W[:, i]> = (W^T u_j) . V_w[:, i] / S_w[i]
+            proj = np.divide((W.T @ U_m).T @ V_w, S_w, out=np.zeros((k, len(S_w))), where=S_w > 0)
+        cos = np.abs(proj).max(axis=1)
+        window = delta_2 * (1 + 1e-12)
+        cluster = np.array([int(np.sum(np.abs(S_w - S_m[j]) <= window)) for j in range(k)])
+        if complete:
+            abstain = (cluster >= n_c) & (in_update < 1.0 - intruder_epsilon**2)
+            return cos, cluster, abstain, (cos < intruder_epsilon) & ~abstain, True
+        bound = np.sqrt(np.maximum(1.0 - (proj**2).sum(axis=1), 0.0) + 1e-12)  # any uncomputed |cos|
+        cluster_exact = S_w[-1] < S_m[:k] - window
+        own = in_update >= 1.0 - intruder_epsilon**2
+        abstain = (cluster >= n_c) & ~own
+        abstain_known = cluster_exact | (cluster >= n_c) | own
+        known_not = cos >= intruder_epsilon
+        known_yes = (cos < intruder_epsilon) & (bound < intruder_epsilon)
+        known = abstain_known & (abstain | known_not | known_yes)
+        return cos, cluster, abstain, known_yes & ~abstain, bool(known.all())
+
+    cos, cluster, abstain, intruder, determined = verdicts(V_w, S_w, complete=not truncated)
+    solver = "truncated" if truncated else "exact"
+    if not determined:  # the exact path for this layer
+        lam_w, V_w = _descending_eigh(G)
+        S_w = np.sqrt(lam_w)
+        cos, cluster, abstain, intruder, _ = verdicts(V_w, S_w, complete=True)
+        solver = "exact (truncated undetermined)"
     spectral_gap = float((S_w[0] - S_w[min(k, len(S_w) - 1)]) / S_w[0]) if S_w[0] > 0 else None
+    norm_W = float(np.sqrt(max(np.trace(G), 0.0)))
     norm_update = float(np.sqrt((np.asarray(sigma_update) ** 2).sum()))
-    return {
+    out = {
         "norm_W": norm_W, "spectral_norm_W": float(S_w[0]),
         "m": update_ratio(delta_2, S_w[0]),
         "m_frobenius": norm_update / norm_W if norm_W > 0 else None,
@@ -233,6 +320,9 @@ def base_quantities(W, A, B, scaling: float, *, sigma_update: np.ndarray | None 
                      "count": int(intruder.sum()), "abstained": int(abstain.sum()), "cluster_sizes": cluster,
                      "energy_in_update": in_update, "spectral_gap": spectral_gap},
     }
+    if info is not None:
+        info["solver"] = solver
+    return out
 
 
 class DropoutStatistics:
@@ -317,9 +407,9 @@ def a_init_check(A) -> dict:
 
 def _round_bf16(x: np.ndarray) -> np.ndarray:
     """x rounded to bfloat16 (round to nearest even on the float32 bits, as torch does), back in float64."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32).astype(np.float64)
 
 
 def merge_rounding(W, A, B, scaling: float) -> dict:
@@ -327,19 +417,24 @@ def merge_rounding(W, A, B, scaling: float) -> dict:
     weight stored in that dtype: predicted from the spacing of the representable numbers (round to nearest: an
     error uniform in +-ulp(x)/2, E err^2 = ulp(x)^2/12, ulp(x) = 2^(floor(log2|x|) - p) with p = 7 (bf16) or 10
     (fp16) mantissa bits) and measured by rounding W + sBA (float64) to the dtype. A value near 1 means the merge
-    keeps about nothing of the update."""
+    keeps about nothing of the update. floor(log2|x|) is read from the float64 exponent bits (an exact zero or a
+    float64 subnormal reads below every dtype's lowest exponent, so it gets the smallest spacing), and the sum of
+    ulp^2 is taken per exponent (a histogram), so no float array of W's size is formed for the prediction."""
     W = np.asarray(W, dtype=np.float64)
     delta = float(scaling) * np.asarray(B, dtype=np.float64) @ np.asarray(A, dtype=np.float64)
     merged = W + delta
     norm_delta = float(np.linalg.norm(delta))
     out = {}
-    exponent = np.frexp(merged)[1].astype(np.float64) - 1.0  # floor(log2 |x|)
-    exponent[merged == 0] = -np.inf  # an exact zero stays zero: the smallest spacing below
+    exponent = ((np.ascontiguousarray(merged).view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int32)
+    lo = int(exponent.min()) if exponent.size else 0
+    counts = np.bincount((exponent - lo).ravel())
+    floor_log2 = np.arange(lo, lo + len(counts), dtype=np.float64) - 1023.0  # floor(log2 |x|) per histogram bin
     for name, mant, lowest, rounded in (("bfloat16", 7, -126.0, _round_bf16(merged)),
                                         ("float16", 10, -14.0, merged.astype(np.float16).astype(np.float64))):
-        ulp_sq = np.exp2(2.0 * (np.maximum(exponent, lowest) - mant))
-        predicted = math.sqrt(float(ulp_sq.sum()) / 12.0)
-        measured = float(np.linalg.norm(rounded - merged))
+        ulp_sq = np.exp2(2.0 * (np.maximum(floor_log2, lowest) - mant))
+        predicted = math.sqrt(float((counts * ulp_sq).sum()) / 12.0)
+        rounded -= merged
+        measured = float(np.linalg.norm(rounded))
         out[name] = {"predicted": predicted / norm_delta if norm_delta > 0 else None,
                      "measured": measured / norm_delta if norm_delta > 0 else None}
     return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from analysis.jsonable import to_jsonable
 from diagnose.adapter import Adapter, load_adapter
@@ -297,6 +298,15 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
                              f"initialisation; this adapter needs the residual base (the PeftModel it was trained "
                              f"in) or a converted save (path_initial_model_for_weight_conversion)")
 
+    numerics_device = None  # the per-layer base numerics: on the CPU unless a device is given
+    if source is not None and device is not None and str(device) != "cpu":
+        import torch
+
+        try:
+            torch.zeros(1, device=torch.device(device))
+        except (RuntimeError, AssertionError) as exc:  # no such device, or torch built without CUDA
+            raise DiagnoseError(f"device {device!r} is not usable here ({exc})") from exc
+        numerics_device = device
     questions: dict = {"adapter_applied": None, "rslora_ignored_factor": None}
     if ad.config.get("use_rslora"):  # alpha/r instead of alpha/sqrt(r): 1/sqrt(r) of the intended scale
         questions["rslora_ignored_factor"] = {lay.name: 1.0 / math.sqrt(lay.r) for lay in selected}
@@ -307,32 +317,39 @@ def diagnose_adapter(adapter, base=None, calibration=None, *, eta: float = 2.0, 
         from tqdm.auto import tqdm
 
         iterator = tqdm(selected, desc="diagnose", unit="layer", leave=False)
-    for lay in iterator:
-        q = adapter_quantities(lay.A, lay.B, lay.scaling, use_rslora=lay.use_rslora, eta=eta,
-                               lowr_alpha=lowr_alpha, lowr_tau=lowr_tau)
-        q["a_init"] = a_init_check(lay.A) if default_init else None
-        rep = LayerReport(name=lay.name, r=lay.r, alpha=lay.alpha, scaling=lay.scaling, d_in=lay.d_in,
-                          d_out=lay.d_out, dropout=lay.dropout, quantities=q)
-        if lay.magnitude is not None:
-            mag = lay.magnitude
-            rep.dora_magnitude = {"norm": float(np.linalg.norm(mag)), "min": float(mag.min()),
-                                  "mean": float(mag.mean()), "max": float(mag.max()),
-                                  "norm_effective_update": None, "norm_rows_W_plus_update": None}
-        if source is None:
-            rep.base_skipped = "no base model given"
-        elif withhold_base:
-            rep.base_skipped = withhold_base
-        else:
-            W = source.weight(lay)
+    # the per-layer numerics on blas_threads BLAS threads (None: the libraries' default)
+    limiter = threadpool_limits(limits=blas_threads) if blas_threads else None
+    try:
+        for lay in iterator:
+            q = adapter_quantities(lay.A, lay.B, lay.scaling, use_rslora=lay.use_rslora, eta=eta,
+                                   lowr_alpha=lowr_alpha, lowr_tau=lowr_tau)
+            q["a_init"] = a_init_check(lay.A) if default_init else None
+            rep = LayerReport(name=lay.name, r=lay.r, alpha=lay.alpha, scaling=lay.scaling, d_in=lay.d_in,
+                              d_out=lay.d_out, dropout=lay.dropout, quantities=q)
             if lay.magnitude is not None:
-                merged = W + lay.scaling * lay.B @ lay.A
-                dora_delta = lay.magnitude[:, None] * merged / np.linalg.norm(merged, axis=1, keepdims=True) - W
-                rep.dora_magnitude["norm_effective_update"] = float(np.linalg.norm(dora_delta))
-                rep.dora_magnitude["norm_rows_W_plus_update"] = float(np.linalg.norm(np.linalg.norm(merged, axis=1)))
-            rep.base = base_quantities(W, lay.A, lay.B, lay.scaling, sigma_update=q["singular_values"],
-                                       intruder_top_k=intruder_top_k, intruder_epsilon=intruder_epsilon)
-            rep.base["merge_rounding"] = merge_rounding(W, lay.A, lay.B, lay.scaling)
-        reports.append(rep)
+                mag = lay.magnitude
+                rep.dora_magnitude = {"norm": float(np.linalg.norm(mag)), "min": float(mag.min()),
+                                      "mean": float(mag.mean()), "max": float(mag.max()),
+                                      "norm_effective_update": None, "norm_rows_W_plus_update": None}
+            if source is None:
+                rep.base_skipped = "no base model given"
+            elif withhold_base:
+                rep.base_skipped = withhold_base
+            else:
+                W = source.weight(lay)
+                if lay.magnitude is not None:
+                    merged = W + lay.scaling * lay.B @ lay.A
+                    dora_delta = lay.magnitude[:, None] * merged / np.linalg.norm(merged, axis=1, keepdims=True) - W
+                    rep.dora_magnitude["norm_effective_update"] = float(np.linalg.norm(dora_delta))
+                    rep.dora_magnitude["norm_rows_W_plus_update"] = float(np.linalg.norm(np.linalg.norm(merged, axis=1)))
+                rep.base = base_quantities(W, lay.A, lay.B, lay.scaling, sigma_update=q["singular_values"],
+                                           intruder_top_k=intruder_top_k, intruder_epsilon=intruder_epsilon,
+                                           device=numerics_device)
+                rep.base["merge_rounding"] = merge_rounding(W, lay.A, lay.B, lay.scaling)
+            reports.append(rep)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
 
     if calibration is not None:
         _calibrate(ad, selected, source, reports, calibration, withhold_base, messages, questions, device)
