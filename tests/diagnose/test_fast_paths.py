@@ -203,3 +203,26 @@ def test_device_cpu_is_the_cpu_path_and_a_bad_device_is_refused_without_calibrat
     _, folder, base_dir, _, _ = llama_with_base
     with pytest.raises(DiagnoseError, match="device 'nowhere' is not usable"):
         diagnose_adapter(folder, base=base_dir, device="nowhere")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blas_threads_are_applied_to_the_per_layer_numerics(llama_with_base, monkeypatch, threads):
+    """``--threads`` / ``blas_threads``: every BLAS the numerics use runs on that many threads (it was once a
+    parameter that nothing applied), and the limit is lifted afterwards."""
+    from threadpoolctl import threadpool_info
+
+    import diagnose.report
+
+    seen = []
+    real = diagnose.report.base_quantities
+
+    def spy(*args, **kwargs):
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return real(*args, **kwargs)
+
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    monkeypatch.setattr(diagnose.report, "base_quantities", spy)
+    _, folder, base_dir, _, _ = llama_with_base
+    diagnose_adapter(folder, base=base_dir, blas_threads=threads)
+    assert seen and set(seen) == {threads}
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
