@@ -3,6 +3,7 @@
 A figure is one module, ``figures/<paper>/<name>.py``, read top to bottom::
 
     ID, PAPER, CLAIM        # the figure id (a contract), the paper's figure, the one-line claim
+    KIND, CLAIM_ID          # check / claim / hypothesis (see KINDS) and the paper claim it tests (shared by figures)
     CRITERION, PROTOCOLS    # the declared criterion (figures.criteria) and the protocols it is judged under
     def configs(ctx) -> dict[str, FinetuneConfig | Runs]      # the runs of ctx.protocol (no seeds: see below)
     def measure(ctx, runs) -> Measurement                     # samples for the criterion, JSON numbers, summary
@@ -168,6 +169,47 @@ class Spec:
     measure: Callable
     draw: Callable
     module: str = ""
+    kind: str = "claim"  # one of KINDS
+    claim_id: str = ""  # the paper claim this figure tests ("" = its own id); figures of one claim share it
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.claim_id:
+            object.__setattr__(self, "claim_id", self.id)
+
+
+# Claim kinds (issue 16 item 1). ``check``: cannot fail for a correct implementation (a closed-form identity, the
+# algebra of a proposition): reported in a table of its own, never counted as evidence. ``claim``: an empirical
+# statement of the paper (reproduced / partially reproduced / not reproduced). ``hypothesis``: the paper's own
+# conjecture, read as supported / inconclusive / not supported (HYPOTHESIS_READING maps the criterion's outcome).
+KINDS = ("check", "claim", "hypothesis")
+HYPOTHESIS_READING = {"reproduced": "supported", "partially reproduced": "inconclusive",
+                      "not reproduced": "not supported", "unavailable": "unavailable"}
+CHECK_READING = {"reproduced": "holds", "partially reproduced": "partially holds", "not reproduced": "fails",
+                 "unavailable": "unavailable"}
+VERDICT_STRENGTH = ("reproduced", "partially reproduced", "not reproduced")  # strongest first
+
+
+def stated_verdict(kind: str, verdict: str) -> str:
+    """The criterion's ``verdict`` as the gallery states it for a figure of ``kind``: a claim's verdict unchanged,
+    a hypothesis's as supported (all rule tests pass) / inconclusive (the partial rule only) / not supported (neither),
+    a check's as holds / partially holds / fails."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    return {"claim": dict(zip(VERDICTS, VERDICTS, strict=True)), "hypothesis": HYPOTHESIS_READING,
+            "check": CHECK_READING}[kind][verdict]
+
+
+def claim_verdict(verdicts: list[str]) -> str:
+    """One verdict for one paper claim tested by several figures: the WEAKEST of their verdicts (reproduced >
+    partially reproduced > not reproduced); unavailable figures are skipped unless all are unavailable."""
+    known = [v for v in verdicts if v in VERDICT_STRENGTH]
+    if not known:
+        return "unavailable"
+    return max(known, key=VERDICT_STRENGTH.index)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -229,7 +271,7 @@ def check_protocols(protocols: tuple[Protocol, ...]) -> None:
                          f"(primary {primary[0].name!r} is not marked paper=True)")
 
 
-_MODULE_FIELDS = ("ID", "PAPER", "CLAIM", "CRITERION", "PROTOCOLS", "configs", "measure", "draw")
+_MODULE_FIELDS = ("ID", "PAPER", "KIND", "CLAIM_ID", "CLAIM", "CRITERION", "PROTOCOLS", "configs", "measure", "draw")
 
 
 def spec_of(module: ModuleType) -> Spec:
@@ -242,7 +284,7 @@ def spec_of(module: ModuleType) -> Spec:
     protocols = tuple(module.PROTOCOLS)
     check_protocols(protocols)
     return Spec(module.ID, module.PAPER, module.CLAIM, module.CRITERION, protocols, module.configs, module.measure,
-                module.draw, module.__name__)
+                module.draw, module.__name__, kind=module.KIND, claim_id=module.CLAIM_ID)
 
 
 def sweep(ctx: Context, runs: Mapping[str, object]) -> dict[str, list[dict]]:

@@ -15,7 +15,16 @@ import numpy as np
 import torch
 
 from figures import registry
-from figures.framework import Context, Result, Spec, holds_count, jsonable, run_figure
+from figures.framework import (
+    Context,
+    Result,
+    Spec,
+    claim_verdict,
+    holds_count,
+    jsonable,
+    run_figure,
+    stated_verdict,
+)
 from figures.style import save_png, title
 from toymodels.cache import atomic_write_bytes
 
@@ -44,6 +53,7 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
         "id": fig_id,
         "paper": spec.paper,
         "claim": spec.claim,
+        **_kind_fields(spec, result.verdict),
         "verdict": result.verdict,
         "summary": result.summary,
         "measured": result.measured,
@@ -66,9 +76,29 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if result.figure is not None:
         save_png(result.figure, out / f"{fig_id}.png",
-                 title(spec.paper, fig_id, result.verdict, _headline(record)))
+                 title(spec.paper, fig_id, record["stated_verdict"], _headline(record)))
     atomic_write_bytes(out / f"{fig_id}.json", json.dumps(jsonable(record), indent=2).encode())
     return record
+
+
+def _kind_fields(spec: Spec, verdict: str) -> dict:
+    """The JSON's claim-kind fields (issue 16 item 1): ``kind``, ``claim_id`` and ``stated_verdict`` (the verdict
+    as read for the kind: :func:`figures.framework.stated_verdict`)."""
+    return {"kind": spec.kind, "claim_id": spec.claim_id, "stated_verdict": stated_verdict(spec.kind, verdict)}
+
+
+def _with_kind(record: dict, spec: Spec) -> dict:
+    """``record`` with its kind fields set from ``spec`` (placed after ``claim``), everything else unchanged."""
+    fields = _kind_fields(spec, record["verdict"])
+    out = {}
+    for k, v in record.items():
+        if k in fields:
+            continue
+        out[k] = v
+        if k == "claim":
+            out.update(fields)
+    out.update({k: v for k, v in fields.items() if k not in out})
+    return out
 
 
 def redraw(spec: Spec, out: Path) -> str | None:
@@ -78,10 +108,14 @@ def redraw(spec: Spec, out: Path) -> str | None:
     if not path.exists():
         return f"no {path.name} in {out} (run the figure first)"
     record = json.loads(path.read_text())
+    with_kind = _with_kind(record, spec)
+    if with_kind != record or list(with_kind) != list(record):  # the kind is declared in the figure file
+        record = with_kind
+        atomic_write_bytes(path, json.dumps(jsonable(record), indent=2).encode())
     if record.get("draw") is None:
         return f"{path.name} holds no draw numbers (written before --redraw existed, or unavailable): regenerate it"
     fig = spec.draw(record["draw"])
-    save_png(fig, out / f"{spec.id}.png", title(spec.paper, spec.id, record["verdict"], _headline(record)))
+    save_png(fig, out / f"{spec.id}.png", title(spec.paper, spec.id, record["stated_verdict"], _headline(record)))
     return None
 
 
@@ -137,7 +171,52 @@ _METHODS_INTRO = [
     "the multiplicity correction. The headline verdict is the one at the paper's protocol where the paper states",
     "it, otherwise at the figure's declared primary protocol; the robustness column counts the protocols where the",
     "claim is reproduced (`lora-theory figures --robustness` runs the grid).",
+    "",
+    "Claim kinds (issue 16 item 1): each figure file declares `KIND` and `CLAIM_ID`. A *check* cannot fail for a",
+    "correct implementation (a closed-form identity, a proposition's algebra): it is listed in its own table and",
+    "never counted. A *claim* is an empirical statement of the paper (reproduced / partially / not reproduced). A",
+    "*hypothesis* is the paper's own conjecture, read from the same criterion as supported (the rule's full set of",
+    "tests passes), inconclusive (only a partial set passes) or not supported (neither). The tally counts claims and",
+    "hypotheses once per `claim_id`; a claim tested by several figures gets the weakest of their verdicts.",
 ]
+
+
+def _stated(r: dict) -> str:
+    return r.get("stated_verdict") or stated_verdict(r.get("kind", "claim"), r["verdict"])
+
+
+def claim_tally(records: list[dict]) -> dict[str, dict]:
+    """One verdict per paper claim: the records of kind claim / hypothesis grouped by ``claim_id``; a claim tested
+    by several figures gets the WEAKEST of their verdicts (:func:`figures.framework.claim_verdict`). Checks are
+    left out. Returns claim_id -> {"kind", "verdict", "stated_verdict", "figures"}."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("kind", "claim") != "check":
+            groups.setdefault(r.get("claim_id") or r["id"], []).append(r)
+    out = {}
+    for cid, rs in groups.items():
+        kinds = {r.get("kind", "claim") for r in rs}
+        if len(kinds) != 1:
+            raise ValueError(f"claim_id {cid!r} joins figures of different kinds {sorted(kinds)}")
+        kind = kinds.pop()
+        v = claim_verdict([r["verdict"] for r in rs])
+        out[cid] = {"kind": kind, "verdict": v, "stated_verdict": stated_verdict(kind, v),
+                    "figures": [r["id"] for r in rs]}
+    return out
+
+
+def _tally(records: list[dict]) -> list[str]:
+    claims = claim_tally(records)
+    counts: dict[str, int] = {}
+    for c in claims.values():
+        counts[c["stated_verdict"]] = counts.get(c["stated_verdict"], 0) + 1
+    n_checks = sum(r.get("kind", "claim") == "check" for r in records)
+    joined = [f"{cid} ({' + '.join(c['figures'])})" for cid, c in claims.items() if len(c["figures"]) > 1]
+    return [f"**Tally: {len(claims)} paper claims** (claims and hypotheses, once per claim id): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + ". "
+            f"{n_checks} checks are listed apart and not counted. A claim tested by several figures gets the weakest "
+            "of their verdicts (reproduced > partially reproduced > not reproduced)"
+            + (f": {'; '.join(joined)}." if joined else ".")]
 
 
 def write_gallery(out: Path) -> Path:
@@ -164,15 +243,29 @@ def write_gallery(out: Path) -> Path:
         "its JSON, so `lora-theory figures --redraw` rebuilds every PNG and this page without training. How verdicts",
         "are decided: see [Methods](#methods).",
         "",
-        "| figure | paper | verdict | robustness (reproduced in k/n protocols) | seeds | fidelity | runtime (s) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in records:
-        lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{r['verdict']}** | {_robustness_cell(r)} | "
-                     f"{len(r['seeds'])} | {r['fidelity']} | {r['runtime_s']} |")
+    lines += _tally(records) + [
+        "",
+        "### Claims and hypotheses",
+        "",
+        "| figure | kind | claim id | paper | verdict | robustness (reproduced in k/n protocols) | seeds | fidelity "
+        "| runtime (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = [r for r in records if r.get("kind", "claim") != "check"]
+    checks = [r for r in records if r.get("kind", "claim") == "check"]
+    for r in table:
+        lines.append(f"| [{r['id']}](#{r['id']}) | {r.get('kind', 'claim')} | {r.get('claim_id', r['id'])} | "
+                     f"{r['paper']} | **{_stated(r)}** | {_robustness_cell(r)} | {len(r['seeds'])} | "
+                     f"{r['fidelity']} | {r['runtime_s']} |")
+    lines += ["", "### Checks (cannot fail for a correct implementation: not evidence, never in the tally)", "",
+              "| figure | paper | result | seeds | runtime (s) |", "|---|---|---|---|---|"]
+    lines += [f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{_stated(r)}** | {len(r['seeds'])} | {r['runtime_s']} |"
+              for r in checks]
     for r in records:
         lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
-                  f"**Verdict: {r['verdict']}.** {r['summary']}", ""]
+                  f"**Kind: {r.get('kind', 'claim')}** (claim id {r.get('claim_id', r['id'])}). "
+                  f"**Verdict: {_stated(r)}.** {r['summary']}", ""]
         crit = r.get("criterion")
         if crit:
             lines += ["**Criterion.** " + crit["description"].replace("\n", "  \n"), ""]

@@ -17,6 +17,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-fig1-dropout-mc"
 PAPER = "ALLoRA fig. 1"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("the mean of n dropout realisations of the LoRA loss converges to E[L] only like Std[L]/sqrt(n): after "
          "hundreds of realisations the error is still large (compared with the dropout penalty it estimates)")
 

@@ -17,6 +17,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-fig2-grad-std"
 PAPER = "ALLoRA fig. 2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("over training, the tail of the per-entry std (across dropout masks) of second-layer gradients grows while "
          "its mean changes little")
 

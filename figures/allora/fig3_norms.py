@@ -17,6 +17,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-fig3-norms"
 PAPER = "ALLoRA fig. 3"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("dropout changes ||B|| far more than ||A|| (paper: final ||A|| varies by ~30%, ||B|| by >500% across "
          "rates)")
 

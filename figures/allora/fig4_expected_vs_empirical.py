@@ -13,6 +13,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-fig4-expected-vs-empirical"
 PAPER = "ALLoRA fig. 4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("the test-loss gap between sampled-dropout and exact expected-loss training grows with the rate and peaks "
          "after a few hundred steps")
 

@@ -15,6 +15,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-fig5-escape"
 PAPER = "ALLoRA fig. 5 (right)"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("ALLoRA (base lr l_b) escapes BA = 0 as fast as LoRA at lr eta*l_b, then its row norms taper off; LoRA at "
          "l_b gets there much more slowly")
 

@@ -13,6 +13,7 @@ from figures.style import colors, new_figure
 
 ID = "allora-fig6-adaptive-fn"
 PAPER = "ALLoRA fig. 6"
+KIND, CLAIM_ID = "check", ID  # check: a closed form evaluated against itself: no data, cannot fail
 CLAIM = "1/sqrt(|x| + 1/eta^2) equals eta at x = 0 and tapers off as |x| grows (eta^2 in {1, 2, 4})"
 
 ETA2S = (1.0, 2.0, 4.0)

@@ -15,6 +15,7 @@ from figures.style import colors, new_figure
 
 ID = "allora-prop1-ripple"
 PAPER = "ALLoRA Prop. 1 (sec. 3.3)"
+KIND, CLAIM_ID = "check", ID  # check: closed forms of analysis.ripple on synthetic chains: an identity
 CLAIM = ("with a constant scaling eta the output norm ||f_L(x)|| can grow exponentially in depth L, at rate "
          "(1 + eta m_bar) per layer in the worst case")
 

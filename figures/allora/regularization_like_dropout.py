@@ -18,6 +18,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-regularization-like-dropout"
 PAPER = "ALLoRA sec. 4.2, 6 (open question); sec. 4.3, 5.1"
+KIND, CLAIM_ID = "hypothesis", ID  # hypothesis: the paper's own conjecture (sec. 6 open question)
 CLAIM = ("ALLoRA recovers some of dropout's regularization (sec. 4.2 hypothesis); ALLoRA-OD's noise lowers "
          "early-epoch accuracy (sec. 4.3 conjecture)")
 

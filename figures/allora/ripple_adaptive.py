@@ -21,12 +21,12 @@ from toymodels.protocol import base_config
 
 ID = "allora-ripple-adaptive"
 PAPER = "ALLoRA sec. 3.3, 4.2-4.3"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("ALLoRA reduces the ripple effect (identity output adaptor, unscaled input gradient, tapering per-row "
          "scale) compared with a constant scaling eta (LoRA x eta); ASF-LoRA, which scales the output, causes one "
          "(conjecture)")
 
 METHODS = ("LoRA x eta", "ALLoRA", "ASF-LoRA")
-
 CRITERION = Criterion(
     tests=(
         Test("chain_fwd", "multilinear chain (random, m_l ~ 0.5 U(0.5, 1.5), L = 16): ln(||f_L|| amplification by "

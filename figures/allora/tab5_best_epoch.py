@@ -13,6 +13,7 @@ from figures.style import colors, new_figure
 
 ID = "allora-tab5-best-epoch"
 PAPER = "ALLoRA table 5"
+KIND, CLAIM_ID = "claim", "allora-tab5"  # claim: ALLoRA table 5, tested with tab5-dropout-epochs
 CLAIM = "the epoch of maximal accuracy increases with the dropout rate"
 PAPER_EPOCH_OF_MAX = [6, 8, 8, 9, 10]  # ALLoRA table 5, of 10 epochs, at the rates TAB5_RATES
 

@@ -12,6 +12,7 @@ from figures.style import colors, new_figure
 
 ID = "allora-tab5-dropout-epochs"
 PAPER = "ALLoRA table 5 / fig. 5 left"
+KIND, CLAIM_ID = "claim", "allora-tab5"  # claim: ALLoRA table 5, tested with tab5-best-epoch
 CLAIM = "high dropout gives the best accuracy after long fine-tuning and the worst after short fine-tuning"
 
 SHORT_EPOCHS = 3  # the paper's short horizon (epoch 3), informational here

@@ -15,6 +15,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-tab-variants"
 PAPER = "ALLoRA tables 1, 2, 4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("after short fine-tuning ALLoRA has the best accuracy on average among LoRA, LoRA x eta, ALLoRA-OD, ASF-LoRA "
          "and DoRA, and is comparable to ALLoRA+D, over ranks and eta^2 in {1, 2, 4}")
 

@@ -18,6 +18,7 @@ from toymodels.protocol import base_config
 
 ID = "allora-zero-init-a"
 PAPER = "ALLoRA sec. 3.2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("if A is zero-initialised instead of B, the argument still holds: the same slow escape from zero (now of "
          "A), and dropout's regularization then falls on A")
 

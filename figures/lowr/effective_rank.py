@@ -16,6 +16,7 @@ from toymodels import Callback
 
 ID = "lowr-effective-rank"
 PAPER = "LoWR title / sec. 4.2.2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("LoWR raises the effective rank utilisation of the adapters: higher effective rank (entropy of the "
          "singular values) and stable rank of s BA, less singular mass in the top channels, at every rank")
 

@@ -12,6 +12,7 @@ from figures.style import colors, new_figure
 
 ID = "lowr-fig2-channel-corr"
 PAPER = "LoWR fig. 2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("after fine-tuning, channel significance ||a_i|| ||b_i|| tracks ||b_i|| (Pearson r > 0.9 per layer): B "
          "carries the channel differences")
 

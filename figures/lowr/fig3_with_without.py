@@ -24,6 +24,7 @@ from figures.style import colors, new_figure
 
 ID = "lowr-fig3-with-without"
 PAPER = "LoWR fig. 3"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("with LoWR every layer's mean channel significance ||a_i|| ||b_i|| rises and its spread across channels "
          "falls, while significance still tracks ||b_i||")
 

@@ -20,6 +20,7 @@ from figures.style import colors, new_figure
 
 ID = "lowr-fig4-loss-gradnorm"
 PAPER = "LoWR fig. 4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("with LoWR the fine-tuning loss is lower and the gradient norm larger than without, especially late in "
          "training")
 

@@ -17,6 +17,7 @@ from toymodels import Callback
 
 ID = "lowr-mechanism"
 PAPER = "LoWR sec. 3.3"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("layer inputs are more stable than output gradients during fine-tuning, so channel differences sit in B, "
          "also when the initialisations are swapped (A = 0, B random), which separates the mechanism from the "
          "zero-init asymmetry")

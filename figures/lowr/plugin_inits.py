@@ -13,6 +13,7 @@ from figures.style import colors, new_figure
 
 ID = "lowr-plugin-inits"
 PAPER = "LoWR tables 2-4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("LoWR as a plug-in improves other initialisations (PiSSA's principal singular init, OLoRA's orthonormal QR "
          "init), each against itself without LoWR")
 

@@ -17,6 +17,7 @@ from toymodels.callbacks import CaptureLayerIO, ScaleAdapters, WeightSnapshots
 
 ID = "lowr-prop41-equivalent"
 PAPER = "LoWR Prop. 4.1"
+KIND, CLAIM_ID = "check", ID  # check: the first-step difference follows from the algebra of (nA, B/n)
 CLAIM = ("two equivalent modules (nA, B/n) trained from the same start follow different trajectories; the "
          "first-step difference of their effective weights is (n^2 - 1) a_term + (1/n^2 - 1) b_term")
 

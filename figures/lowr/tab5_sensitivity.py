@@ -23,6 +23,7 @@ from figures.style import colors, new_figure
 
 ID = "lowr-tab5-sensitivity"
 PAPER = "LoWR tables 5-6"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("LoWR matches or beats the LoRA baseline over tau in {inf, 10, 100}, two alphas and rescaling every 1 or 5 "
          "steps, and LoWR + LoRA+ matches or beats LoRA+")
 

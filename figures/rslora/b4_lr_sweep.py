@@ -23,6 +23,7 @@ from figures.style import new_figure
 
 ID = "rslora-b4-lr-sweep"
 PAPER = "rsLoRA app. B.4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = "the best learning rate for low-rank LoRA (r = 4) cannot match high-rank rsLoRA at the default rate"
 
 LOW_RANK = 4

@@ -32,6 +32,7 @@ from figures.style import new_figure
 
 ID = "rslora-fig2-loss-vs-rank"
 PAPER = "rsLoRA fig. 2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = "with the same alpha, fine-tuning loss improves with rank for rsLoRA but hardly for LoRA"
 
 LN_10_PERCENT_PER_DOUBLING = math.log(1.1) / math.log(2)  # a slope of ln(y) vs ln(r) worth 10% per doubling of r

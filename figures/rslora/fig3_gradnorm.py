@@ -33,6 +33,7 @@ from toymodels.callbacks import FullGradientNorm
 
 ID = "rslora-fig3-gradnorm"
 PAPER = "rsLoRA figs. 3-4"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = "LoRA's gradient norm collapses with rank, rsLoRA's stays the same order (AdamW, fig. 3, and SGD, fig. 4)"
 
 _GRAD_MARGIN = 0.25

@@ -30,6 +30,7 @@ from figures.style import colors, new_figure
 
 ID = "rslora-fig6-init-only"
 PAPER = "rsLoRA fig. 6"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("scaling only A's init by 1/sqrt(r) is unstable at high rank without a factor, and with alpha/r learns as "
          "slowly as LoRA")
 

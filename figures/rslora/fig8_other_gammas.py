@@ -27,6 +27,7 @@ from figures.style import colors, new_figure
 
 ID = "rslora-fig8-other-gammas"
 PAPER = "rsLoRA fig. 8"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("at the highest rank gamma = r^-1/4 is unstable and gamma = r^-2 collapses learning, compared with rsLoRA "
          "and LoRA")
 

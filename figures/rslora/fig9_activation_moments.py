@@ -27,6 +27,7 @@ from figures.style import new_figure
 
 ID = "rslora-fig9-activation-moments"
 PAPER = "rsLoRA fig. 9"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("adapter-output moments stay of the same order across ranks with rsLoRA but shrink with rank under "
          "LoRA (Thm. 3.2; the paper sees both small and benign, rsLoRA's high ranks levelling off)")
 

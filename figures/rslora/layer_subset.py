@@ -15,6 +15,7 @@ from toymodels.protocol import base_config
 
 ID = "rslora-layer-subset"
 PAPER = "rsLoRA app. B.5 / fig. 7"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("with adapters on a subset of layers (the attention-only analogue) as with all layers, larger ranks train "
          "better with rsLoRA and not with LoRA, and LoRA's gradient norm collapses with rank")
 

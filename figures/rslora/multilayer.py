@@ -28,6 +28,7 @@ from figures.style import new_figure
 
 ID = "rslora-multilayer"
 PAPER = "rsLoRA sec. 3 (after thm. 3.2)"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("applied inductively through a deep network (linear and ReLU) with adapters on every layer, every layer's "
          "adapter output RMS scales as r^(1-2beta): rank-independent for rsLoRA (exponent 0), r^-1 for LoRA (r >> "
          "width)")

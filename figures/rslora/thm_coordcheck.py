@@ -17,6 +17,7 @@ from figures.style import colors, new_figure
 
 ID = "rslora-thm-coordcheck"
 PAPER = "rsLoRA thm. 3.2"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("after n SGD steps the adapter's output and input-gradient moments are Theta((gamma_r^2 r)^m): "
          "rank-stable only for gamma_r ~ 1/sqrt(r) (exponents 1-2beta, 2-4beta as r grows)")
 

@@ -30,6 +30,7 @@ from figures.style import new_figure
 
 ID = "rslora-trajectory"
 PAPER = "rsLoRA thm. 3.2 ('at any point in the learning trajectory')"
+KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("the rank exponents of the adapter moments are the same after n = 1, 10, 100 and 1000 SGD steps: 0 for "
          "rsLoRA, -1 (RMS) for LoRA (r >> width)")
 

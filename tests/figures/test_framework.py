@@ -39,6 +39,7 @@ def _module(**parts) -> types.ModuleType:
     """A figure module built in memory: a closed form by default (no runs)."""
     mod = types.ModuleType("figures.fake")
     mod.ID, mod.PAPER, mod.CLAIM = "rslora-fig2-loss-vs-rank", "paper", "claim"
+    mod.KIND, mod.CLAIM_ID = "claim", mod.ID
     mod.CRITERION = Criterion(tests=(Test("gap", "gap", "greater"),), rule=Rule(reproduced=("gap",)))
     mod.PROTOCOLS = (Protocol("a", {"x": 1.0}, primary=True), Protocol("b", {"x": -1.0}))
     mod.configs = lambda ctx: {}
