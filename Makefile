@@ -32,7 +32,7 @@ verify: $(STAMP)
 	$(BIN)/lora-theory verify
 
 lint: $(STAMP)
-	$(BIN)/ruff check analysis toymodels figures tests benchmarks lora_theory
+	$(BIN)/ruff check analysis toymodels diagnose figures tests benchmarks lora_theory
 
 test: lint
 	$(BIN)/python -m pytest -q
