@@ -15,16 +15,22 @@ Directions (``mu`` is the quantity's mean, or median for the sign test):
   tests (TOST): p = max(p_low, p_high). A claim of "no change" / "same order" is *never* "the interval includes
   0", which gets easier to pass with less data; it is an equivalence margin declared before looking.
 
-Tests (``method``): ``t`` (one-sample t over seeds; pass paired differences for paired comparisons),
+Tests (``method``): ``t`` (one-sample t over seeds, at least 2 values with nonzero spread; pass paired
+differences for paired comparisons; a single number is refused: declare it ``exact``),
 ``bootstrap`` (:func:`scipy.stats.bootstrap` of the mean, percentile interval and the matching bootstrap
 p-value, explicit seed), ``z`` (an :class:`Estimate` with a known standard error, e.g. a Monte-Carlo fit),
-``exact`` (a closed-form / deterministic number: the inequality holds or not, p is 0 or 1) and ``sign`` (the
+``exact`` (a closed-form / deterministic number: the inequality holds or not, p is 0 or 1; never in the Holm
+family, never a t-test) and ``sign`` (the
 binomial sign test on the median, robust to the heavy tails of spike factors; +-inf values count, NaN are
 dropped). Other tests drop non-finite values and report how many (``n_excluded``). Intervals are two-sided at
 confidence 1 - 2 alpha, so a one-sided test at level alpha passes exactly when the interval clears the margin
 (before multiplicity correction), and TOST passes exactly when the interval lies inside (low, high).
 
-Roles: ``claim`` tests enter the Holm family and the rule; ``sanity`` rows (checks that cannot fail for a working
+Values that are all equal (sd = 0) give no t / bootstrap statistic and so no evidence: p = 1, the row never passes
+(a deterministic quantity must be declared ``exact``; the old shortcut gave p = 0 from two equal seeds).
+
+Roles: ``claim`` tests enter the Holm family (except ``exact`` rows, which have no sampling error: their p of 0 or
+1 would take a place in the family and change the other tests' adjusted p) and the rule; ``sanity`` rows (checks that cannot fail for a working
 pipeline, or that test the set-up rather than the claim) are evaluated and reported, but never count.
 
 Example (a figure module)::
@@ -298,7 +304,13 @@ class Criterion:
             raise ValueError(f"measured lacks the declared tests {missing}")
         results = {t.name: _run_test(t, measured[t.name], self.alpha, self.bootstrap_resamples,
                                      self.bootstrap_seed) for t in self.tests}
-        claim_names = [t.name for t in self.claim_tests]
+        # exact rows have no sampling error: they are decided alone, outside the Holm family
+        claim_names = [t.name for t in self.claim_tests if t.method != "exact"]
+        for t in self.claim_tests:
+            if t.method == "exact":
+                r = results[t.name]
+                r["p_adjusted"] = r["p"]
+                r["passed"] = bool(r["computable"] and r["p"] <= self.alpha)
         raw = [results[n]["p"] for n in claim_names]
         adj = holm(raw) if self.correction == "holm" else [1.0 if math.isnan(p) else p for p in raw]
         for n, p in zip(claim_names, adj, strict=True):
@@ -395,11 +407,10 @@ def tost_t(values, low: float, high: float) -> tuple[float, float, float]:
         raise ValueError(f"values must hold at least 2 numbers, got {n}")
     se = x.std(ddof=1) / math.sqrt(n)
     m = x.mean()
-    if se == 0:
-        p_lo, p_hi = float(m <= low), float(m >= high)
-    else:
-        p_lo = float(stats.t.sf((m - low) / se, n - 1))
-        p_hi = float(stats.t.cdf((m - high) / se, n - 1))
+    if se == 0:  # all values equal: no t statistic, no evidence (see _run_test)
+        return 1.0, 1.0, 1.0
+    p_lo = float(stats.t.sf((m - low) / se, n - 1))
+    p_hi = float(stats.t.cdf((m - high) / se, n - 1))
     return max(p_lo, p_hi), p_lo, p_hi
 
 
@@ -453,6 +464,9 @@ def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dic
         return {**out, "estimate": est, "se": se, "ci": [est - half, est + half], "n": 1, "p": p, "p_low": p_lo,
                 "p_high": p_hi, "computable": True}
 
+    if test.method in ("t", "bootstrap") and np.ndim(value) == 0:
+        raise ValueError(f"measured[{test.name!r}] is a single number: a {test.method} test needs one value per "
+                         "seed (declare a closed-form / deterministic row method='exact')")
     x = np.asarray(value, dtype=np.float64).ravel()
     finite = x[np.isfinite(x)]
     n, excluded = int(finite.size), int(x.size - finite.size)
@@ -477,9 +491,9 @@ def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dic
         return {**base, "estimate": est, "ci": None, "p": math.nan, "computable": False}
     m = float(finite.mean())
     sd = float(finite.std(ddof=1))
-    if sd == 0:  # all seeds equal: the inequality holds or not, without sampling error
-        ok = _holds(test, m)
-        return {**base, "estimate": m, "sd": 0.0, "ci": [m, m], "p": 0.0 if ok else 1.0, "computable": True}
+    if sd == 0:  # all values equal: no t statistic (0/0 or +-inf), so no evidence: p = 1, never a pass
+        return {**base, "estimate": m, "sd": 0.0, "ci": [m, m], "p": 1.0, "computable": True,
+                "note": "all values equal (sd = 0): no test statistic, p set to 1 (a deterministic row is exact)"}
     if test.method == "t":
         se = sd / math.sqrt(n)
         dist = stats.t(n - 1)

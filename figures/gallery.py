@@ -219,6 +219,36 @@ def _tally(records: list[dict]) -> list[str]:
             + (f": {'; '.join(joined)}." if joined else ".")]
 
 
+# Statistics fixes (issue 16 item 6): old rule, new rule, why, and what the numbers were (regenerated from the run
+# cache with the fixed code; every verdict / test outcome that changed is named).
+STATISTICS_FIXES = (
+    ("a single number (allora-fig5-escape `step1_closed_form`, declared with the default method t) went to a "
+     "t-test: n = 1, uncomputable, shown as \"fail\"",
+     "a single number is refused by the t / bootstrap tests (ValueError naming the row); closed-form rows are "
+     "declared `exact`",
+     "a t-test needs one value per seed; the row's value passes its margin 0.01",
+     "allora-fig5-escape `step1_closed_form` (sanity) fail -> PASS in all 6 protocols (sgd lr x1 / x1/3 / x3: "
+     "1.2e-08, 1.3e-07, 2.1e-08; adam lr x1 / x1/3 / x3: 2.6e-05 each, < 0.01); no verdict changed"),
+    ("`exact` claim rows (p 0 or 1) were members of the Holm family",
+     "`exact` rows are decided alone (p_adjusted = p), outside the Holm family of the sampled tests",
+     "a row without sampling error took a place in the family and inflated the other tests' adjusted p",
+     "allora-fig4-expected-vs-empirical (4 exact rows per protocol): Holm p of its t-tests fell, e.g. lr x1/3 "
+     "`top_minus_bottom` 0.038 -> 0.025, lr x3 `decline_p=0.3` 0.88 -> 0.44, long horizon `decline_p=0.5` "
+     "0.25 -> 0.15; no test outcome and no verdict changed"),
+    ("all seeds equal (sd = 0): the inequality decided the test with p = 0 or 1 (a pass from two equal seeds)",
+     "sd = 0 gives no test statistic and so no evidence: p = 1, the row never passes (TOST likewise)",
+     "zero spread over a handful of seeds is not evidence; a deterministic quantity is declared `exact`",
+     "only allora-fig4-expected-vs-empirical long horizon `decline_p=0.1` / `decline_p=0.3` (peak at the "
+     "horizon: 0 in every seed) hit it; they failed before (0 is not > 0) and fail now: unchanged"),
+)
+
+
+def _statistics_fixes() -> list[str]:
+    lines = ["", "### Statistics fixes (issue 16 item 6)", "", "| old rule | new rule | why | what the numbers were |",
+             "|---|---|---|---|"]
+    return lines + [f"| {_cell(o)} | {_cell(n)} | {_cell(w)} | {_cell(x)} |" for o, n, w, x in STATISTICS_FIXES]
+
+
 def write_gallery(out: Path) -> Path:
     """Rebuild ``<out>/README.md`` from every ``<id>.json`` in ``out`` (contract order): the top table (with a
     robustness column), per figure its criterion (rendered from the declaration), "holds in k of n protocols"
@@ -286,6 +316,7 @@ def write_gallery(out: Path) -> Path:
                   for fid, c in recal]
     else:
         lines.append("None recorded in these JSONs.")
+    lines += _statistics_fixes()
     undeclared = [r["id"] for r in records if not r.get("criterion")]
     if undeclared:
         lines += ["", "Figures without a declared criterion in their JSON (a crashed regeneration): "

@@ -34,7 +34,8 @@ CRITERION = Criterion(
              "LoRA at eta l_b (per seed)", "less", margin=0.0, why="the claim is a direction: ALLoRA's growth slows"),
         Test("step1_closed_form", "SANITY: |log(step-1 row norm of ALLoRA / the LoRA run its closed form predicts)| "
              "(SGD: LoRA at eta l_b; Adam: LoRA at l_b, Adam cancels the common factor eta)", "less", margin=0.01,
-             why="analysis.adaptive.allora_grads at B = 0: equal up to float32 rounding", role="sanity"),
+             why="analysis.adaptive.allora_grads at B = 0: equal up to float32 rounding", method="exact",
+             role="sanity"),
     ),
     rule=Rule(reproduced=("escape_as_fast", "lora_lb_slower", "tapers_off"),
               partially=(("escape_as_fast",), ("tapers_off",))),

@@ -159,9 +159,37 @@ def test_one_value_is_unavailable_not_a_verdict():
     assert out.verdict == "unavailable" and "q" in out.reason
 
 
-def test_constant_values_decide_without_sampling_error():
-    assert _one(Test("q", "x", "greater"), [1.0, 1.0, 1.0]).verdict == "reproduced"
-    assert _one(Test("q", "x", "less"), [1.0, 1.0, 1.0]).verdict == "not reproduced"
+def test_constant_values_are_not_a_t_test():
+    # issue 16 item 6: the old sd = 0 shortcut gave p = 0 (a pass) from two equal seeds; a t statistic is undefined
+    for vals in ([1.0, 1.0], [1.0, 1.0, 1.0]):
+        out = _one(Test("q", "x", "greater"), vals)
+        row = out.test("q")
+        assert out.verdict == "not reproduced" and row["p"] == 1.0 and not row["passed"] and "sd = 0" in row["note"]
+    assert tost_t([0.5, 0.5], -1.0, 1.0) == (1.0, 1.0, 1.0)
+    # a deterministic number is declared exact instead
+    assert _one(Test("q", "x", "greater", method="exact"), 1.0).verdict == "reproduced"
+
+
+def test_a_single_number_is_never_fed_to_a_t_test():
+    # issue 16 item 6: allora-fig5-escape's step1_closed_form (one number, default method t) read "fail"
+    with pytest.raises(ValueError, match="single number.*exact"):
+        _one(Test("q", "x", "less", margin=0.01), 0.001)
+
+
+def test_exact_rows_stay_outside_the_holm_family():
+    # issue 16 item 6: an exact row (p 0 or 1) took a place in Holm's family: a real test with raw p 0.03 was
+    # adjusted to 2 * 0.03 = 0.06 and failed (rslora-trajectory exact_lora_n1 under Adam)
+    crit = Criterion(tests=(Test("a", "x", "greater"), Test("e", "closed form", "greater", method="exact")),
+                     rule=Rule(reproduced=("a", "e"), partially=(("a",),)))
+    a = _sample(0.7, 1.0)
+    pa = _t_p(a, 0, "greater")
+    assert 0.025 < pa < 0.05
+    out = crit.evaluate({"a": a, "e": 1.0})
+    assert out.test("a")["p_adjusted"] == pytest.approx(pa) and out.test("a")["passed"]
+    assert out.test("e")["p_adjusted"] == 0.0 and out.verdict == "reproduced"
+    failed = crit.evaluate({"a": a, "e": -1.0})
+    assert failed.test("a")["passed"] and not failed.test("e")["passed"]
+    assert failed.verdict == "partially reproduced"
 
 
 # ------------------------------------------------------------------------------------------------- Holm
