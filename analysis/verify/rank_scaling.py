@@ -126,20 +126,14 @@ def small_rank_regime(seed: int):
     yield row(TOPIC, "item 7(d) d=784 r=8: relative sd of grad_x over A0, MC (2000 draws)", rel_mc,
               "exact +- 5 SE", abs(rel_mc - rel_exact) <= tol)
     ranks = np.array([1, 2, 4, 8, 16])
-    vals = [rs.one_step_moments(x0, v0, x, v, r=int(k), gamma=rs.gamma(int(k), 1.0, "rslora"), lr=0.1)
-            ["second_grad_in"] for k in ranks]
-    slope, _, _ = rs.fit_exponent(ranks, vals)
-    small = rs.moment_exponents("rslora", regime="small_rank")[1]
-    bound = small + ranks[-1] / (ranks[-1] + d + 1)
-    yield row(TOPIC, "rsLoRA exponent E|grad_x|^2, d=784, r=1..16 (paper: 0)", slope,
-              f"in [{small:g}, {bound:.3f}]", small <= slope <= bound)
-    vals = [rs.one_step_moments(x0, v0, x, v, r=int(k), gamma=rs.gamma(int(k), 1.0, "lora"), lr=0.1)
-            ["second_grad_in"] for k in ranks]
-    slope_lora, _, _ = rs.fit_exponent(ranks, vals)
-    small_lora = rs.moment_exponents("lora", regime="small_rank")[1]
-    bound_lora = small_lora + ranks[-1] / (ranks[-1] + d + 1)
-    yield row(TOPIC, "LoRA exponent E|grad_x|^2, d=784, r=1..16 (paper: -2)", slope_lora,
-              f"in [{small_lora:g}, {bound_lora:.3f}]", small_lora <= slope_lora <= bound_lora)
+    for scheme, label, paper in (("rslora", "rsLoRA", 0), ("lora", "LoRA", -2)):
+        vals = [rs.one_step_moments(x0, v0, x, v, r=int(k), gamma=rs.gamma(int(k), 1.0, scheme), lr=0.1)
+                ["second_grad_in"] for k in ranks]
+        slope, _, _ = rs.fit_exponent(ranks, vals)
+        small = rs.moment_exponents(scheme, regime="small_rank")[1]
+        bound = small + ranks[-1] / (ranks[-1] + d + 1)
+        yield row(TOPIC, f"{label} exponent E|grad_x|^2, d=784, r=1..16 (paper: {paper})", slope,
+                  f"in [{small:g}, {bound:.3f}]", small <= slope <= bound)
 
 
 @check(TOPIC)
