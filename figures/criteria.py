@@ -70,6 +70,7 @@ VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "unavailable
 DIRECTIONS = ("greater", "less", "equivalent")
 METHODS = ("t", "bootstrap", "z", "exact", "sign")
 ROLES = ("claim", "sanity")
+MARGIN_SOURCES = ("paper", "theory")  # where a claim test's margin (smallest effect that counts) comes from
 CORRECTIONS = ("holm", "none")
 
 _METHOD_PROSE = {
@@ -144,6 +145,7 @@ class Test:
     method: str = "t"
     why: str = ""
     role: str = "claim"
+    margin_from: str = ""  # "paper" or "theory" (never our data): see needs_margin_source
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -154,6 +156,8 @@ class Test:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.margin_from and self.margin_from not in MARGIN_SOURCES:
+            raise ValueError(f"margin_from must be one of {MARGIN_SOURCES} (or empty), got {self.margin_from!r}")
         if self.direction == "equivalent":
             lo, hi = self.bounds
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -173,7 +177,13 @@ class Test:
     def as_dict(self) -> dict:
         margin = list(self.bounds) if self.direction == "equivalent" else float(self.margin)
         return {"name": self.name, "quantity": self.quantity, "direction": self.direction, "margin": margin,
-                "method": self.method, "why": self.why, "role": self.role}
+                "method": self.method, "why": self.why, "role": self.role, "margin_from": self.margin_from}
+
+    @property
+    def needs_margin_source(self) -> bool:
+        """A claim test with sampling error (not ``exact``) must say where its margin comes from: the smallest
+        effect that counts (directional) or the equivalence band, from the paper's numbers or from theory."""
+        return self.role == "claim" and self.method != "exact"
 
     def hypothesis(self) -> str:
         """The alternative hypothesis in words, e.g. ``mean < 0`` or ``-0.1 < mean < 0.1``."""
@@ -184,7 +194,9 @@ class Test:
         return f"{stat} {'>' if self.direction == 'greater' else '<'} {float(self.margin):g}"
 
     def describe(self) -> str:
-        why = f" ({self.why})" if self.why else ""
+        source = {"paper": "margin from the paper", "theory": "margin from theory"}.get(self.margin_from, "")
+        why = "; ".join(x for x in (source, self.why) if x)
+        why = f" ({why})" if why else ""
         tost = " by two one-sided tests (TOST)" if self.direction == "equivalent" else ""
         return f"`{self.name}`: {self.quantity}: {self.hypothesis()}{tost}, {_METHOD_PROSE[self.method]}{why}"
 

@@ -49,14 +49,18 @@ from toymodels.protocol import FIDELITIES, real_datasets  # noqa: F401  (re-expo
 @dataclass(frozen=True)
 class Protocol:
     """One training protocol a careful reader would question: ``settings`` (the FinetuneConfig fields it
-    changes, or any figure-specific knobs), ``primary`` (exactly one per figure: the headline, run without
-    ``--robustness``), ``paper`` (the paper states this protocol) and a ``note`` (why it is in the grid)."""
+    changes, or any figure-specific knobs), ``primary`` (exactly one per figure: the one drawn and run first, and
+    the only one of a first look), ``paper`` (the paper states this protocol: then it is the primary and the
+    headline), ``plausible`` (the paper states none and this is one of the protocols it could mean: the headline
+    verdict is combined over them, see :data:`HEADLINE_POLICY`) and a ``note`` (why it is in the grid; for
+    ``paper`` / ``plausible``, where the paper says so)."""
 
     name: str
     settings: dict = field(default_factory=dict)
     primary: bool = False
     paper: bool = False
     note: str = ""
+    plausible: bool = False
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -66,7 +70,7 @@ class Protocol:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "settings": dict(self.settings), "primary": self.primary,
-                "paper": self.paper, "note": self.note}
+                "paper": self.paper, "plausible": self.plausible, "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,9 @@ class Result:
     criterion: dict | None = None  # the declared criterion (Criterion.as_dict()); None when the figure crashed
     protocols: list[dict] | None = None  # one dict per protocol run: protocol, verdict, outcome, key numbers
     draw: dict | None = None  # the headline protocol's numbers for draw() (saved in the JSON)
-    headline: str | None = None  # the headline protocol's name
+    headline: str | None = None  # the primary protocol's name (the one drawn)
+    headline_protocols: list[str] = field(default_factory=list)  # the protocols whose verdicts made ``verdict``
+    headline_complete: bool = True  # False for a first look: only the primary of several plausible protocols ran
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -259,6 +265,46 @@ def require_datasets(*names: str) -> None:
             raise Unavailable(f"{name} is not available here: {why}")
 
 
+HEADLINE_POLICY = (
+    "Headline protocol: where the paper states the protocol of the experiment a figure mirrors, the verdict is that "
+    "protocol's (marked `paper`; it is the primary one). Where the paper states none (ALLoRA names no optimizer), "
+    "the verdict is combined over the plausible protocols (marked `plausible`: SGD and Adam at least where the "
+    "optimizer is unstated): reproduced if the claim holds under every one of them, not reproduced if it holds "
+    "under none (not even partially), partially reproduced otherwise (e.g. holds under SGD, not under Adam). The "
+    "marks are chosen from the papers' text and frozen with the criteria, never from outcomes; the primary protocol "
+    "is the one drawn. A first look (`--primary`) runs the primary protocol alone and says so.")
+
+
+def headline_protocols(protocols: tuple[Protocol, ...]) -> tuple[Protocol, ...]:
+    """The protocols whose verdicts make the headline (:data:`HEADLINE_POLICY`): the paper's (the primary) where the
+    paper states one, else every ``plausible`` one, else (a figure not yet marked) the primary alone."""
+    primary = [p for p in protocols if p.primary]
+    if len(primary) != 1:
+        raise ValueError(f"protocols must mark exactly one primary protocol, got {len(primary)}")
+    if primary[0].paper:
+        return (primary[0],)
+    plausible = tuple(p for p in protocols if p.plausible)
+    return plausible or (primary[0],)
+
+
+def combine_verdicts(verdicts: list[str]) -> str:
+    """One headline verdict over the plausible protocols' ``verdicts``: reproduced if all are, not reproduced if all
+    are, partially reproduced otherwise; unavailable if any is (a protocol that could not be judged leaves the
+    combination undecided)."""
+    if not verdicts:
+        raise ValueError("verdicts must not be empty")
+    bad = [v for v in verdicts if v not in VERDICTS]
+    if bad:
+        raise ValueError(f"verdicts must be in {VERDICTS}, got {bad}")
+    if "unavailable" in verdicts:
+        return "unavailable"
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    if all(v == "not reproduced" for v in verdicts):
+        return "not reproduced"
+    return "partially reproduced"
+
+
 def check_protocols(protocols: tuple[Protocol, ...]) -> None:
     names = [p.name for p in protocols]
     if len(set(names)) != len(names):
@@ -269,6 +315,16 @@ def check_protocols(protocols: tuple[Protocol, ...]) -> None:
     if any(p.paper for p in protocols) and not primary[0].paper:
         raise ValueError("protocols: the primary protocol must be the paper's where the paper states one "
                          f"(primary {primary[0].name!r} is not marked paper=True)")
+    plausible = [p.name for p in protocols if p.plausible]
+    if plausible and primary[0].paper:
+        raise ValueError(f"protocols: {plausible} are marked plausible although the paper states the protocol "
+                         f"({primary[0].name!r}): the headline is the paper's protocol alone")
+    if plausible and not primary[0].plausible:
+        raise ValueError(f"protocols: the primary protocol {primary[0].name!r} must be one of the plausible ones "
+                         f"{plausible}")
+    if len(plausible) == 1:
+        raise ValueError(f"protocols: a single plausible protocol {plausible} is the primary alone; mark at least "
+                         "two (the paper states none) or mark the paper's protocol paper=True")
 
 
 _MODULE_FIELDS = ("ID", "PAPER", "KIND", "CLAIM_ID", "CLAIM", "CRITERION", "PROTOCOLS", "configs", "measure", "draw")
@@ -365,33 +421,48 @@ def _measure(spec: Spec, ctx: Context, prot: Protocol) -> Measurement:
 
 def run_figure(spec: Spec, ctx: Context) -> Result:
     """Measure each protocol to run (primary only, or all with ``ctx.robustness``; the primary first), evaluate
-    the criterion in each, and return the headline (primary) protocol's Result with ``criterion``, ``protocols``
-    and ``draw`` filled and its figure drawn. An error in a non-primary protocol makes that protocol
-    ``unavailable`` (and is printed); an error in the primary one propagates."""
+    the criterion in each, and return the Result: the headline verdict by :data:`HEADLINE_POLICY` (the paper's
+    protocol, or combined over the plausible ones; the primary alone when only it ran), the primary protocol's
+    numbers and figure, ``criterion``, ``protocols`` and ``draw`` filled. An error in a non-primary protocol makes
+    that protocol ``unavailable`` (and is printed); an error in the primary one propagates."""
     crit = spec.criterion
     primary = [p for p in spec.protocols if p.primary]
     todo = primary + ([p for p in spec.protocols if not p.primary] if ctx.robustness else [])
-    records, headline, head_meas = [], None, None
+    records, head, head_meas = [], None, None
     for prot in todo:
         meas = _measure(spec, ctx, prot)
         outcome = Outcome.unavailable(meas.unavailable) if meas.unavailable else crit.evaluate(meas.samples)
         summary = meas.unavailable or meas.summary
         rec = {"name": prot.name, "protocol": dict(prot.settings), "primary": prot.primary, "paper": prot.paper,
-               "note": prot.note, "verdict": outcome.verdict, "summary": summary, "key": meas.key,
-               "tests": outcome.describe(), "outcome": outcome.as_dict()}
+               "plausible": prot.plausible, "note": prot.note, "verdict": outcome.verdict, "summary": summary,
+               "key": meas.key, "tests": outcome.describe(), "outcome": outcome.as_dict()}
         records.append(rec)
         if prot.primary:
-            headline, head_meas = rec, meas
-    assert headline is not None and head_meas is not None
+            head, head_meas = rec, meas
+    assert head is not None and head_meas is not None
     order = {p.name: i for i, p in enumerate(spec.protocols)}
     records.sort(key=lambda r: order[r["name"]])
     counts = holds_count(records)
-    where = "the paper's protocol" if headline["paper"] else "the primary protocol (the paper states none)"
-    summary = f"At {where} ({headline['name']}): {headline['summary']}"
-    if headline["verdict"] != "unavailable":
-        tests = headline["outcome"]["tests"]
+    by_name = {r["name"]: r for r in records}
+    wanted = [p.name for p in headline_protocols(spec.protocols)]
+    ran = [n for n in wanted if n in by_name]
+    complete = len(ran) == len(wanted)
+    verdict = combine_verdicts([by_name[n]["verdict"] for n in ran]) if complete else head["verdict"]
+    if head["paper"]:
+        where = f"At the paper's protocol ({head['name']})"
+    elif len(wanted) > 1 and complete:
+        held = ", ".join(f"{by_name[n]['verdict']} under {n}" for n in ran)
+        where = f"Over the plausible protocols ({held}); at the primary one ({head['name']})"
+    elif len(wanted) > 1:
+        where = (f"First look: the primary protocol ({head['name']}) alone; the headline combines the plausible "
+                 f"protocols {wanted}")
+    else:
+        where = f"At the primary protocol ({head['name']}; the paper states none)"
+    summary = f"{where}: {head['summary']}"
+    if head["verdict"] != "unavailable":
+        tests = head["outcome"]["tests"]
         if len(tests) <= 6:
-            summary += f" Tests: {headline['tests']}."
+            summary += f" Tests: {head['tests']}."
         else:  # many tests (e.g. one per fitted exponent): count them, name the failures; statistics in the JSON
             claims = [t for t in tests if t["role"] == "claim"]
             failed = [t["name"] for t in tests if not t["passed"]]
@@ -407,6 +478,9 @@ def run_figure(spec: Spec, ctx: Context) -> Result:
             fig = spec.draw(numbers)
         except Exception:  # a broken plot must not lose the measurement: the JSON keeps the numbers (--redraw)
             traceback.print_exc()
-    return Result(headline["verdict"], summary, dict(head_meas.measured), list(head_meas.datasets),
-                  dict(head_meas.config), fig, criterion=crit.as_dict(), protocols=records, draw=numbers,
-                  headline=headline["name"])
+    result = Result(verdict, summary, dict(head_meas.measured), list(head_meas.datasets),
+                    dict(head_meas.config), fig, criterion=crit.as_dict(), protocols=records, draw=numbers,
+                    headline=head["name"])
+    result.headline_protocols = ran if complete else [head["name"]]
+    result.headline_complete = complete
+    return result

@@ -69,6 +69,8 @@ def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
         "robustness": bool(ctx.robustness),
         "criterion": result.criterion,
         "protocols": result.protocols or [],
+        "headline_protocols": result.headline_protocols,  # whose verdicts made `verdict` (framework.HEADLINE_POLICY)
+        "headline_complete": result.headline_complete,
     }
     record["holds"] = holds_count(record["protocols"])
     if result.draw is not None:

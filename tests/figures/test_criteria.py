@@ -407,3 +407,13 @@ def test_fmt_ci_formats_mean_and_interval():
     assert fmt_ci(d) == "0.312 [0.25, 0.375]"
     assert fmt_ci(d, "+.2f") == "+0.31 [+0.25, +0.38]"
     assert fmt_ci(d, ".0f", 100, "%") == "31% [25, 38]"
+
+
+def test_margin_source_is_declared_and_rendered():
+    t = Test("g", "gain per seed", "greater", margin=0.3, margin_from="paper", why="table 5: smallest gain 0.3 pp")
+    assert t.needs_margin_source and t.as_dict()["margin_from"] == "paper"
+    assert "margin from the paper" in t.describe()
+    assert not Test("e", "closed form", "greater", method="exact").needs_margin_source
+    assert not Test("s", "sanity", "greater", role="sanity").needs_margin_source
+    with pytest.raises(ValueError, match="margin_from"):
+        Test("g", "gain", "greater", margin_from="our data")

@@ -166,3 +166,67 @@ def test_redraw_rebuilds_png_and_gallery_from_the_json_without_training(tmp_path
     (tmp_path / f"{fig_id}.json").write_text(json.dumps(record))
     assert main(["--redraw", fig_id, "--out", str(tmp_path)]) == 1
     assert "no draw numbers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the headline-protocol policy (issue 16 item 4)
+
+def test_headline_is_the_papers_protocol_or_the_plausible_ones():
+    from figures.framework import headline_protocols
+
+    paper = (Protocol("a", primary=True, paper=True), Protocol("b"))
+    assert [p.name for p in headline_protocols(paper)] == ["a"]
+    plaus = (Protocol("sgd", primary=True, plausible=True), Protocol("adam", plausible=True), Protocol("lr x3"))
+    assert [p.name for p in headline_protocols(plaus)] == ["sgd", "adam"]
+    assert [p.name for p in headline_protocols((Protocol("x", primary=True), Protocol("y")))] == ["x"]
+
+
+def test_combined_verdict_holds_under_all_none_or_some():
+    from figures.framework import combine_verdicts
+
+    assert combine_verdicts(["reproduced", "reproduced"]) == "reproduced"
+    assert combine_verdicts(["not reproduced", "not reproduced"]) == "not reproduced"
+    assert combine_verdicts(["reproduced", "not reproduced"]) == "partially reproduced"
+    assert combine_verdicts(["partially reproduced", "partially reproduced"]) == "partially reproduced"
+    assert combine_verdicts(["not reproduced", "partially reproduced"]) == "partially reproduced"
+    assert combine_verdicts(["reproduced", "unavailable"]) == "unavailable"
+    with pytest.raises(ValueError, match="verdicts"):
+        combine_verdicts([])
+    with pytest.raises(ValueError, match="verdicts"):
+        combine_verdicts(["holds"])
+
+
+@pytest.mark.parametrize("marks, match", [
+    # (primary: paper, plausible), (other: plausible), ...
+    (((True, False), (True,)), "plausible although the paper states"),
+    (((False, False), (True,), (True,)), "primary protocol 'p0' must be one of the plausible"),
+    (((False, True),), "single plausible"),
+])
+def test_check_protocols_refuses_inconsistent_marks(marks, match):
+    from figures.framework import check_protocols
+
+    (paper, plausible), *others = marks
+    prots = (Protocol("p0", primary=True, paper=paper, plausible=plausible),
+             *(Protocol(f"p{i}", plausible=o[0]) for i, o in enumerate(others, 1)), Protocol("extra"))
+    with pytest.raises(ValueError, match=match):
+        check_protocols(prots)
+
+
+def test_run_figure_combines_the_plausible_protocols():
+    from figures.framework import Spec
+
+    crit = Criterion(tests=(Test("x", "a value per seed", "greater", margin=0.0, margin_from="theory",
+                                 why="constructed"),), rule=Rule(reproduced=("x",)))
+    values = {"sgd": [1.0, 1.1, 0.9, 1.2], "adam": [-1.0, -1.1, -0.9, -1.2], "lr x3": [1.0, 1.1, 0.9, 1.2]}
+    spec = Spec("toy", "paper", "claim", crit,
+                (Protocol("sgd", primary=True, plausible=True, note="n"), Protocol("adam", plausible=True, note="n"),
+                 Protocol("lr x3")),
+                configs=lambda ctx: {},
+                measure=lambda ctx, runs: Measurement(samples={"x": values[ctx.protocol.name]}, summary="s"),
+                draw=lambda numbers: None)
+    full = run_figure(spec, Context(robustness=True))
+    assert full.verdict == "partially reproduced"  # holds under SGD, not under Adam
+    assert full.headline_protocols == ["sgd", "adam"] and full.headline_complete
+    first = run_figure(spec, Context(robustness=False))
+    assert first.verdict == "reproduced" and not first.headline_complete and "First look" in first.summary
+    values["adam"] = values["sgd"]
+    assert run_figure(spec, Context(robustness=True)).verdict == "reproduced"
