@@ -55,6 +55,10 @@ Example (a figure module)::
 
 Also here, for every figure: :func:`mean_ci` / :func:`ci_dict` (t intervals over seeds), :func:`ci_finite` (the
 same over the finite values, for runs that may diverge) and :func:`fmt_ci` (the one formatter of an interval).
+
+One confidence level everywhere: :data:`CONFIDENCE` = 1 - 2 :data:`ALPHA` = 0.90, the level of the tests' intervals
+and the default of every interval helper; figure files never pass another level and label their error bars with
+:data:`CI_PCT`. :data:`CONFIDENCE_STATEMENT` says so in one sentence (the gallery's Methods).
 """
 
 from __future__ import annotations
@@ -73,6 +77,15 @@ ROLES = ("claim", "sanity")
 MARGIN_SOURCES = ("paper", "theory")  # where a claim test's margin (smallest effect that counts) comes from
 CORRECTIONS = ("holm", "none")
 
+ALPHA = 0.05  # the one-sided level of every declared test (family-wise under Holm)
+CONFIDENCE = 1 - 2 * ALPHA  # = 0.90: the ONE confidence level of every interval (tests, error bars, summaries)
+CI_PCT = f"{100 * CONFIDENCE:g}%"  # "90%": the level as figure labels print it ("mean, {CI_PCT} CI")
+CONFIDENCE_STATEMENT = (
+    f"Every interval in this gallery (test rows, error bars, summaries) is a two-sided {100 * CONFIDENCE:g}% "
+    f"interval, 1 - 2 alpha at the one-sided level alpha = {ALPHA:g} of the tests, so a one-sided test passes "
+    "(before Holm's correction) exactly when its interval clears the margin, and an equivalence test (TOST) exactly "
+    "when its interval lies inside the band.")
+
 _METHOD_PROSE = {
     "t": "one-sample t-test over seeds",
     "bootstrap": "bootstrap of the mean over seeds (scipy.stats.bootstrap, percentile)",
@@ -85,8 +98,9 @@ _METHOD_PROSE = {
 # ------------------------------------------------------------------------------------- intervals over seeds
 
 
-def mean_ci(values, confidence: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and t-based confidence interval over ``axis`` (seeds). With one value the interval is [v, v]."""
+def mean_ci(values, confidence: float = CONFIDENCE, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and t-based confidence interval over ``axis`` (seeds), at :data:`CONFIDENCE` (figures never pass
+    another level). With one value the interval is [v, v]."""
     v = np.asarray(values, dtype=np.float64)
     m = v.mean(axis=axis)
     n = v.shape[axis]
@@ -96,14 +110,14 @@ def mean_ci(values, confidence: float = 0.95, axis: int = 0) -> tuple[np.ndarray
     return m, m - half, m + half
 
 
-def ci_dict(values, confidence: float = 0.95) -> dict:
+def ci_dict(values, confidence: float = CONFIDENCE) -> dict:
     """``{"mean", "ci_low", "ci_high", "n"}`` of a 1-D sample (seeds), JSON-ready."""
     m, lo, hi = mean_ci(np.asarray(values, dtype=np.float64).ravel(), confidence)
     return {"mean": float(m), "ci_low": float(lo), "ci_high": float(hi), "n": int(np.size(values)),
             "confidence": confidence}
 
 
-def ci_finite(values, confidence: float = 0.95) -> dict:
+def ci_finite(values, confidence: float = CONFIDENCE) -> dict:
     """:func:`ci_dict` over the finite values only (a diverged run is NaN), with ``n_excluded``: how many were
     dropped. With no finite value: NaN mean and bounds, ``n`` 0."""
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -253,7 +267,7 @@ class Criterion:
 
     tests: tuple[Test, ...]
     rule: Rule
-    alpha: float = 0.05
+    alpha: float = ALPHA
     correction: str = "holm"
     recalibrations: tuple[Recalibration, ...] = ()
     note: str = ""

@@ -10,7 +10,7 @@ import numpy as np
 from analysis import dropout as closed
 from figures import seeds
 from figures.allora.protocol import last_layer_problem, log_ratio_ci
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, Unavailable, real_datasets
 from figures.style import colors, new_figure
 from toymodels.protocol import base_config
@@ -158,7 +158,7 @@ def measure(ctx, runs) -> Measurement:
     parts = [f"p = {p:g}: {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
              for p in RATES for r in [measured[f"p={p:g}"][f"abs_dev_over_penalty_at_n={n_ref}"]]]
     summary = (f"{ds}, {len(ctx.seeds)} problem seeds, {groups} independent groups of n <= {n_max} realisations per "
-               f"seed and rate. Mean |dev| at n = {n_ref} over the dropout penalty (geometric mean [95% CI]): "
+               f"seed and rate. Mean |dev| at n = {n_ref} over the dropout penalty (geometric mean [{CI_PCT} CI]): "
                + "; ".join(parts) + f". Sanity: the largest excess over Std/sqrt(n) is {z_bound:+.1f} SE; the ratio "
                f"to the bound at n = {n_max} is {min(clt_ratio.values()):.3f}-{max(clt_ratio.values()):.3f} (CLT "
                f"limit {math.sqrt(2 / math.pi):.3f}).")
@@ -208,6 +208,6 @@ def draw(numbers):
     ax.set_yscale("log")
     ax.set_xticks(range(len(rates)), [f"p = {p}" for p in rates])
     ax.set_ylabel(f"mean |dev| at n = {numbers['n_ref']}\n/ dropout penalty")
-    ax.set_title("per problem seed (dots);\ngeometric mean, 95% CI", fontsize=8)
+    ax.set_title(f"per problem seed (dots);\ngeometric mean, {CI_PCT} CI", fontsize=8)
     ax.legend(fontsize=6)
     return fig

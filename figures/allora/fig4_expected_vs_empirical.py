@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from figures.allora.protocol import spearman
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 from toymodels.protocol import base_config
@@ -143,11 +143,11 @@ def draw(numbers):
     ax.axvline(INTERIOR * numbers["steps"], color="grey", ls=":", lw=0.8, label="80% of the horizon")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("test-loss gap: sampled - expected (MSE)")
-    ax.set_title(f"gap, mean and 95% CI over {numbers['n_seeds']} seeds (Adam lr {numbers['lr']:g})", fontsize=8)
+    ax.set_title(f"gap, mean and {CI_PCT} CI over {numbers['n_seeds']} seeds (Adam lr {numbers['lr']:g})", fontsize=8)
     ax.legend(fontsize=7)
     ax = axes[0, 1]
     m, lo, hi = (np.asarray(v) for v in numbers["peak"])
     ax.errorbar([float(p) for p in numbers["gap"]], m, yerr=[m - lo, hi - m], fmt="o-", capsize=3)
     ax.set_xlabel("dropout rate p")
-    ax.set_ylabel("peak gap per seed\n(mean and 95% CI)")
+    ax.set_ylabel(f"peak gap per seed\n(mean and {CI_PCT} CI)")
     return fig

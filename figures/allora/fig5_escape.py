@@ -8,7 +8,17 @@ import math
 import numpy as np
 
 from figures.allora.protocol import ETA2, escape_step, row_norm_curve
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import (
+    CI_PCT,
+    CONFIDENCE,
+    Criterion,
+    Recalibration,
+    Rule,
+    Test,
+    ci_dict,
+    fmt_ci,
+    mean_ci,
+)
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 from toymodels.protocol import base_config
@@ -67,7 +77,7 @@ def paired(values) -> dict:
     if np.all(np.isfinite(v)):
         return ci_dict(v)
     return {"mean": float(np.mean(v)), "ci_low": float(np.min(v)), "ci_high": float("inf"), "n": int(v.size),
-            "confidence": 0.95, "censored": int(np.sum(~np.isfinite(v)))}
+            "confidence": CONFIDENCE, "censored": int(np.sum(~np.isfinite(v)))}
 
 
 def loglog_slope(steps: np.ndarray, values: np.ndarray, start: float) -> float:
@@ -163,7 +173,7 @@ def draw(numbers):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("mean row norm of s BA (mean over layers)\n(geometric mean over seeds, 95% CI)")
+    ax.set_ylabel(f"mean row norm of s BA (mean over layers)\n(geometric mean over seeds, {CI_PCT} CI)")
     ax.set_title(f"{numbers['optimizer'].upper()}, l_b = {numbers['l_b']:g}, eta^2 = {ETA2:g}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax = axes[0, 1]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from analysis import dropout as closed
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
 from toymodels import TrainState
@@ -189,5 +189,5 @@ def draw(numbers):
     axes[0, 2].set_xscale("symlog", linthresh=numbers["spe"])
     axes[0, 2].set_xticks(step, [f"{s:g}" for s in step], fontsize=7)  # the probe steps (0 and the early epochs)
     axes[0, 0].legend(fontsize=7)
-    axes[0, 0].set_title(f"{numbers['protocol']}, 95% CI over seeds", fontsize=9)
+    axes[0, 0].set_title(f"{numbers['protocol']}, {CI_PCT} CI over seeds", fontsize=9)
     return fig

@@ -12,7 +12,7 @@ from analysis import allora_dynamics as dyn
 from analysis import ripple
 from figures import seeds
 from figures.allora.protocol import ETA2
-from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
 from figures.style import colors, new_figure
 from toymodels import TrainState
@@ -245,6 +245,6 @@ def draw(numbers):
     ax.set_yscale("log")
     ax.set_xticks(layers, [f"layer {i}" for i in layers])
     ax.set_ylabel("||z_l - z_l^0|| / ||z_l^0||\n(fine-tune set)")
-    ax.set_title(f"trained MLP ({numbers['protocol']}), 95% CI over seeds", fontsize=9)
+    ax.set_title(f"trained MLP ({numbers['protocol']}), {CI_PCT} CI over seeds", fontsize=9)
     ax.legend(fontsize=7)
     return fig

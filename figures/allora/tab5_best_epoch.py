@@ -7,7 +7,7 @@ import numpy as np
 from scipy import stats
 
 from figures.allora.protocol import TAB5_RATES, tab5_runs
-from figures.criteria import Criterion, Estimate, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Estimate, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 
@@ -126,7 +126,7 @@ def draw(numbers):
         ax.plot(TAB5_RATES, best[s], "-", color="0.75", lw=0.8)
     mm, lo, hi = mean_ci(best)
     ax.errorbar(TAB5_RATES, mm, yerr=[mm - lo, hi - mm], fmt="o-", color=colors(1)[0], capsize=3,
-                label="mean, 95% CI (grey: seeds)")
+                label=f"mean, {CI_PCT} CI (grey: seeds)")
     ax.axhline(last, color="k", ls=":", lw=0.8, label="horizon")
     ax.set(xlabel="dropout rate p", ylabel="epoch of maximal test accuracy")
     ax.set_title(f"{numbers['protocol']}: Page z = {numbers['page_z']:.2f}", fontsize=9)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from figures.allora.protocol import TAB5_RATES, spearman, tab5_runs
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 
@@ -117,6 +117,6 @@ def draw(numbers):
         m, lo, hi = (100 * np.asarray(v) for v in d["mean_ci"])
         ax.errorbar(rates, m, yerr=[m - lo, hi - m], fmt=mk, capsize=3, label=f"{h}: epoch {d['epoch']:g}")
     ax.set_xlabel("dropout rate p")
-    ax.set_ylabel("test accuracy (%)\nmean and 95% CI")
+    ax.set_ylabel(f"test accuracy (%)\nmean and {CI_PCT} CI")
     ax.legend(fontsize=7)
     return fig

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci
 from figures.framework import Measurement, Protocol, diverged
 from figures.style import colors, new_figure
 from toymodels.protocol import base_config
@@ -144,7 +144,7 @@ def measure(ctx, runs) -> Measurement:
     summary = (f"{opt.upper()} l_b = {l_b:g}, {steps} steps, ranks {list(ranks)} x eta^2 {[float(e) for e in eta2s]}, "
                f"{len(ctx.seeds)} seeds: ALLoRA ranks {table['allora_rank']} of {len(VARIANTS)} at "
                f"{pm['ALLoRA']['mean']:.2f}% (best {table['ranking'][0]} {pm[table['ranking'][0]]['mean']:.2f}%); "
-               "ALLoRA - X (pp, 95% CI): " + "; ".join(f"{n} {fmt_ci(d, '+.2f')}"
+               f"ALLoRA - X (pp, {CI_PCT} CI): " + "; ".join(f"{n} {fmt_ci(d, '+.2f')}"
                                                       for n, d in table["allora_minus_other_pp"].items())
                + (f"; {div} diverged runs counted at chance (10%)" if div else "") + ".")
     key = {"allora_rank": table["allora_rank"], "best": table["ranking"][0],
@@ -184,8 +184,8 @@ def draw(numbers):
         ax.set_xticks(np.arange(len(axis_vals)), [f"{v:g}" for v in axis_vals])
         ax.set_xlabel(label)
         ax.set_ylabel(f"test accuracy after {numbers['steps']} steps (%)")
-    axes[0, 0].set_title(f"{opt} l_b = {l_b:g}: mean over eta^2 (95% CI, seeds)", fontsize=9)
-    axes[0, 1].set_title(f"{opt}: mean over ranks (95% CI, seeds)", fontsize=9)
+    axes[0, 0].set_title(f"{opt} l_b = {l_b:g}: mean over eta^2 ({CI_PCT} CI, seeds)", fontsize=9)
+    axes[0, 1].set_title(f"{opt}: mean over ranks ({CI_PCT} CI, seeds)", fontsize=9)
     ax = axes[0, 2]
     others = [n for n in VARIANTS if n != "ALLoRA"]
     for i, n in enumerate(others):
@@ -196,7 +196,7 @@ def draw(numbers):
     ax.axvspan(-1.0, 1.0, color="0.85", alpha=0.5, lw=0, label="ALLoRA+D equivalence margin")
     ax.set_yticks(range(len(others)), [f"ALLoRA - {n}" for n in others], fontsize=8)
     ax.set_xlabel("paired accuracy difference (percentage points)")
-    ax.set_title(f"{opt}: grid mean, 95% CI over seeds", fontsize=9)
+    ax.set_title(f"{opt}: grid mean, {CI_PCT} CI over seeds", fontsize=9)
     ax.legend(fontsize=6)
     axes[0, 0].legend(fontsize=6.5)
     return fig

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
 from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, split_settings, unit_scale_config
 from figures.style import colors, new_figure
@@ -170,6 +170,6 @@ def draw(numbers):
             ax.set_yscale("log", base=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
-        ax.set_ylabel(label + "\n(layers.0-1, 95% CI)", fontsize=8)
+        ax.set_ylabel(label + f"\n(layers.0-1, {CI_PCT} CI)", fontsize=8)
         ax.legend(fontsize=6)
     return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol, diverged, floats, require_datasets
 from figures.lowr.protocol import LAYERS, config_record, final_channels, layer_stats, rank, shared_config
 from figures.style import colors, new_figure
@@ -105,7 +105,7 @@ def draw(numbers):
     ax.axhline(R_PAPER, color="grey", ls="--", lw=1, label="paper: r > 0.9")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xticks(x, list(LAYERS))
-    ax.set_ylabel("Pearson r / share\n(mean, 95% CI over seeds)")
+    ax.set_ylabel(f"Pearson r / share\n(mean, {CI_PCT} CI over seeds)")
     ax.set_title("per-layer summary", fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
     return fig

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
 from figures.framework import Measurement, diverged, floats, require_datasets
 from figures.lowr.protocol import (
     ALPHA_PROTOCOLS,
@@ -153,7 +153,7 @@ def draw(numbers):
         ax.errorbar(x + (off - 0.5) * 0.2, m, yerr=[m - lo, hi - m], fmt="o", capsize=3, color=col, label=label)
     ax.axhline(0, color="grey", lw=1)
     ax.set_xticks(x, list(LAYERS))
-    ax.set_ylabel("change with LoWR (%)\n95% CI over seeds")
+    ax.set_ylabel(f"change with LoWR (%)\n{CI_PCT} CI over seeds")
     ax.set_title("paper: mean up, std down", fontsize=8)
     ax.legend(fontsize=7)
     ax = axes[1, 2]

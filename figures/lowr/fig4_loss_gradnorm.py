@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol, diverged, require_datasets
 from figures.lowr.protocol import (
     ALPHA_PROTOCOLS,
@@ -138,6 +138,6 @@ def draw(numbers):
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel(ylabel)
         ax.axvspan(*numbers["late"], color="grey", alpha=0.08)
-    axes[0, 0].legend(fontsize=7, title=f"tau={numbers['tau']:g}, alpha={numbers['alpha']:g}\n(geo. mean, 95% CI)",
+    axes[0, 0].legend(fontsize=7, title=f"tau={numbers['tau']:g}, alpha={numbers['alpha']:g}\n(geo. mean, {CI_PCT} CI)",
                       title_fontsize=7)
     return fig

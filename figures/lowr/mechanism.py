@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
 from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, b_share, split_settings, unit_scale_config
 from figures.style import colors, new_figure
@@ -166,6 +166,6 @@ def draw(numbers):
                     fmt="o", capsize=3, color=col, label="A random, B = 0" if init == "kaiming" else "A = 0, B random")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xticks(x, [f"layers.{i}" for i in x])
-    ax.set_ylabel("B's share of var(log ||a_i|| ||b_i||)\n(95% CI)")
+    ax.set_ylabel(f"B's share of var(log ||a_i|| ||b_i||)\n({CI_PCT} CI)")
     ax.legend(fontsize=7)
     return fig

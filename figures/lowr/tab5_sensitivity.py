@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, ci_finite, fmt_ci, mean_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, ci_finite, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol, diverged, floats, require_datasets
 from figures.lowr.protocol import (
     ALPHAS,
@@ -217,7 +217,7 @@ def draw(numbers):
     ax.axhline(-NONINFERIORITY_PP, color="grey", lw=1, ls="--", label="non-inferiority margin")
     ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}" for t, a, e in numbers["grid"]],
                   fontsize=6)
-    ax.set_ylabel("test accuracy, LoWR - LoRA\n(points, 95% CI;\ndiverged seeds at chance)", fontsize=8)
+    ax.set_ylabel(f"test accuracy, LoWR - LoRA\n(points, {CI_PCT} CI;\ndiverged seeds at chance)", fontsize=8)
     ax.set_title(f"table 5 analogue, {numbers['protocol']} (LoRA: {numbers['lora_pct']:.2f}%)", fontsize=9)
     ax.legend(fontsize=6)
     ax = axes[0, 1]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, Protocol, diverged, require_datasets
 from figures.rslora.protocol import METHOD_COLOR, METHODS, errorbars, seed_slopes
 from figures.style import new_figure
@@ -124,6 +124,6 @@ def draw(numbers):
         ax.set_yscale("log")
         ax.set_xlabel("rank r")
         ax.legend(fontsize=6)
-    axes[0, 0].set_ylabel(f"final training loss\n(95% CI), {numbers['protocol']}")
-    axes[0, 1].set_ylabel("adapter gradient norm\nat the first record (95% CI)")
+    axes[0, 0].set_ylabel(f"final training loss\n({CI_PCT} CI), {numbers['protocol']}")
+    axes[0, 1].set_ylabel(f"adapter gradient norm\nat the first record ({CI_PCT} CI)")
     return fig

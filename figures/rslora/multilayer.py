@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import seaborn as sns
 
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement
 from figures.rslora.protocol import (
     DEEP_ALPHA,
@@ -141,7 +141,7 @@ def draw(numbers):
             ax.axhspan(PREDICTED_RMS_EXPONENT[m] - MARGIN, PREDICTED_RMS_EXPONENT[m] + MARGIN, color=METHOD_COLOR[m],
                        alpha=0.12)
         ax.set_xticks(x, [f"layers.{i}" for i in x])
-        ax.set_ylabel("exponent of r (95% CI over seeds)")
+        ax.set_ylabel(f"exponent of r ({CI_PCT} CI over seeds)")
         ax.set_title(f"{NETWORK_LABEL[net].split(' (')[0]}; bands: theorem +- equivalence margin", fontsize=8)
         ax.legend(fontsize=7)
     return fig

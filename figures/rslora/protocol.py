@@ -84,7 +84,7 @@ def seed_slopes(x, Y) -> np.ndarray:
 
 
 def errorbars(ax, x, cis: list[dict], **kw):
-    """Means and 95% intervals of a list of CI dicts (``figures.criteria.ci_dict``) as error bars."""
+    """Means and intervals (at ``figures.criteria.CONFIDENCE``) of a list of CI dicts (``figures.criteria.ci_dict``) as error bars."""
     mean = np.array([v["mean"] for v in cis], dtype=np.float64)
     ax.errorbar(x, mean, yerr=[mean - np.array([v["ci_low"] for v in cis], dtype=np.float64),
                                np.array([v["ci_high"] for v in cis], dtype=np.float64) - mean], capsize=3, **kw)

@@ -11,7 +11,7 @@ from scipy import stats
 
 from analysis import rank_scaling as rs
 from figures import seeds
-from figures.criteria import Criterion, Estimate, Recalibration, Rule, Test, fmt_ci
+from figures.criteria import CI_PCT, CONFIDENCE, Criterion, Estimate, Recalibration, Rule, Test, fmt_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 
@@ -69,7 +69,7 @@ PROTOCOLS = (Protocol("theorem", {"loss": "linear (the proof's)", "optimizer": "
                       primary=True, paper=True, note="the proof's setting: n SGD steps on a linear loss"),)
 
 
-def _fit_with_known_se(ranks, m, se, confidence: float = 0.95) -> tuple[float, float, float]:
+def _fit_with_known_se(ranks, m, se, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """:func:`rank_scaling.fit_exponent` weighted by 1 / Var(log m) = (m / se)^2, with its residual-based t-interval
     (n - 2 dof: its width is itself very noisy for 3-7 points) widened, where narrower, to the interval the
     Monte-Carlo standard errors imply (known-variance weighted least squares: se_slope^2 = 1 / sum w (t - tbar)^2)
@@ -148,7 +148,7 @@ def measure(ctx, runs) -> Measurement:
         "r>>d": coord_panel(4, big_ranks, n_steps=n_steps, draws=lambda r: big_draws, seed=seed),
         "r<<d": coord_panel(784, small_ranks, n_steps=n_steps, draws=lambda r: max(floor, units // r), seed=seed),
     }
-    z = float(stats.norm.ppf(0.975))
+    z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))  # the level of _fit_with_known_se's interval
     samples, worst_mc, follows_small = {}, 0.0, 0
     for pname, panel in panels.items():
         for sname, s in panel["scalings"].items():
@@ -178,7 +178,8 @@ def measure(ctx, runs) -> Measurement:
               "inputs": "unit vectors from numpy default_rng(seed): xs (n, d), vs (n, d_out), x (d,), v (d_out,)",
               "mc_seed": "simulate_sgd seed at the i-th rank: SeedSequence([seed, i]).generate_state(1)[0] (same for "
                          "every scaling)",
-              "exponent_ci": "fit_exponent (weights (m/se)^2), half-width max(residual t-interval, 1.96 / sqrt(Sxx_w))",
+              "exponent_ci": f"fit_exponent (weights (m/se)^2), {CI_PCT} interval, half-width max(residual t-interval, "
+                             f"{z:.3g} / sqrt(Sxx_w))",
               "r>>d": {"d": 4, "ranks": list(big_ranks), "draws": big_draws},
               "r<<d": {"d": 784, "ranks": list(small_ranks), "draws": f"max({floor}, {units} // r)"},
               "n_steps": n_steps, "lr": 0.1, "d_out": 8,
@@ -216,7 +217,7 @@ def draw(numbers):
             ax.set_ylabel(f"{label} / value at r = {int(ranks[0])}")
             regime = "r >> d" if pname == "r>>d" else "r << d: eq. (11)'s dropped terms dominate"
             ax.set_title(f"d = {panel['d']} ({regime})", fontsize=8)
-            ax.legend(fontsize=5.5, title="scaling: MC exponent [95% CI]", title_fontsize=5.5, loc="best")
+            ax.legend(fontsize=5.5, title=f"scaling: MC exponent [{CI_PCT} CI]", title_fontsize=5.5, loc="best")
     fig.supxlabel(f"lines: exact moments after n = {numbers['n_steps']} SGD steps (sgd_moments); points: Monte Carlo "
                   "(simulate_sgd) +- 2 SE; dotted: the paper's exponent (r -> infinity) through the largest rank",
                   fontsize=7)

@@ -10,7 +10,7 @@ import numpy as np
 
 from analysis import rank_scaling as rs
 from figures import seeds
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement
 from figures.rslora.protocol import (
     DEEP_PROTOCOLS,
@@ -180,5 +180,5 @@ def draw(numbers):
     axes[0, 0].set_title(f"exact moments, one adapter, d = {EXACT_D}, r = {exact_ranks[0]}..{exact_ranks[-1]}",
                          fontsize=8)
     axes[0, 1].set_title(f"trained width-{DEEP_WIDTHS[0]} ReLU MLP, r = {list(numbers['ranks'])}, "
-                         f"{numbers['protocol']} (95% CI)", fontsize=8)
+                         f"{numbers['protocol']} ({CI_PCT} CI)", fontsize=8)
     return fig

@@ -316,8 +316,8 @@ def test_as_dict_is_json_and_describe_renders_the_declaration():
 def test_ci_dict_is_the_t_interval():
     x = _sample(1.0, 2.0)
     d = ci_dict(x)
-    half = stats.t.ppf(0.975, 9) * 2.0 / math.sqrt(10)
-    assert d["mean"] == pytest.approx(1.0) and d["ci_high"] - d["mean"] == pytest.approx(half)
+    half = stats.t.ppf(0.95, 9) * 2.0 / math.sqrt(10)  # the default level: CONFIDENCE = 0.90
+    assert d["confidence"] == 0.90 and d["mean"] == pytest.approx(1.0) and d["ci_high"] - d["mean"] == pytest.approx(half)
 
 
 # ------------------------------------------------------------------------------------ protocols / gallery
@@ -417,3 +417,32 @@ def test_margin_source_is_declared_and_rendered():
     assert not Test("s", "sanity", "greater", role="sanity").needs_margin_source
     with pytest.raises(ValueError, match="margin_from"):
         Test("g", "gain", "greater", margin_from="our data")
+
+
+def test_one_confidence_level_everywhere():
+    """CONFIDENCE = 1 - 2 alpha is the level of the tests' intervals, of every summary helper's default, and of the
+    intervals that figure files, notebooks and the statistics command print: no other level is written anywhere."""
+    import re
+    from pathlib import Path
+
+    from figures import criteria
+
+    assert criteria.CONFIDENCE == pytest.approx(0.90) and criteria.CONFIDENCE == 1 - 2 * criteria.ALPHA
+    assert Criterion(tests=(Test("q", "x", "greater"),), rule=Rule(reproduced=("q",))).alpha == criteria.ALPHA
+    x = _sample(2.0, 1.0)
+    assert ci_dict(x)["confidence"] == criteria.CONFIDENCE
+    lo, hi = mean_ci(x)[1:]
+    row = _one(Test("q", "x", "greater"), x).test("q")
+    assert row["ci"] == pytest.approx([lo, hi]) and row["confidence"] == pytest.approx(criteria.CONFIDENCE)
+    assert criteria.ci_finite(np.append(x, math.nan))["ci_low"] == pytest.approx(lo)
+    assert criteria.CI_PCT == "90%" and "90%" in criteria.CONFIDENCE_STATEMENT
+    root = Path(__file__).resolve().parents[2]
+    level = re.compile(r"(?<![\w.])(9[59]|80|68)(\.\d+)? ?%( CI| interval|\))|confidence\w*\"?\s*(:\s*float\s*)?[:=]\s*0?\.\d|"
+                       r"\b0\.975\b|\b1\.96\b")
+    offenders = []
+    for path in [*(root / "figures").rglob("*.py"), *(root / "lora_theory").rglob("*.py"),
+                 *(root / "notebooks").glob("*.ipynb")]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if level.search(line) and "old=" not in line and "5-95%" not in line:
+                offenders.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
+    assert not offenders, "intervals at another level than CONFIDENCE:\n" + "\n".join(offenders)
