@@ -1,5 +1,8 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make figures  -- the main job: prove the closed forms (verify), then regenerate every figure + the gallery
+#                    (every protocol, exploratory seeds 0-9 and confirmatory seeds 100-109; `lora-theory figures
+#                    --primary` is a faster first look)
+#   make freeze   -- write figures/FROZEN.json, the registry of the frozen criteria (commit it before `make figures`)
 #   make test     -- lint + the whole test suite
 #   make test-seeds -- the Monte-Carlo / seeded tests once per seed in SEEDS (not part of make test)
 # The first use creates .venv. TORCH_SPEC pins a CPU build of torch where one lies on disk;
@@ -10,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup figures verify test test-seeds lint bench clean
+.PHONY: setup figures freeze verify test test-seeds lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +30,9 @@ setup: $(STAMP)
 
 figures: verify
 	$(BIN)/lora-theory figures
+
+freeze: $(STAMP)
+	$(BIN)/lora-theory figures --freeze
 
 verify: $(STAMP)
 	$(BIN)/lora-theory verify

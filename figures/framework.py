@@ -73,18 +73,31 @@ class Protocol:
                 "paper": self.paper, "plausible": self.plausible, "note": self.note}
 
 
+# The two seed sets (issue 16 item 7). Exploratory: the seeds every criterion was written and tuned on (seen).
+# Confirmatory: fresh seeds, disjoint from the exploratory ones, first run only after the criteria were frozen
+# (figures/FROZEN.json); the gallery's headline verdicts come from them.
+EXPLORATORY_SEEDS = tuple(range(10))
+CONFIRMATORY_SEEDS = tuple(range(100, 110))
+SEED_SETS = {"exploratory": EXPLORATORY_SEEDS, "confirmatory": CONFIRMATORY_SEEDS}
+
+
 @dataclass(frozen=True)
 class Context:
     """What a figure gets: fidelity, seeds, device, sweep executor, whether to run every declared protocol, and
     (inside :func:`run_figure`) the ``protocol`` being measured."""
 
     fidelity: str = "default"
-    seeds: tuple[int, ...] = tuple(range(10))
+    seeds: tuple[int, ...] = EXPLORATORY_SEEDS
     device: torch.device = torch.device("cpu")
     workers: int | None = None  # sweep workers; None: one per CPU core; 1: in-process
     executor: str = "local"  # "local", "ray" or "slurm"
     robustness: bool = False
     protocol: Protocol | None = None
+    seed_set: str = "exploratory"  # which of SEED_SETS ``seeds`` are drawn from
+
+    def __post_init__(self):
+        if self.seed_set not in SEED_SETS:
+            raise ValueError(f"seed_set must be one of {tuple(SEED_SETS)}, got {self.seed_set!r}")
 
     @property
     def quick(self) -> bool:

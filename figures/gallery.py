@@ -4,6 +4,7 @@ JSON (the ``draw`` numbers) without training; :func:`write_gallery` rebuilds the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from figures import registry
+from figures import frozen, registry
 from figures.framework import (
     Context,
     Result,
@@ -29,6 +30,7 @@ from figures.style import save_png, title
 from toymodels.cache import atomic_write_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent
+OVERVIEW_PNG = "verdicts.png"  # the gallery's picture at the top: claims x protocols, coloured by verdict
 
 
 def _headline(record: dict) -> str | None:
@@ -38,48 +40,97 @@ def _headline(record: dict) -> str | None:
     return None
 
 
-def regenerate(fig_id: str, ctx: Context, out: Path) -> dict:
-    """Run one figure and write its PNG and JSON into ``out``; returns the JSON record."""
-    spec = registry.specs()[fig_id]
+def _run(spec: Spec, ctx: Context) -> tuple[Result, float]:
+    """``run_figure`` on ``ctx`` and its wall time; a crashing figure is reported (an unavailable Result), not
+    hidden."""
     start = time.perf_counter()
     try:
         result = run_figure(spec, ctx)
-    except Exception as exc:  # a crashing figure is reported, not hidden
+    except Exception as exc:
         traceback.print_exc()
         result = Result(verdict="unavailable", summary=f"error while regenerating: {type(exc).__name__}: {exc}")
         result.measured = {"error": True}
-    runtime = time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def _verdicts(protocols: list[dict]) -> dict[str, str]:
+    return {p["name"]: p["verdict"] for p in protocols}
+
+
+def regenerate(fig_id: str, ctx: Context, out: Path, *, confirmatory: tuple[int, ...] | None = None,
+               commit: str | None = None) -> dict:
+    """Run one figure and write its PNG and JSON into ``out``; returns the JSON record (as written).
+
+    The figure is measured on ``ctx.seeds`` (the exploratory seeds). With ``confirmatory`` seeds (disjoint from
+    them) it is measured again on those, after the criteria were frozen: the JSON's top level (verdict, summary,
+    measured, protocols, draw numbers, PNG) is then the confirmatory run, the headline; ``exploratory`` beside it
+    holds the exploratory run (seeds, verdict, per-protocol records); ``confirmation`` records the seeds, the
+    SHA-256 of the figure's declaration (:func:`figures.frozen.criteria_sha256`, checked against the frozen
+    registry by the tests), ``commit`` (the git HEAD of the run, default :func:`figures.frozen.head_commit`), the
+    registry's commit, and the verdicts. Without ``confirmatory`` (a first look) the top level is the exploratory
+    run and there is no ``confirmation``."""
+    spec = registry.specs()[fig_id]
+    ctx = dataclasses.replace(ctx, seed_set="exploratory")
+    if confirmatory is not None:
+        confirmatory = tuple(int(s) for s in confirmatory)
+        overlap = sorted(set(confirmatory) & set(ctx.seeds))
+        if not confirmatory or overlap:
+            raise ValueError(f"confirmatory seeds must be non-empty and disjoint from the exploratory seeds "
+                             f"{list(ctx.seeds)}, got {list(confirmatory)} (overlap {overlap})")
+    explo, explo_s = _run(spec, ctx)
+    head, head_ctx, conf_s = explo, ctx, 0.0
+    if confirmatory is not None:
+        head_ctx = dataclasses.replace(ctx, seeds=confirmatory, seed_set="confirmatory")
+        head, conf_s = _run(spec, head_ctx)
     record = {
         "id": fig_id,
         "paper": spec.paper,
         "claim": spec.claim,
-        **_kind_fields(spec, result.verdict),
-        "verdict": result.verdict,
-        "summary": result.summary,
-        "measured": result.measured,
-        "datasets": result.datasets,
-        "seeds": list(ctx.seeds),
+        **_kind_fields(spec, head.verdict),
+        "verdict": head.verdict,
+        "summary": head.summary,
+        "measured": head.measured,
+        "datasets": head.datasets,
+        "seeds": list(head_ctx.seeds),
+        "seed_set": head_ctx.seed_set,
         "fidelity": ctx.fidelity,
         "device": str(ctx.device),
-        "config": result.config,
-        "runtime_s": round(runtime, 2),
+        "config": head.config,
+        "runtime_s": round(explo_s + conf_s, 2),
         "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "image": f"{fig_id}.png" if result.figure is not None else None,
+        "image": f"{fig_id}.png" if head.figure is not None else None,
         "robustness": bool(ctx.robustness),
-        "criterion": result.criterion,
-        "protocols": result.protocols or [],
-        "headline_protocols": result.headline_protocols,  # whose verdicts made `verdict` (framework.HEADLINE_POLICY)
-        "headline_complete": result.headline_complete,
+        "criterion": head.criterion,
+        "protocols": head.protocols or [],
+        "headline_protocols": head.headline_protocols,  # whose verdicts made `verdict` (framework.HEADLINE_POLICY)
+        "headline_complete": head.headline_complete,
     }
     record["holds"] = holds_count(record["protocols"])
-    if result.draw is not None:
-        record["draw"] = result.draw
+    if confirmatory is not None:
+        record["exploratory"] = {
+            "seeds": list(ctx.seeds), "verdict": explo.verdict,
+            "stated_verdict": stated_verdict(spec.kind, explo.verdict), "headline": explo.headline,
+            "headline_protocols": explo.headline_protocols, "headline_complete": explo.headline_complete,
+            "summary": explo.summary, "runtime_s": round(explo_s, 2), "measured": explo.measured,
+            "protocols": explo.protocols or [], "holds": holds_count(explo.protocols or [])}
+        record["confirmation"] = {
+            "seeds": list(confirmatory), "criteria_sha256": frozen.criteria_sha256(spec),
+            "commit": commit or frozen.head_commit(), "registry_commit": frozen.registry_commit(),
+            "verdict": head.verdict, "stated_verdict": record["stated_verdict"], "headline": head.headline,
+            "headline_protocols": head.headline_protocols, "protocols": _verdicts(head.protocols or []), "runtime_s": round(conf_s, 2)}
+    if head.draw is not None:
+        record["draw"] = head.draw
     out.mkdir(parents=True, exist_ok=True)
-    if result.figure is not None:
-        save_png(result.figure, out / f"{fig_id}.png",
+    if head.figure is not None:
+        save_png(head.figure, out / f"{fig_id}.png",
                  title(spec.paper, fig_id, record["stated_verdict"], _headline(record)))
-    atomic_write_bytes(out / f"{fig_id}.json", json.dumps(jsonable(record), indent=2).encode())
+    if explo.figure is not None and head is not explo:
+        import matplotlib.pyplot as plt
+
+        plt.close(explo.figure)
+    record = jsonable(record)
+    atomic_write_bytes(out / f"{fig_id}.json", json.dumps(record, indent=2).encode())
     return record
 
 
