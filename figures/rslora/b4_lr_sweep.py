@@ -10,6 +10,8 @@ import numpy as np
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, diverged, require_datasets
 from figures.rslora.protocol import (
+    B4_GAP,
+    B4_LOG_LOSS_RATIO,
     METHOD_COLOR,
     MNIST_PROTOCOLS,
     final_loss,
@@ -31,21 +33,29 @@ LOW_RANK = 4
 CRITERION = Criterion(
     tests=(
         Test("gap", "per-seed ln(final loss of LoRA r=4 at its best lr / rsLoRA's at the highest rank and the "
-                    "default lr) (paired)", "greater", margin=0.0,
-             why="the claim is a direction (the paper's gap is 1.5% in perplexity); the best lr is picked on the "
-                 "same runs, which favours LoRA, so the test is conservative"),
+                    "default lr) (paired)", "greater", margin=B4_LOG_LOSS_RATIO, margin_from="paper",
+             why=f"the paper's own effect: {B4_GAP}; the best lr is picked on the same runs, which favours LoRA, "
+                 "so the test is conservative"),
         Test("best_lr_interior", "steps between the best lr and the nearer edge of the lr grid", "greater",
              margin=0.0, method="exact", role="sanity",
              why="a best lr at the edge of the grid means the sweep may have missed LoRA's optimum"),
     ),
     rule=Rule(reproduced=("gap",)),
-    recalibrations=(Recalibration(
-        old="reproduced if the paired final-loss gap has a 95% CI > 0; partially if only its mean is > 0",
-        new="one-sided t on the paired log-loss ratio; no partial credit",
-        why="on saturated losses a positive mean with an interval across 0 is no evidence; the log ratio compares "
-            "relative losses, as the paper's perplexities"),),
+    recalibrations=(
+        Recalibration(
+            old="reproduced if the paired final-loss gap has a 95% CI > 0; partially if only its mean is > 0",
+            new="one-sided t on the paired log-loss ratio; no partial credit",
+            why="on saturated losses a positive mean with an interval across 0 is no evidence; the log ratio "
+                "compares relative losses, as the paper's perplexities"),
+        Recalibration(
+            old="mean ln(loss ratio) > 0 (the log ratio adopted after the absolute gap's interval crossed 0)",
+            new=f"mean ln(loss ratio) > {B4_LOG_LOSS_RATIO:.4f}, judged at the paper's protocol (Adam) alone",
+            why="issue 16: the rule from app. B.4's claim and numbers: the paper reports perplexity 1.863 (LoRA r = "
+                "4, best of 6 lrs) vs 1.836 (rsLoRA r = 2048, default lr), a log loss ratio of 0.0237; a ratio of "
+                "losses is the form that transfers from the LLM's loss scale to the toy's. The headline is the "
+                "paper's AdamW protocol (sec. 4); SGD and the horizons are robustness"),
+    ),
 )
-
 
 # B.4 sweeps the learning rate itself: the grid varies the optimizer and the horizon only
 PROTOCOLS = tuple(p for p in MNIST_PROTOCOLS if "lr" not in p.name)

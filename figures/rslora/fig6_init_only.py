@@ -3,13 +3,13 @@ rsLoRA's factor, at a low and a high rank, against LoRA and rsLoRA at the high r
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, diverged, require_datasets
 from figures.rslora.protocol import (
+    B4_GAP,
+    B4_LOG_LOSS_RATIO,
     METHOD_COLOR,
     METHOD_LABEL,
     METHODS,
@@ -39,23 +39,37 @@ SETTINGS = {"no factor (s = 1)": 1.0, "alpha/r": "lora"}  # name -> LoRALinear s
 CRITERION = Criterion(
     tests=(
         Test("unstable", "no factor (s = 1), A init / sqrt(r): per-seed ln(spike factor at the high rank / at the "
-                         "low rank)", "greater", margin=0.0, method="sign", why=SIGN_WHY),
+                         "low rank)", "greater", margin=B4_LOG_LOSS_RATIO, method="sign", margin_from="paper",
+             why=f"{SIGN_WHY}; the high rank's loss rises above its running minimum by more than the low rank's, by "
+                 f"at least {B4_GAP}"),
         Test("slower_than_rslora", "alpha/r with A init / sqrt(r): per-seed ln(final loss / rsLoRA's) at the high "
-                                   "rank (paired)", "greater", margin=0.0, why="the claim is a direction"),
-        Test("as_slow_as_lora", "alpha/r with A init / sqrt(r): per-seed ln(final loss / LoRA's) at the high rank "
-                                "(paired)", "equivalent", margin=math.log(1.25),
-             why="|ln ratio| < ln 1.25: within 25% of LoRA's loss counts as 'as slowly as LoRA'"),
+                                   "rank (paired)", "greater", margin=B4_LOG_LOSS_RATIO, margin_from="paper",
+             why=f"'sub-optimal': worse than rsLoRA by at least {B4_GAP}"),
+        Test("not_better_than_lora", "alpha/r with A init / sqrt(r): per-seed ln(final loss / LoRA's) at the high "
+                                     "rank (paired)", "greater", margin=-B4_LOG_LOSS_RATIO, margin_from="paper",
+             why=f"non-inferiority in LoRA's favour: 'the initialization cannot correct for this' is one-sided (no "
+                 f"better than LoRA); better by less than {B4_GAP}"),
     ),
-    rule=Rule(reproduced=("unstable", "slower_than_rslora", "as_slow_as_lora"),
-              partially=(("unstable",), ("slower_than_rslora",))),
-    recalibrations=(Recalibration(
-        old="alpha/r's final loss 'not below LoRA's' (paired CI > 0 or includes 0); instability: paired log-spike "
-            "CI > 0 with diverged seeds dropped",
-        new="TOST |ln(loss / LoRA's)| < ln 1.25; instability by a sign test with a diverged run counted as an "
-            "infinite spike",
-        why="'includes 0' accepts the null; dropping diverged seeds discards the strongest evidence of instability"),),
+    rule=Rule(reproduced=("unstable", "slower_than_rslora", "not_better_than_lora"),
+              partially=(("unstable",), ("slower_than_rslora", "not_better_than_lora"))),
+    recalibrations=(
+        Recalibration(
+            old="alpha/r's final loss 'not below LoRA's' (paired CI > 0 or includes 0); instability: paired "
+                "log-spike CI > 0 with diverged seeds dropped",
+            new="TOST |ln(loss / LoRA's)| < ln 1.25; instability by a sign test with a diverged run counted as an "
+                "infinite spike",
+            why="'includes 0' accepts the null; dropping diverged seeds discards the strongest evidence of "
+                "instability"),
+        Recalibration(
+            old="'as slowly as LoRA': TOST |ln(loss / LoRA's)| < ln 1.25; 'unstable' and 'slower than rsLoRA' > 0",
+            new=f"'no better than LoRA': one-sided ln(loss / LoRA's) > -{B4_LOG_LOSS_RATIO:.4f}; 'unstable' and "
+                f"'slower than rsLoRA' > {B4_LOG_LOSS_RATIO:.4f}; partially: the instability, or both halves of the "
+                "alpha/r clause",
+            why="issue 16: the paper's claim ('the same sub-optimal learning as with LoRA, the initialization cannot "
+                "correct for this') is one-sided, a two-sided band was too strict; the margins are app. B.4's gap, "
+                "the smallest loss difference the paper counts, instead of an unsourced 25%"),
+    ),
 )
-
 
 PROTOCOLS = MNIST_PROTOCOLS
 
@@ -91,7 +105,7 @@ def measure(ctx, allruns) -> Measurement:
     measured["log_spike_high_minus_low_no_factor"] = {"median": float(np.nanmedian(dspike)), "values": dspike}
     measured["log_final_loss_alpha_r_over_rslora_high_rank"] = ci_finite(vs_rs)
     measured["log_final_loss_alpha_r_over_lora_high_rank"] = ci_finite(vs_lora)
-    samples = {"unstable": dspike, "slower_than_rslora": vs_rs, "as_slow_as_lora": vs_lora}
+    samples = {"unstable": dspike, "slower_than_rslora": vs_rs, "not_better_than_lora": vs_lora}
     diverged_high = measured["runs"][f"{nf}, r={hi_r}"]["diverged"]
     summary = (f"No factor: spike factor r={lo_r} {fmt_ci(measured['runs'][f'{nf}, r={lo_r}']['spike_factor'])}, "
                f"r={hi_r} {fmt_ci(measured['runs'][f'{nf}, r={hi_r}']['spike_factor'])}, {diverged_high} of "

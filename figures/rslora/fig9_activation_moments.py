@@ -13,6 +13,8 @@ from figures.rslora.protocol import (
     METHOD_LABEL,
     METHODS,
     MNIST_PROTOCOLS,
+    ORDER_SLOPE,
+    ORDER_WHY,
     band,
     draw_band,
     line_style,
@@ -28,29 +30,42 @@ from figures.style import new_figure
 ID = "rslora-fig9-activation-moments"
 PAPER = "rsLoRA fig. 9"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
-CLAIM = ("adapter-output moments stay of the same order across ranks with rsLoRA but shrink with rank under "
-         "LoRA (Thm. 3.2; the paper sees both small and benign, rsLoRA's high ranks levelling off)")
+CLAIM = ("both LoRA's and rsLoRA's adapter activations (averaged over the adapted layers) stay relatively stable and "
+         "non-collapsing across ranks (app. B.7; Thm. 3.2 would have LoRA's shrink, the paper finds both benign)")
 
-MOMENT_MARGIN = 0.5
 CRITERION = Criterion(
-    tests=(
-        Test("lora_shrinks", "LoRA: per-seed slope of ln(final mean-square adapter output) vs ln r", "less",
-             margin=0.0, why="the claim is a direction: LoRA's moments shrink with rank"),
-        Test("rs_same_order", "rsLoRA: per-seed slope of ln(final mean-square adapter output) vs ln r",
-             "equivalent", margin=MOMENT_MARGIN,
-             why="margin 0.5: a quarter of the gap between the predicted exponents of the second moment (rsLoRA 0, "
-                 "LoRA -2, Thm. 3.2), so a pass places rsLoRA clearly on the rank-stable side"),
-        Test("rs_flatter", "per-seed slope difference rsLoRA - LoRA (paired)", "greater", margin=0.0,
-             why="rsLoRA's moments fall less with rank than LoRA's"),
+    tests=tuple(
+        Test(f"{m}_stable", f"{METHOD_LABEL[m]}: per-seed slope of ln(final mean-square adapter output, mean over "
+                            "layers) vs ln r", "equivalent", margin=ORDER_SLOPE, margin_from="paper",
+             why=ORDER_WHY + "; app. B.7 finds 'both LoRA and rsLoRA ... relatively stable and non-collapsing "
+                             "activations' over the same ranks")
+        for m in METHODS),
+    rule=Rule(reproduced=tuple(f"{m}_stable" for m in METHODS),
+              partially=tuple((f"{m}_stable",) for m in METHODS)),
+    note="the second moment (Def. 3.1's m = 2) carries 'non-collapsing': the first moment averaged over entries and "
+         "layers cancels in sign, so a small |mean| is no collapse (it is reported, not tested); the theorem's own "
+         "prediction (LoRA's moments fall as r^-2 under SGD) is tested in rslora-multilayer and rslora-trajectory; the "
+         "levelling-off of rsLoRA's high ranks late in training is reported (second_moment_growth_last_half), not "
+         "tested: the paper offers it as an observation it does not examine",
+    recalibrations=(
+        Recalibration(
+            old="LoRA's slope CI < 0 and rsLoRA's CI contains 0; partially if one holds or the paired difference > 0",
+            new="LoRA one-sided t < 0 and rsLoRA TOST |slope| < 0.5 (Holm); partially if LoRA shrinks and rsLoRA is "
+                "flatter (paired)",
+            why="'the CI contains 0' accepts the null and gets harder to pass with more seeds; 'one of the two "
+                "holds' gave partial credit to LoRA's shrinkage alone, which is not the comparison the paper draws"),
+        Recalibration(
+            old="the theorem: LoRA's moment shrinks with rank (< 0) and rsLoRA's is flat (TOST +-0.5, set after a CI "
+                "reaching 0.531 was seen); partially if LoRA shrinks and rsLoRA is flatter",
+            new=f"the paper's app. B.7: each method's slope TOST |slope| < {ORDER_SLOPE:.3f} (both within an order "
+                "of magnitude over r = 4..2048); partially if one of them is",
+            why="issue 16: fig. 9 / app. B.7 says both methods' activations stay stable and non-collapsing, not "
+                "that LoRA's shrink; the old rule tested the theorem and could not tell the two apart (LoRA's "
+                "slope passed 'shrinks' and lay inside rsLoRA's band). The band is the paper's 'same order of "
+                "magnitude' over its ranks"),
     ),
-    rule=Rule(reproduced=("lora_shrinks", "rs_same_order"), partially=(("lora_shrinks", "rs_flatter"),)),
-    recalibrations=(Recalibration(
-        old="LoRA's slope CI < 0 and rsLoRA's CI contains 0; partially if one holds or the paired difference > 0",
-        new="LoRA one-sided t < 0 and rsLoRA TOST |slope| < 0.5 (Holm); partially if LoRA shrinks and rsLoRA is "
-            "flatter (paired)",
-        why="'the CI contains 0' accepts the null and gets harder to pass with more seeds; 'one of the two holds' "
-            "gave partial credit to LoRA's shrinkage alone, which is not the comparison the paper draws"),),
 )
+
 PROTOCOLS = MNIST_PROTOCOLS
 
 
@@ -93,8 +108,7 @@ def measure(ctx, runs) -> Measurement:
                        "final_abs_first_moment": {str(r): ci_finite(first[:, j]) for j, r in enumerate(ranks)},
                        "second_moment_growth_last_half": half}
     measured["slope_difference_rslora_minus_lora"] = ci_finite(slopes["rslora"] - slopes["lora"])
-    samples = {"lora_shrinks": slopes["lora"], "rs_same_order": slopes["rslora"],
-               "rs_flatter": slopes["rslora"] - slopes["lora"]}
+    samples = {f"{m}_stable": slopes[m] for m in METHODS}
     lo, rsl = (measured[m]["slope_log_second_moment_per_log_rank"] for m in ("lora", "rslora"))
     summary = (f"Slope of ln(final second moment of the adapter outputs, mean over layers) vs ln r: LoRA "
                f"{fmt_ci(lo)}, rsLoRA {fmt_ci(rsl)} (first moment: LoRA "

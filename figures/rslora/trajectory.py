@@ -10,12 +10,15 @@ import numpy as np
 
 from analysis import rank_scaling as rs
 from figures import seeds
-from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement
 from figures.rslora.protocol import (
     DEEP_PROTOCOLS,
     DEEP_WIDTHS,
+    GAP_MARGIN,
+    GAP_WHY,
     MARGIN,
+    MARGIN_WHY,
     METHOD_COLOR,
     METHOD_LABEL,
     METHODS,
@@ -45,22 +48,34 @@ def criterion(steps) -> Criterion:
         for n in steps:
             tests.append(Test(f"exact_{m}_n{n}", f"exponent of r of the exact output RMS after n={n} steps, {m} "
                               f"(per seed = per input trajectory)", "equivalent", margin=(t - MARGIN, t + MARGIN),
-                              why=f"theorem: {t:g}; margin +-{MARGIN} as in rslora-multilayer"))
+                              role="sanity", why=f"theorem: {t:g}; the closed form of the proof's setting, the same "
+                                                 "under every protocol: a check, outside the claim's Holm family"))
     for m in METHODS:
         t = PREDICTED_RMS_EXPONENT[m]
         for n in steps:
             tests.append(Test(f"trained_{m}_n{n}", f"exponent of r of the trained network's layer-averaged "
                               f"adapter-output RMS after n={n} steps, {m} (per seed)", "equivalent",
-                              margin=(t - MARGIN, t + MARGIN), why=f"theorem: {t:g}"))
+                              margin=(t - MARGIN, t + MARGIN), margin_from="theory", why=MARGIN_WHY))
     for n in steps:
         tests.append(Test(f"gap_n{n}", f"trained: rsLoRA's exponent minus LoRA's after n={n} steps (paired)",
-                          "greater", margin=0.0, why="directional form of the claim"))
-    exact = tuple(f"exact_{m}_n{n}" for m in METHODS for n in steps)
+                          "greater", margin=GAP_MARGIN, margin_from="theory",
+                          why=GAP_WHY + " (the directional form of the claim)"))
     trained = tuple(f"trained_{m}_n{n}" for m in METHODS for n in steps)
-    return Criterion(tests=tuple(tests), rule=Rule(reproduced=exact + trained,
-                                                   partially=(exact, tuple(f"gap_n{n}" for n in steps))),
-                     note="exact part: one adapter, d = 4, r = 256..4096 (r >> d); trained part: the deep width-4 "
-                          "ReLU network of rslora-multilayer, r = 32..512")
+    return Criterion(
+        tests=tuple(tests),
+        rule=Rule(reproduced=trained,
+                  partially=(tuple(f"trained_rslora_n{n}" for n in steps), tuple(f"gap_n{n}" for n in steps))),
+        note="exact part (sanity): one adapter, d = 4, r = 256..4096 (r >> d); trained part (the claim): the deep "
+             "width-4 ReLU network of rslora-multilayer, r = 32..512. Headline: SGD, the theorem's optimizer (its "
+             "proof, app. A, follows SGD updates); Adam is robustness outside it",
+        recalibrations=(Recalibration(
+            old="reproduced: exact and trained rows (Holm over all); partially: the exact rows alone, or gap > 0 at "
+                "every n",
+            new=f"reproduced: the trained rows; partially: rsLoRA's trained rows at every n, or gap > "
+                f"{GAP_MARGIN:.2g} at every n; the exact rows are sanity checks; a 4th protocol (SGD lr x3)",
+            why="issue 16: the exact closed-form rows do not depend on the protocol, so they made 'partially' "
+                "guaranteed and changed real tests' verdicts through Holm (exact_lora_n1 under Adam); a gap of "
+                "0.01 is no evidence for the theorem's exponents"),))
 
 
 CRITERION = criterion(STEPS)

@@ -34,17 +34,6 @@ PENDING_MARGINS: set[str] = {
     "allora-tab5-dropout-epochs",
     "allora-zero-init-a",
 
-    # Frs
-    "rslora-b4-lr-sweep",
-    "rslora-fig2-loss-vs-rank",
-    "rslora-fig3-gradnorm",
-    "rslora-fig6-init-only",
-    "rslora-fig8-other-gammas",
-    "rslora-fig9-activation-moments",
-    "rslora-layer-subset",
-    "rslora-multilayer",
-    "rslora-thm-coordcheck",
-    "rslora-trajectory",
 
     # Flowr
     "lowr-effective-rank",
@@ -74,17 +63,6 @@ PENDING_PROTOCOLS: set[str] = {
     "allora-tab5-dropout-epochs",
     "allora-zero-init-a",
 
-    # Frs
-    "rslora-b4-lr-sweep",
-    "rslora-fig2-loss-vs-rank",
-    "rslora-fig3-gradnorm",
-    "rslora-fig6-init-only",
-    "rslora-fig8-other-gammas",
-    "rslora-fig9-activation-moments",
-    "rslora-layer-subset",
-    "rslora-multilayer",
-    "rslora-thm-coordcheck",
-    "rslora-trajectory",
 
     # Flowr
     "lowr-effective-rank",
@@ -114,17 +92,6 @@ PENDING_HEADLINE: set[str] = {
     "allora-tab5-dropout-epochs",
     "allora-zero-init-a",
 
-    # Frs
-    "rslora-b4-lr-sweep",
-    "rslora-fig2-loss-vs-rank",
-    "rslora-fig3-gradnorm",
-    "rslora-fig6-init-only",
-    "rslora-fig8-other-gammas",
-    "rslora-fig9-activation-moments",
-    "rslora-layer-subset",
-    "rslora-multilayer",
-    "rslora-thm-coordcheck",
-    "rslora-trajectory",
 
     # Flowr
     "lowr-effective-rank",

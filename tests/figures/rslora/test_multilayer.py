@@ -48,3 +48,9 @@ def test_multilayer_criterion_needs_the_linear_network_too():
     # and the other way round: a linear network that agrees does not rescue a ReLU network that does not
     swapped = _network_samples("relu", -1.0, -1.0) | _network_samples("linear", 0.0, -1.0, seed=1)
     assert rn.CRITERION.evaluate(swapped).verdict == "not reproduced"
+
+
+def test_multilayer_a_small_gap_is_not_partial_evidence():
+    # rsLoRA flatter than LoRA by 0.2 in the exponent: > 0 (the old rule's partial credit), below 1 - 2 x margin
+    assert rn.CRITERION.evaluate(_samples(-0.4, -0.6)).verdict == "not reproduced"
+    assert all(t.margin_from == "theory" for t in rn.CRITERION.claim_tests) and len(rn.PROTOCOLS) >= 4

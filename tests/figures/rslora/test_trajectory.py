@@ -38,3 +38,20 @@ def test_trajectory_criterion_both_ways():
     for k in bad:
         bad[k] = 0.3 + 0.01 * rng.standard_normal(10) if not k.startswith("gap") else -0.1 + 0.01 * rng.standard_normal(10)
     assert crit.evaluate(bad).verdict == "not reproduced"
+
+
+def test_trajectory_exact_rows_are_checks_outside_the_verdict():
+    # the closed-form rows do not depend on the protocol: a failing one changes no verdict, a passing one gives no
+    # partial credit (issue 16: they made 'partially' guaranteed and moved real tests through Holm)
+    crit = rn.criterion((1, 10))
+    assert all(t.role == "sanity" for t in crit.tests if t.name.startswith("exact"))
+    rng = np.random.default_rng(3)
+    good = {}
+    for t in crit.tests:
+        target = 0.0 if "rslora" in t.name else -1.0 if "lora" in t.name else 1.0
+        good[t.name] = target + 0.01 * rng.standard_normal(10)
+    broken_exact = dict(good, **{k: 0.5 + 0.01 * rng.standard_normal(10) for k in good if k.startswith("exact")})
+    assert crit.evaluate(broken_exact).verdict == "reproduced"
+    nothing_trained = {k: (v if k.startswith("exact") else -0.5 + 0.01 * rng.standard_normal(10))
+                       for k, v in good.items()}
+    assert crit.evaluate(nothing_trained).verdict == "not reproduced"
