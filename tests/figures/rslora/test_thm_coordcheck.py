@@ -11,6 +11,7 @@ from scipy import stats
 
 from analysis import rank_scaling as rs
 from analysis.inputs import default_seed
+from figures.criteria import CONFIDENCE
 from figures.rslora import thm_coordcheck as cc
 
 
@@ -20,7 +21,7 @@ def test_exponent_ci_uses_known_errors_when_residuals_vanish():
     se = 0.02 * m
     slope, lo, hi = cc._fit_with_known_se(ranks, m, se)
     t = np.log(ranks)
-    half = stats.norm.ppf(0.975) * 0.02 / math.sqrt(np.sum((t - t.mean()) ** 2))
+    half = stats.norm.ppf(0.5 + CONFIDENCE / 2) * 0.02 / math.sqrt(np.sum((t - t.mean()) ** 2))
     assert slope == pytest.approx(-1.5) and hi - slope == pytest.approx(half) and slope - lo == pytest.approx(half)
 
 
@@ -28,7 +29,8 @@ def test_exponent_ci_keeps_residual_interval_when_scatter_exceeds_errors():
     ranks = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
     m = ranks**-1.0 * np.array([1.0, 1.3, 0.8, 1.2, 0.9])
     se = 1e-4 * m
-    assert cc._fit_with_known_se(ranks, m, se) == pytest.approx(rs.fit_exponent(ranks, m, weights=(m / se) ** 2))
+    assert cc._fit_with_known_se(ranks, m, se) == pytest.approx(
+        rs.fit_exponent(ranks, m, weights=(m / se) ** 2, confidence=CONFIDENCE))
 
 
 def test_coord_panel_exact_exponents_and_monte_carlo_agree():
