@@ -10,6 +10,8 @@
   backward for LoRA x eta, ALLoRA and ASF-LoRA.
 - :mod:`analysis.inputs`        input validation shared by every closed form (public; bad input -> ValueError
   naming the argument).
+- :mod:`analysis.streams`       every seed the project draws: ``stream_seed(seed, *key)`` (numpy SeedSequence with
+  the key as spawn key; the runs' streams, the data subsets and the figures' Monte-Carlo seeds).
 - :mod:`analysis.verify`        ``lora-theory verify``: one table row per derivation check, per topic.
 
 Conventions (torch.nn.Linear / HF PEFT): X (N, d_in), Y (N, d_out), W (d_out, d_in), A = lora_A (r, d_in),

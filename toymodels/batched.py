@@ -6,10 +6,11 @@
 sequential run, step for step:
 
 - same pretrained model, data subsets and LoRA initialisation: taken from :func:`toymodels.setup.build_finetune_model`
-  and :func:`toymodels.setup.protocol_data` for the run's seed (init from a generator seeded ``seed + 1``);
-- same mini-batches: :func:`toymodels.setup.minibatches` with the "batches" stream (``seed + 3``, :class:`toymodels.seeds.SeedStreams`);
-- same dropout masks: both engines draw them from the run's :class:`toymodels.masks.MaskStream` ("masks" seed,
-  ``seed + 2``), at every step one mask per LoRA layer in layer order, shape (batch, d_in) for the input
+  and :func:`toymodels.setup.protocol_data` for the run's seed (init from its "init" stream);
+- same mini-batches: :func:`toymodels.setup.minibatches` with the "batches" stream
+  (:class:`toymodels.seeds.SeedStreams`);
+- same dropout masks: both engines draw them from the run's :class:`toymodels.masks.MaskStream` ("masks"
+  stream), at every step one mask per LoRA layer in layer order, shape (batch, d_in) for the input
   placement, (batch, r) for the bottleneck; drawn on the CPU and copied, so the masks are the same on every
   device;
 - same optimizer arithmetic: torch's single-tensor SGD / Adam / AdamW update, elementwise, on a flat buffer

@@ -2,8 +2,8 @@
 
 One config describes one run completely (data protocol, model, adapter, optimizer, seed, recorders).
 :meth:`FinetuneConfig.as_dict` is the content of its run-cache key (every field, :data:`ENGINE_VERSION`, torch's
-thread count), :meth:`FinetuneConfig.pretrain_dict` that of its pretrained model; ``cfg.streams`` its random
-streams (:class:`toymodels.seeds.SeedStreams`).
+thread count, the seed scheme :data:`analysis.streams.STREAMS_VERSION`), :meth:`FinetuneConfig.pretrain_dict`
+that of its pretrained model; ``cfg.streams`` its random streams (:class:`toymodels.seeds.SeedStreams`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analysis.inputs import dropout_rate, finite_scalar, positive_int
+from analysis.streams import STREAMS_VERSION
 from toymodels import data as datasets
 from toymodels.lora import PLACEMENTS, VARIANTS
 from toymodels.masks import SCHEME as MASK_SCHEME
@@ -139,7 +140,8 @@ class FinetuneConfig:
         """The cache key's content: every field, the engine version and torch's CPU thread count (float
         reductions, hence the last bits of a run, depend on it; the figures CLI and the tests use 1 thread).
         Fields added after version 1 enter only when they differ from their default (old keys stay valid)."""
-        d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **dataclasses.asdict(self)}
+        d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **dataclasses.asdict(self),
+             "streams": STREAMS_VERSION}  # the seed scheme (analysis.streams): no run of an older scheme is returned
         for name, default in _LATE_FIELDS.items():
             if d[name] == default:
                 del d[name]
@@ -154,7 +156,7 @@ class FinetuneConfig:
         keys = ("dataset", "n_pretrain", "n_finetune", "n_test", "task_shift", "widths", "pretrain_steps",
                 "pretrain_lr", "pretrain_batch", "seed")
         d = {"engine_version": ENGINE_VERSION, "torch_threads": torch.get_num_threads(),
-             **{k: getattr(self, k) for k in keys}}
+             **{k: getattr(self, k) for k in keys}, "streams": STREAMS_VERSION}
         if self.activation != _LATE_FIELDS["activation"]:
             d["activation"] = self.activation
         return d

@@ -55,6 +55,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from analysis import streams
 from toymodels.cache import atomic_write, toolkit_dir
 from toymodels.mlp import auto_device  # noqa: F401  (the one device choice; data.auto_device is the same)
 
@@ -649,7 +650,9 @@ def synthetic_arrays(
     Class means mu_k ~ N(0, separation^2/dim I_dim), k = 0..n_classes-1, so E||mu_k||^2 = separation^2
     and E||mu_j - mu_k||^2 = 2 separation^2; a sample is x = mu_y + z, z ~ N(0, I_dim). Labels are
     balanced (y = i mod n_classes, shuffled). The means depend on ``seed`` only (shared by the
-    splits); the samples on (seed, split). Default n: 16384 train, 4096 test.
+    splits); the samples on (seed, split): numpy generators of :func:`analysis.streams.stream_seed`
+    ``(seed, "synthetic", 0)`` (means) and ``(seed, "synthetic", 1 + split index)``. Default n: 16384 train,
+    4096 test.
     """
     split = _check_split(split)
     seed = _check_seed(seed)
@@ -661,9 +664,9 @@ def synthetic_arrays(
     sep = float(separation)
     if not np.isfinite(sep) or sep < 0:
         raise ValueError(f"separation must be a finite number >= 0, got {separation!r}")
-    means_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, 0]))
+    means_rng = streams.rng(seed, "synthetic", 0)
     means = means_rng.standard_normal((n_classes, dim)) * (sep / np.sqrt(dim))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, 1 + SPLITS.index(split)]))
+    rng = streams.rng(seed, "synthetic", 1 + SPLITS.index(split))
     y = rng.permutation(np.arange(n) % n_classes).astype(np.int64)
     x = rng.standard_normal((n, dim), dtype=np.float32)
     x += means[y].astype(np.float32)
@@ -756,8 +759,9 @@ def finetune_protocol(
       * ``"disjoint-labels"``: pretrain on classes 0-4 only; fine-tune and test on classes 5-9 only.
         Labels keep their original values 5..9 (a 10-way head; subtract 5 for a 5-way one).
 
-    Same arguments and seed give the same subsets and permutation. The synthetic task is generated with
-    this ``seed`` (``synthetic_options``: n_train, n_test, dim, n_classes, separation).
+    Same arguments and seed give the same subsets and permutation (numpy generators of
+    :func:`analysis.streams.stream_seed` ``(seed, "data", tag)``, one tag per draw). The synthetic task is
+    generated with this ``seed`` (``synthetic_options``: n_train, n_test, dim, n_classes, separation).
     Size checks against the training split happen before any data is converted or generated.
     """
     name = _check_name(name)
@@ -822,7 +826,7 @@ def finetune_protocol(
         raise ValueError(f"n_test = {n_test} exceeds the {len(test_pool)} eligible test examples")
 
     def stream(tag: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([seed, 0xF17E, tag]))
+        return streams.rng(seed, "data", tag)
 
     if pre_pool is ft_pool:
         order = pre_pool[stream(1).permutation(len(pre_pool))]

@@ -1,7 +1,7 @@
 """The dropout masks of a fine-tuning run: one stream per run, drawn identically by both engines.
 
 A run's training steps draw their dropout masks from a :class:`MaskStream` seeded with the run's "masks" seed
-(:meth:`toymodels.seeds.SeedStreams.masks`, seed + 2). At every step each LoRA layer with dropout draws one mask,
+(:meth:`toymodels.seeds.SeedStreams.masks`, ``stream_seed(seed, "masks")``). At every step each LoRA layer with dropout draws one mask,
 in layer order: shape (batch, d_in) for the input placement (PEFT: drop(x) before A), (batch, r) for the
 bottleneck (ALLoRA eq. 1: drop(x A^T)). The sequential loop (:func:`toymodels.loop.finetune`) and the batched
 engine (:func:`toymodels.batched.finetune_many`) draw the same masks in the same order, so the two engines

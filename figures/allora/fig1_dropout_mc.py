@@ -164,8 +164,8 @@ def measure(ctx, runs) -> Measurement:
                f"limit {math.sqrt(2 / math.pi):.3f}).")
     config = {"problem": _problem_config(ctx).as_dict(), "rates": RATES, "placement": "bottleneck",
               "groups_per_seed": groups, "n_max": n_max, "seeds": list(ctx.seeds),
-              "mc_seed": "1000*seed + 10*dataset_index + rate_index",
-              "probe": "engine probe batch (seed + 4), dropout-free features",
+              "mc_seed": seeds.SCHEMES["allora-fig1-dropout-mc"],
+              "probe": "engine probe batch (the run's 'probe' stream), dropout-free features",
               "fidelity_note": "default: 32 groups per seed x 10 seeds (was 200 groups on one seed), for the budget"}
     key = {f"noise_over_penalty_p={p:g}": float(np.exp(np.log(ratio[p]).mean())) for p in RATES}
     numbers = {"dataset": ds, "first_seed": ctx.seeds[0], "n": grid, "n_ref": n_ref,

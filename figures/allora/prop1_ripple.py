@@ -129,7 +129,7 @@ def measure(ctx, runs) -> Measurement:
         f"{rnd['fitted_log_rate_amplification']['mean']:.3f} per layer vs the worst case "
         f"{rnd['log(1+eta m)']:.3f}.")
     config = {"depths": [1, L_max], "d": d, "r": r, "m": m, "etas": list(etas), "tight_seed": ctx.seeds[0],
-              "random": {"n": n_random, "eta": eta_r, "rng": "numpy default_rng([seed, k]), k < n",
+              "random": {"n": n_random, "eta": eta_r, "rng": seeds.SCHEMES["allora-prop1-ripple"] + ", k < n",
                          "W": "N(0, 1/d)", "A": "N(0, 1/d)", "B": "Gaussian rescaled to m_l = m U(0.5, 1.5)"}}
     samples = {"tight_rate_error": float(max(worst_rate_err, worst_gap)), "bound_excess": float(max_excess)}
     bands = {name: {"median": np.median(a, axis=0), "q05": np.quantile(a, 0.05, axis=0),

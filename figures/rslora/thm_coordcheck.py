@@ -179,9 +179,10 @@ def measure(ctx, runs) -> Measurement:
     measured = {"max_abs_fit_minus_paper_r>>d": big_dev, "r<<d_second_moments_following_1-4beta": follows_small,
                 "max_abs_mc_minus_exact_fit": worst_mc, "panels": panels}
     config = {"seed": seed, "alpha": 1.0, "sigma2": 1.0, "init": "normal", "loss": "linear (proof's setting)",
-              "inputs": "unit vectors from numpy default_rng(seed): xs (n, d), vs (n, d_out), x (d,), v (d_out,)",
-              "mc_seed": "simulate_sgd seed at the i-th rank: SeedSequence([seed, i]).generate_state(1)[0] (same for "
-                         "every scaling)",
+              "inputs": f"unit vectors from numpy {seeds.SCHEMES['rslora-unit-inputs']}: xs (n, d), vs (n, d_out), "
+                        "x (d,), v (d_out,)",
+              "mc_seed": f"simulate_sgd seed: {seeds.SCHEMES['rslora-thm-coordcheck-sgd']} (same for every "
+                         "scaling)",
               "exponent_ci": f"fit_exponent (weights (m/se)^2), {CI_PCT} interval, half-width max(residual t-interval, "
                              f"{z:.3g} / sqrt(Sxx_w))",
               "r>>d": {"d": 4, "ranks": list(big_ranks), "draws": big_draws},

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from analysis.streams import STREAMS_VERSION
 from toymodels import batched, config, loop, mlp, setup
 from toymodels.mlp import ACTIVATIONS, MLP
 
@@ -95,7 +96,8 @@ def test_default_activation_keeps_the_cache_keys():
     cfg = config.FinetuneConfig()
     d = cfg.as_dict()
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("activation", "dtype")}
-    assert d == {"engine_version": config.ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **fields}
+    assert d == {"engine_version": config.ENGINE_VERSION, "torch_threads": torch.get_num_threads(), **fields,
+                 "streams": STREAMS_VERSION}
     assert "activation" not in cfg.pretrain_dict()
     lin = cfg.replace(activation="identity")
     assert lin.as_dict() == {**d, "activation": "identity"}

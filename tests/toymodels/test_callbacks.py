@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis import channels
+from analysis.streams import stream_seed
 from toymodels import callback_base, config, loop, losses, setup
 from toymodels.callbacks import AtSteps, CaptureLayerIO, ScaleAdapters, WeightSnapshots
 from toymodels.lora import lora_modules
@@ -88,18 +89,18 @@ def test_hooks_run_in_order_and_see_the_right_states():
 
 
 def _independent_loop(cfg: config.FinetuneConfig) -> dict[str, list]:
-    """The fine-tuning run written out plainly (no engine loop): the streams seed + 2 (masks: one MaskStream
-    shared by the layers, drawn in layer order) and seed + 3 (batch permutations), Adam, cross-entropy; records at
+    """The fine-tuning run written out plainly (no engine loop): the streams stream_seed(seed, "masks") (one
+    MaskStream shared by the layers, drawn in layer order) and stream_seed(seed, "batches") (batch permutations), Adam, cross-entropy; records at
     0, every record_every steps and the end (eval mode: no masks drawn)."""
     model = setup.build_finetune_model(cfg, torch.device("cpu"))
     data = setup.protocol_data(cfg, torch.device("cpu"))
     x, y = data.finetune
     layers = lora_modules(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    stream = MaskStream(cfg.seed + 2)
+    stream = MaskStream(stream_seed(cfg.seed, "masks"))
     for m in layers:
         m.mask_stream = stream
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "batches"))
     out: dict[str, list] = {"step": [], "batch_loss": [], "norm_A": [], "norm_B": [], "test_loss": [], "test_acc": []}
 
     def record(step):

@@ -1,5 +1,10 @@
-"""toymodels.config: the run-cache keys are those of the engine before the split (commit 801cc92), so the runs
-cached by earlier code stay hits (data/cache_keys.json, written by data/make_cache_keys.py from that commit)."""
+"""toymodels.config: the run-cache keys.
+
+data/cache_keys.json is a regression pin (not a derivation): the keys of a representative set of configs as
+written by data/make_cache_keys.py with the seed scheme of issue 16 (analysis.streams, STREAMS_VERSION 2), so a
+later change cannot silently orphan the cached runs. data/cache_keys_streams_v1.json holds the keys of the same
+configs under the old ``seed + offset`` streams (written from commit 801cc92, unchanged until issue 16): none of
+them may come back, so the cache never returns a run computed with the old streams."""
 
 import json
 from pathlib import Path
@@ -23,12 +28,27 @@ def one_thread():
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=lambda c: json.dumps(c["config"], sort_keys=True)[:80])
-def test_cache_keys_unchanged_since_801cc92(case, one_thread):
+def test_cache_keys_unchanged_since_streams_v2(case, one_thread):
     cfg = FinetuneConfig(**case["config"])
     cbs = [getattr(callbacks, name)(**args) for name, args in case.get("callbacks", [])]
     assert cache.config_key(run_key(cfg, cbs)) == case["finetune"]
     if "pretrain" in case:
         assert cache.config_key(cfg.pretrain_dict()) == case["pretrain"]
+
+
+GOLDEN_V1 = json.loads((Path(__file__).parent / "data" / "cache_keys_streams_v1.json").read_text())
+
+
+def test_no_key_of_the_old_streams_comes_back(one_thread):
+    """Every pretraining and fine-tuning key of the old seed scheme (``seed + offset``) differs from today's, for
+    the same configs: a run cached with the old streams is never a hit."""
+    assert [c["config"] for c in GOLDEN_V1] == [c["config"] for c in GOLDEN]
+    old = {c[k] for c in GOLDEN_V1 for k in ("finetune", "pretrain") if k in c}
+    for case in GOLDEN_V1:
+        cfg = FinetuneConfig(**case["config"])
+        cbs = [getattr(callbacks, name)(**args) for name, args in case.get("callbacks", [])]
+        assert cache.config_key(run_key(cfg, cbs)) not in old
+        assert cache.config_key(cfg.pretrain_dict()) not in old
 
 
 def test_golden_cases_cover_the_protocols():

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis.inputs import default_seed
+from analysis.streams import stream_seed
 from toymodels import config, loop, seeds
 from toymodels.lora import LoRALinear, lora_modules
 from toymodels.masks import SCHEME, MaskStream, keep_threshold
@@ -70,7 +71,7 @@ def test_streams_are_deterministic_and_distinct():
     x, y, z = a.kept((64, 32), 0.5), b.kept((64, 32), 0.5), c.kept((64, 32), 0.5)
     assert np.array_equal(x, y) and not np.array_equal(x, z)
     assert not np.array_equal(a.kept((64, 32), 0.5), x)  # the next draw is a new mask
-    assert seeds.SeedStreams(SEED).masks().seed == SEED + seeds.SeedStreams.OFFSETS["masks"]
+    assert seeds.SeedStreams(SEED).masks().seed == stream_seed(SEED, "masks")
 
 
 @pytest.mark.parametrize("placement", ["input", "bottleneck"])
@@ -101,7 +102,7 @@ def test_layer_draws_from_its_stream_in_training_only(placement):
 
 
 def test_training_loop_draws_each_step_from_the_run_stream_in_layer_order(monkeypatch):
-    """The loop's masks, step by step and layer by layer, are the run's MaskStream(seed + 2) drawn in that order,
+    """The loop's masks, step by step and layer by layer, are the run's MaskStream(stream_seed(seed, "masks")) drawn in that order,
     with shapes (batch, d_in); callbacks and records draw nothing from it."""
     cfg = config.FinetuneConfig(**SMALL, dropout=0.3, seed=SEED, recorders=("loss", "norms"))
     seen = []
@@ -116,9 +117,9 @@ def test_training_loop_draws_each_step_from_the_run_stream_in_layer_order(monkey
     loop.finetune(cfg, use_cache=False)
     n_layers = len(SMALL["widths"]) - 1
     assert len(seen) == cfg.steps * n_layers
-    reference = MaskStream(SEED + 2)
+    reference = MaskStream(stream_seed(SEED, "masks"))
     for t, (seed, shape, p, mask) in enumerate(seen):
-        assert seed == SEED + 2 and p == 0.3
+        assert seed == stream_seed(SEED, "masks") and p == 0.3
         assert shape == (SMALL["batch_size"], SMALL["widths"][t % n_layers])
         assert torch.equal(mask, original(reference, shape, p))
 

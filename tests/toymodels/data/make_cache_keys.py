@@ -1,11 +1,17 @@
-"""Writes cache_keys.json: the run-cache keys of a representative set of configs, as the engine computed them at
-commit 801cc92 (before toymodels/train.py was split). Run from a checkout of that commit:
+"""Writes cache_keys.json: the run-cache keys of a representative set of configs (a regression pin). Today's file
+was written with the seed scheme of issue 16 (analysis.streams.STREAMS_VERSION 2), from the repository root:
+
+    PYTHONPATH=$PWD python tests/toymodels/data/make_cache_keys.py > tests/toymodels/data/cache_keys.json
+
+cache_keys_streams_v1.json holds the keys of the old ``seed + offset`` streams, written from commit 801cc92
+(before toymodels/train.py was split; the keys did not change until issue 16):
 
     git worktree add --detach /tmp/base 801cc92
-    PYTHONPATH=/tmp/base python tests/toymodels/data/make_cache_keys.py > tests/toymodels/data/cache_keys.json
+    PYTHONPATH=/tmp/base python tests/toymodels/data/make_cache_keys.py > tests/toymodels/data/cache_keys_streams_v1.json
 
 It uses only what both the old and the new engine have: FinetuneConfig, run_key, the built-in callbacks and
-cache.config_key. tests/toymodels/test_config.py checks that today's engine gives every key unchanged."""
+cache.config_key. tests/toymodels/test_config.py checks that today's engine gives every key of cache_keys.json
+unchanged and none of cache_keys_streams_v1.json."""
 
 import json
 import sys
