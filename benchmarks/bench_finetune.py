@@ -70,7 +70,7 @@ def peft_dataloader(cfg: config.FinetuneConfig) -> Callable[[], list[float]]:
                            target_modules=["layers.0", "layers.1", "layers.2"])
     model = peft.get_peft_model(model, lora)
     loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=cfg.streams.generator("batches"))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
     def run() -> list[float]:

@@ -81,7 +81,7 @@ def pretrain(cfg: FinetuneConfig, device: torch.device | None = None, *, use_cac
         return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
     state = run_cache.cached("pretrain", cfg.pretrain_dict(), compute) if use_cache else compute()
-    model = MLP(cfg.widths, seed=cfg.seed, device=device, activation=cfg.activation)
+    model = MLP(cfg.widths, seed=streams.seed("pretrain"), device=device, activation=cfg.activation)  # then loaded
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
     return model
 

@@ -204,8 +204,7 @@ def measure(ctx, runs) -> Measurement:
     config = {"base": base.as_dict(), "eta2": ETA2, "methods": {
         "LoRA x eta": "method=lora, scaling=eta", "ALLoRA": "method=allora, eta", "ASF-LoRA": "method=asf, eta"},
               "probe": "RippleProbe at the last step, whole fine-tune set, eval mode",
-              "chain": f"random chains numpy {seeds.SCHEMES['allora-ripple-adaptive']}; tight instance "
-                       "analysis.ripple.tight_instance"}
+              "chain": f"random chains {seeds.SCHEMES['allora-ripple-adaptive']}; tight analysis.ripple.tight_instance"}
     names = {"lora": "LoRA x eta", "allora": "ALLoRA", "asf": "ASF-LoRA"}
     numbers = {"eta2": ETA2, "m": m, "depths": depths, "protocol": ctx.protocol.name,
                "chain": {k: {names[meth]: mean_ci(np.log(chain[k][meth])) for meth in names} for k in ("fwd", "bwd")},
