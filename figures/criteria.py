@@ -17,8 +17,7 @@ Directions (``mu`` is the quantity's mean, or median for the sign test):
 
 Tests (``method``): ``t`` (one-sample t over seeds, at least 2 values with nonzero spread; pass paired
 differences for paired comparisons; a single number is refused: declare it ``exact``),
-``bootstrap`` (:func:`scipy.stats.bootstrap` of the mean, percentile interval and the matching bootstrap
-p-value, explicit seed), ``z`` (an :class:`Estimate` with a known standard error, e.g. a Monte-Carlo fit),
+``z`` (an :class:`Estimate` with a known standard error, e.g. a Monte-Carlo fit),
 ``exact`` (a closed-form / deterministic number: the inequality holds or not, p is 0 or 1; never in the Holm
 family, never a t-test) and ``sign`` (the
 binomial sign test on the median, robust to the heavy tails of spike factors; +-inf values count, NaN are
@@ -26,7 +25,18 @@ dropped). Other tests drop non-finite values and report how many (``n_excluded``
 confidence 1 - 2 alpha, so a one-sided test at level alpha passes exactly when the interval clears the margin
 (before multiplicity correction), and TOST passes exactly when the interval lies inside (low, high).
 
-Values that are all equal (sd = 0) give no t / bootstrap statistic and so no evidence: p = 1, the row never passes
+There is no bootstrap test: at 10 seeds a bootstrap of the mean rejects a true null too often (measured, n = 10,
+4000 normal samples, one-sided nominal 5%: percentile 7.95%, BCa 7.6%, the t-test 5.3%; binomial se 0.34%), see
+:data:`BOOTSTRAP_REMOVED`; ``method="bootstrap"`` raises ValueError.
+
+Each test's row also says how to read a failure (``reading``, :func:`reading`): ``pass``; ``refuted`` (the interval
+lies entirely on the other side of the margin -- the effect is significantly smaller than the smallest effect that
+counts, which includes "equivalent to no effect" -- or, for an equivalence claim, entirely outside the band); or
+``inconclusive`` (the interval spans the margin: more seeds could decide), and its minimum detectable effect
+(``mde``, :func:`min_detectable_effect`): how far beyond the margin (inside each bound, for equivalence) the true
+mean must lie for this test, with these seeds' n and spread, to pass at level alpha with 80% power.
+
+Values that are all equal (sd = 0) give no t statistic and so no evidence: p = 1, the row never passes
 (a deterministic quantity must be declared ``exact``; the old shortcut gave p = 0 from two equal seeds).
 
 Roles: ``claim`` tests enter the Holm family (except ``exact`` rows, which have no sampling error: their p of 0 or
@@ -63,6 +73,7 @@ and the default of every interval helper; figure files never pass another level 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,10 +83,16 @@ from scipy import stats
 
 VERDICTS = ("reproduced", "partially reproduced", "not reproduced", "unavailable")
 DIRECTIONS = ("greater", "less", "equivalent")
-METHODS = ("t", "bootstrap", "z", "exact", "sign")
+METHODS = ("t", "z", "exact", "sign")
 ROLES = ("claim", "sanity")
 MARGIN_SOURCES = ("paper", "theory")  # where a claim test's margin (smallest effect that counts) comes from
 CORRECTIONS = ("holm", "none")
+READINGS = ("pass", "refuted", "inconclusive")  # how a test's outcome reads (see reading())
+POWER = 0.8  # the power of the minimum detectable effect
+BOOTSTRAP_REMOVED = (
+    "method 'bootstrap' was removed: at 10 seeds a bootstrap interval of the mean rejects a true null too often "
+    "(n = 10, one-sided nominal 5%: percentile 7.95%, BCa 7.6% of 4000 normal samples, binomial se 0.34%; the t-test "
+    "5.3%); use 't' (paired differences per seed) or 'sign' (heavy tails)")
 
 ALPHA = 0.05  # the one-sided level of every declared test (family-wise under Holm)
 CONFIDENCE = 1 - 2 * ALPHA  # = 0.90: the ONE confidence level of every interval (tests, error bars, summaries)
@@ -88,7 +105,6 @@ CONFIDENCE_STATEMENT = (
 
 _METHOD_PROSE = {
     "t": "one-sample t-test over seeds",
-    "bootstrap": "bootstrap of the mean over seeds (scipy.stats.bootstrap, percentile)",
     "z": "z-test on an estimate with known standard error",
     "exact": "exact (closed-form / deterministic) comparison",
     "sign": "sign test on the median over seeds",
@@ -166,6 +182,8 @@ class Test:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.method == "bootstrap":
+            raise ValueError(f"method of test {self.name!r}: {BOOTSTRAP_REMOVED}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.role not in ROLES:
@@ -271,8 +289,6 @@ class Criterion:
     correction: str = "holm"
     recalibrations: tuple[Recalibration, ...] = ()
     note: str = ""
-    bootstrap_resamples: int = 9999
-    bootstrap_seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "tests", tuple(self.tests))
@@ -290,8 +306,6 @@ class Criterion:
         bad = self.rule.names() - claims
         if bad:
             raise ValueError(f"rule names tests that are not claim tests of this criterion: {sorted(bad)}")
-        if int(self.bootstrap_resamples) < 99:
-            raise ValueError(f"bootstrap_resamples must be >= 99, got {self.bootstrap_resamples}")
 
     @property
     def claim_tests(self) -> tuple[Test, ...]:
@@ -328,8 +342,7 @@ class Criterion:
         missing = [t.name for t in self.tests if t.name not in measured]
         if missing:
             raise ValueError(f"measured lacks the declared tests {missing}")
-        results = {t.name: _run_test(t, measured[t.name], self.alpha, self.bootstrap_resamples,
-                                     self.bootstrap_seed) for t in self.tests}
+        results = {t.name: _run_test(t, measured[t.name], self.alpha) for t in self.tests}
         # exact rows have no sampling error: they are decided alone, outside the Holm family
         claim_names = [t.name for t in self.claim_tests if t.method != "exact"]
         for t in self.claim_tests:
@@ -346,6 +359,8 @@ class Criterion:
             r = results[t.name]
             r["p_adjusted"] = r["p"]
             r["passed"] = bool(r["computable"] and r["p"] <= self.alpha)
+        for t in self.tests:
+            results[t.name]["reading"] = reading(results[t.name], self.alpha)
         passed = {n: r["passed"] for n, r in results.items()}
         uncomputable = [n for n in self.rule.reproduced if not results[n]["computable"]]
         if uncomputable:
@@ -386,11 +401,18 @@ class Outcome:
     def passed(self) -> dict[str, bool]:
         return {t["name"]: t["passed"] for t in self.tests}
 
+    @property
+    def readings(self) -> dict[str, str]:
+        """Per test: ``pass``, ``refuted`` or ``inconclusive`` (:func:`reading`)."""
+        return {t["name"]: t.get("reading", "pass" if t["passed"] else "inconclusive") for t in self.tests}
+
     def as_dict(self) -> dict:
+        """The verdict, its reason, and per test its row (with ``reading`` and ``mde``)."""
         return {"verdict": self.verdict, "reason": self.reason, "tests": self.tests}
 
     def describe(self) -> str:
-        """One line per test: estimate [interval], p (raw, adjusted), pass/fail."""
+        """One line per test: estimate [interval], p (raw, adjusted), minimum detectable effect, and PASS or
+        fail (refuted / inconclusive)."""
         out = []
         for t in self.tests:
             est = _fmt_num(t.get("estimate"))
@@ -398,9 +420,11 @@ class Outcome:
             ci_txt = f" [{_fmt_num(ci[0])}, {_fmt_num(ci[1])}]" if ci else ""
             p_txt = (f", p = {_fmt_p(t['p'])}" + (f" (Holm {_fmt_p(t['p_adjusted'])})"
                                                    if t["role"] == "claim" and t["p_adjusted"] != t["p"] else ""))
-            tag = "PASS" if t["passed"] else "fail"
+            tag = "PASS" if t["passed"] else f"fail ({t.get('reading', 'inconclusive')})"
+            mde = t.get("mde", math.nan)
+            mde_txt = f", MDE {_fmt_num(mde)}" if mde is not None and math.isfinite(mde) else ""
             role = " (sanity)" if t["role"] == "sanity" else ""
-            out.append(f"`{t['name']}`{role} {t['hypothesis']}: {est}{ci_txt}, n = {t['n']}{p_txt}: {tag}")
+            out.append(f"`{t['name']}`{role} {t['hypothesis']}: {est}{ci_txt}, n = {t['n']}{p_txt}{mde_txt}: {tag}")
         return "; ".join(out)
 
 
@@ -466,11 +490,12 @@ def _holds(test: Test, value: float) -> bool:
     return lo < value < hi
 
 
-def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dict:
+def _run_test(test: Test, value, alpha: float) -> dict:
     lo, hi = _margins(test)
     out = {"name": test.name, "role": test.role, "method": test.method, "direction": test.direction,
            "hypothesis": test.hypothesis(), "margin": list(test.bounds) if test.direction == "equivalent"
-           else float(test.margin), "confidence": 1 - 2 * alpha, "p_low": math.nan, "p_high": math.nan}
+           else float(test.margin), "confidence": 1 - 2 * alpha, "p_low": math.nan, "p_high": math.nan,
+           "mde": math.nan}
     if test.method == "exact":
         v = float(np.asarray(value, dtype=np.float64).reshape(()))
         ok = math.isfinite(v) and _holds(test, v)
@@ -488,9 +513,9 @@ def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dic
         p, p_lo, p_hi = _one_sided_p(test.direction, stats.norm, (est - lo) / se, (est - hi) / se)
         half = float(stats.norm.ppf(1 - alpha)) * se
         return {**out, "estimate": est, "se": se, "ci": [est - half, est + half], "n": 1, "p": p, "p_low": p_lo,
-                "p_high": p_hi, "computable": True}
+                "p_high": p_hi, "mde": min_detectable_effect(se=se, alpha=alpha), "computable": True}
 
-    if test.method in ("t", "bootstrap") and np.ndim(value) == 0:
+    if test.method == "t" and np.ndim(value) == 0:
         raise ValueError(f"measured[{test.name!r}] is a single number: a {test.method} test needs one value per "
                          "seed (declare a closed-form / deterministic row method='exact')")
     x = np.asarray(value, dtype=np.float64).ravel()
@@ -520,24 +545,94 @@ def _run_test(test: Test, value, alpha: float, resamples: int, seed: int) -> dic
     if sd == 0:  # all values equal: no t statistic (0/0 or +-inf), so no evidence: p = 1, never a pass
         return {**base, "estimate": m, "sd": 0.0, "ci": [m, m], "p": 1.0, "computable": True,
                 "note": "all values equal (sd = 0): no test statistic, p set to 1 (a deterministic row is exact)"}
-    if test.method == "t":
-        se = sd / math.sqrt(n)
-        dist = stats.t(n - 1)
-        p, p_lo, p_hi = _one_sided_p(test.direction, dist, (m - lo) / se, (m - hi) / se)
-        half = float(dist.ppf(1 - alpha)) * se
-        return {**base, "estimate": m, "sd": sd, "se": se, "df": n - 1, "ci": [m - half, m + half], "p": p,
-                "p_low": p_lo, "p_high": p_hi, "computable": True}
-    # bootstrap: percentile interval at 1 - 2 alpha and the matching p-values from the same resamples
-    res = stats.bootstrap((finite,), np.mean, confidence_level=1 - 2 * alpha, n_resamples=int(resamples),
-                          method="percentile", random_state=np.random.default_rng(seed))
-    dist_b = np.asarray(res.bootstrap_distribution)
-    b = dist_b.size
-    p_lo = float((1 + np.sum(dist_b <= lo)) / (b + 1))
-    p_hi = float((1 + np.sum(dist_b >= hi)) / (b + 1))
-    p = p_lo if test.direction == "greater" else p_hi if test.direction == "less" else max(p_lo, p_hi)
-    ci = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-    return {**base, "estimate": m, "sd": sd, "ci": ci, "p": p, "p_low": p_lo, "p_high": p_hi, "resamples": b,
-            "computable": True}
+    # the one-sample t-test (method "t")
+    se = sd / math.sqrt(n)
+    dist = stats.t(n - 1)
+    p, p_lo, p_hi = _one_sided_p(test.direction, dist, (m - lo) / se, (m - hi) / se)
+    half = float(dist.ppf(1 - alpha)) * se
+    return {**base, "estimate": m, "sd": sd, "se": se, "df": n - 1, "ci": [m - half, m + half], "p": p,
+            "p_low": p_lo, "p_high": p_hi, "mde": min_detectable_effect(finite, alpha), "computable": True}
+
+
+def min_detectable_effect(values=None, alpha: float = ALPHA, power: float = POWER, *, se: float | None = None) -> float:
+    """The minimum detectable effect: how far beyond the margin (for an equivalence test: how far inside each bound)
+    the true mean must lie for the one-sided test at level ``alpha`` to pass with probability ``power``.
+
+    - ``values`` (one per seed): the one-sample t-test at this n and spread. The exact solution of
+      ``P(T'_{n-1}(delta) > t_{1-alpha, n-1}) = power`` for the noncentral t with noncentrality
+      ``delta = mde sqrt(n) / sd`` (:func:`scipy.stats.nct`); close to the textbook
+      ``(t_{1-alpha, n-1} + t_{power, n-1}) sd / sqrt(n)`` and, for large n, to ``(z_{1-alpha} + z_power) sd/sqrt(n)``.
+    - ``se`` (a z test on an estimate with known standard error): ``(z_{1-alpha} + z_power) se`` exactly.
+
+    NaN with fewer than 2 finite values or no spread. It is the level alpha of one test, before Holm's correction
+    (a Holm family needs more). For TOST each bound is one such one-sided test, so a mean this far inside both bounds
+    passes each with probability ``power`` (both together somewhat less when the band is narrow)."""
+    if not 0 < alpha < 0.5 or not 0 < power < 1:
+        raise ValueError(f"alpha must be in (0, 0.5) and power in (0, 1), got alpha={alpha!r}, power={power!r}")
+    if se is not None:
+        if values is not None:
+            raise ValueError("give values (a t-test) or se (a z test), not both")
+        se = float(se)
+        if not (math.isfinite(se) and se > 0):
+            return math.nan
+        return float((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) * se)
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n < 2:
+        return math.nan
+    sd = float(x.std(ddof=1))
+    if not sd > 0:
+        return math.nan
+    return _t_noncentrality(n, float(alpha), float(power)) * sd / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _t_noncentrality(n: int, alpha: float, power: float) -> float:
+    """The noncentrality delta with P(T'_{n-1}(delta) > t_{1-alpha, n-1}) = power (depends on n, alpha, power only)."""
+    from scipy.optimize import brentq
+
+    df, crit = n - 1, float(stats.t.ppf(1 - alpha, n - 1))
+    hi = 10.0 * (crit + float(stats.norm.ppf(power))) + 10.0
+    return float(brentq(lambda d: float(stats.nct.sf(crit, df, d)) - power, 0.0, hi, xtol=1e-12, rtol=1e-12))
+
+
+def reading(result: Mapping, alpha: float = ALPHA) -> str:
+    """How a test's outcome reads: ``pass``; ``refuted`` when the evidence is on the other side -- the interval
+    (at 1 - 2 alpha, before Holm's correction) lies entirely on the other side of the margin, i.e. the effect is
+    significantly smaller than the smallest effect that counts (this includes an effect shown equivalent to none);
+    for an equivalence claim, the interval lies entirely outside the band; for the sign test, the one-sided sign test
+    in the opposite direction rejects at alpha; for an exact row, the value is on the wrong side -- else
+    ``inconclusive`` (the interval spans the margin, too few values, all values equal, or a pass lost only to Holm's
+    correction: more seeds could decide)."""
+    if result.get("passed"):
+        return "pass"
+    if not result.get("computable"):
+        return "inconclusive"
+    direction, margin = result["direction"], result["margin"]
+    lo_m, hi_m = (margin[0], margin[1]) if direction == "equivalent" else (margin, margin)
+    if result["method"] == "exact" or (result["method"] == "z" and result.get("se") == 0.0):  # no sampling error
+        return "refuted" if math.isfinite(result["estimate"]) else "inconclusive"
+    if result["method"] == "sign":
+        c = result["counts"]
+        below = float(stats.binom.sf(c["below_low"] - 1, c["above_low"] + c["below_low"], 0.5)) \
+            if c["above_low"] + c["below_low"] else 1.0  # median < low
+        above = float(stats.binom.sf(c["above_high"] - 1, c["above_high"] + c["below_high"], 0.5)) \
+            if c["above_high"] + c["below_high"] else 1.0  # median > high
+        if direction == "greater":
+            return "refuted" if below <= alpha else "inconclusive"
+        if direction == "less":
+            return "refuted" if above <= alpha else "inconclusive"
+        return "refuted" if min(below, above) <= alpha else "inconclusive"
+    ci = result.get("ci")
+    if ci is None or result.get("sd") == 0.0:
+        return "inconclusive"  # no interval, or no spread: no evidence either way
+    lo, hi = ci
+    if direction == "greater":
+        return "refuted" if hi <= lo_m else "inconclusive"
+    if direction == "less":
+        return "refuted" if lo >= hi_m else "inconclusive"
+    return "refuted" if hi <= lo_m or lo >= hi_m else "inconclusive"
 
 
 def _fmt_num(v) -> str:

@@ -2,7 +2,8 @@
 
 A claim specification (a YAML or JSON file, or the one-line form of ``lora-theory stats``) declares tests in the
 vocabulary of :class:`figures.criteria.Test` -- a direction (``greater``, ``less``, ``equivalent``) against a
-margin, a method (``t``, ``bootstrap``, ``sign``), a ``why`` -- over one of three per-unit quantities:
+margin, a method (``t`` or ``sign``; there is no bootstrap test, see :data:`figures.criteria.BOOTSTRAP_REMOVED`),
+a ``why`` -- over one of three per-unit quantities:
 
 - ``compare: {COLUMN: [A, B]}``: the paired difference of the metric, arm A minus arm B, one value per pairing
   unit (the ``pair`` key, e.g. the seed);
@@ -32,12 +33,12 @@ claim test passes, partially when at least one does). Example::
         log_x: true
         direction: greater
 
-The evaluation returns, per test, the criterion's numbers (estimate, interval at 1 - 2 alpha, p, Holm p, pass)
-plus the minimum detectable effect (the distance beyond the margin a true mean needs to be detected with 80%
-power at level alpha by the t-test with this n and spread), ``refuted`` / ``inconclusive`` for a failed test
-(refuted: the interval lies entirely on the wrong side of the margin, or outside the equivalence band), and, for
-a comparison, the probability of improvement P(A beats B) (rliable: over every run of A against every run of B
-within each level of the ``average`` columns, averaged over the levels; interval by a stratified bootstrap).
+The evaluation returns, per test, the criterion's numbers (estimate, interval at 1 - 2 alpha, p, Holm p, pass,
+and, from :mod:`figures.criteria` as in the gallery, ``mde``: the minimum detectable effect, the distance beyond
+the margin a true mean needs to be detected with 80% power at level alpha by the t-test with this n and spread,
+and ``reading``: ``pass``, ``refuted`` or ``inconclusive``; ``result`` repeats ``reading``), and, for a comparison,
+the probability of improvement P(A beats B) (rliable: over every run of A against every run of B within each level
+of the ``average`` columns, averaged over the levels; interval by a stratified BCa bootstrap).
 
 Bad input raises :class:`ClaimError` naming what is wrong (missing columns, unpaired or duplicated units, a
 single unit, NaN metrics, unknown keys or test names).
@@ -52,13 +53,22 @@ from pathlib import Path
 
 import numpy as np
 
-from figures.criteria import CORRECTIONS, DIRECTIONS, Criterion, Rule, Test
+from figures.criteria import (
+    BOOTSTRAP_REMOVED,
+    CORRECTIONS,
+    DIRECTIONS,
+    POWER,  # noqa: F401 (re-exported: its home is figures.criteria)
+    Criterion,
+    Rule,
+    Test,
+    min_detectable_effect,  # noqa: F401 (re-exported: its home is figures.criteria)
+    reading,
+)
 
-METHODS = ("t", "bootstrap", "sign")  # the criteria methods that take one value per unit
+METHODS = ("t", "sign")  # the criteria methods that take one value per unit
 SPEC_KEYS = ("metric", "pair", "where", "average", "alpha", "correction", "method", "tests", "rule", "note")
 TEST_KEYS = ("name", "compare", "trend", "log_x", "log_y", "direction", "margin", "method", "why", "role", "metric",
              "pair", "where", "average", "quantity")
-POWER = 0.8  # of the minimum detectable effect
 
 
 class ClaimError(ValueError):
@@ -173,6 +183,8 @@ def parse_spec(data: Mapping) -> ClaimSpec:
         if direction not in DIRECTIONS:
             raise ClaimError(f"test {name!r}: direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         method = t.get("method", shared["method"])
+        if method == "bootstrap":
+            raise ClaimError(f"test {name!r}: {BOOTSTRAP_REMOVED}")
         if method not in METHODS:
             raise ClaimError(f"test {name!r}: method must be one of {', '.join(METHODS)}, got {method!r}")
         metric = t.get("metric", shared["metric"])
@@ -416,33 +428,9 @@ def samples_of(df, t: ClaimTest):
 # ---------------------------------------------------------------------------------------------- judging
 
 
-def min_detectable_effect(values, alpha: float, power: float = POWER) -> float:
-    """(t_{1-alpha, n-1} + t_{power, n-1}) * sd / sqrt(n): how far beyond the margin the true mean must lie for a
-    one-sided t-test at level ``alpha`` to detect it with probability ``power``, at this n and spread."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    n = x.size
-    if n < 2:
-        return math.nan
-    return float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * x.std(ddof=1) / math.sqrt(n))
-
-
-def failure_kind(result: Mapping) -> str:
-    """``pass``, or why a test failed: ``refuted`` (the interval lies entirely on the other side of the margin,
-    or outside the equivalence band) or ``inconclusive``."""
-    if result["passed"]:
-        return "pass"
-    ci = result.get("ci")
-    if not result.get("computable") or ci is None:
-        return "inconclusive"
-    lo, hi = ci
-    m = result["margin"]
-    if result["direction"] == "greater":
-        return "refuted" if hi <= m else "inconclusive"
-    if result["direction"] == "less":
-        return "refuted" if lo >= m else "inconclusive"
-    return "refuted" if hi <= m[0] or lo >= m[1] else "inconclusive"
+def failure_kind(result: Mapping, alpha: float = 0.05) -> str:
+    """``pass``, ``refuted`` or ``inconclusive``: :func:`figures.criteria.reading` (one home)."""
+    return reading(result, alpha)
 
 
 def probability_of_improvement(a, b, t: ClaimTest, confidence: float, seed: int = 0,
@@ -517,8 +505,7 @@ def judge(df, spec: ClaimSpec) -> Judgement:
     outcome = criterion.evaluate({n: v.to_numpy(dtype=np.float64) for n, v in values.items()})
     extras = {}
     for t, r in zip(spec.tests, outcome.tests, strict=True):
-        ex = {"mde": min_detectable_effect(values[t.name], spec.alpha) if t.method in ("t", "bootstrap")
-              else math.nan, "result": failure_kind(r)}
+        ex = {"result": r["reading"]}
         if t.compare and not t.trend:
             a, b = arms[t.name]
             ex["probability_of_improvement"] = probability_of_improvement(a, b, t, confidence=1 - 2 * spec.alpha)

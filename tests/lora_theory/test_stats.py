@@ -222,3 +222,20 @@ def test_readme_criterion_example_parses_and_runs():
     res = claims.judge(pd.DataFrame(rows), spec)
     assert [t["name"] for t in res.as_dict()["tests"]] == ["rslora_better", "rank_helps_rslora", "no_dropout_effect"]
     assert res.verdict in ("reproduced", "partially reproduced", "not reproduced")
+
+
+def test_bootstrap_test_is_refused_and_rows_carry_the_criteria_reading_and_mde(tmp_path, capsys):
+    """One home: mde and refuted / inconclusive come from figures.criteria's Outcome (as in the gallery); there is no
+    bootstrap test (it over-rejects at 10 units: figures.criteria.BOOTSTRAP_REMOVED)."""
+    from figures import criteria
+
+    with pytest.raises(claims.ClaimError, match="bootstrap.*removed"):
+        claims.parse_spec({"metric": "score", "tests": [{"name": "b", "direction": "greater", "method": "bootstrap"}]})
+    assert claims.min_detectable_effect is criteria.min_detectable_effect
+    df, path = scores(tmp_path, gap=-1.0, seeds=8, noise=0.3)
+    spec = claims.parse_spec({"metric": "score", "pair": "seed", "average": "task",
+                              "tests": [{"name": "ours_better", "compare": {"method": ["ours", "baseline"]},
+                                         "direction": "greater"}]})
+    row = claims.judge(df, spec).as_dict()["tests"][0]
+    assert row["reading"] == row["result"] == "refuted"
+    assert row["mde"] == pytest.approx(criteria.min_detectable_effect(row["values"], 0.05), rel=1e-12)
