@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from figures.criteria import CI_PCT, Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci
 from figures.framework import CacheNamed, Measurement, Runs, require_datasets
 from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, split_settings, unit_scale_config
 from figures.style import colors, new_figure
@@ -18,27 +18,38 @@ ID = "lowr-effective-rank"
 PAPER = "LoWR title / sec. 4.2.2"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
 CLAIM = ("LoWR raises the effective rank utilisation of the adapters: higher effective rank (entropy of the "
-         "singular values) and stable rank of s BA, less singular mass in the top channels, at every rank")
+         "singular values) and stable rank of s BA, at every rank")
 
 RANKS = (8, 32, 128)
 HIDDEN = [0, 1]  # layers.0 (784 -> 256) and layers.1 (256 -> 256); layers.2 (256 -> 10) has rank <= 10
+CHANNEL = 1.0  # the smallest gain that counts: one more channel in use
+CHANNEL_WHY = ("theory: both ranks count channels (1 <= rank <= r), and the claim is that LoWR puts more of the "
+               "allocated channels to use ('eliminating insignificant channels without reducing the rank'): a gain "
+               "under one channel uses no further channel; the paper prints no rank numbers")
 
 
 def criterion(ranks) -> Criterion:
     tests = [Test(f"erank_gain_r{r}", f"r={r}: effective rank of s BA with LoWR minus without (mean over the two "
-                  f"hidden-width layers, paired by seed)", "greater", margin=0.0,
-                  why="the title's claim is a direction: LoWR uses more of the allocated rank") for r in ranks]
+                  f"hidden-width layers, paired by seed)", "greater", margin=CHANNEL, margin_from="theory",
+                  why=CHANNEL_WHY) for r in ranks]
     tests += [Test(f"stable_gain_r{r}", f"r={r}: stable rank of s BA with LoWR minus without (paired)", "greater",
-                   margin=0.0, why="a second, variance-weighted notion of utilisation") for r in ranks]
-    tests += [Test(f"top_share_drop_r{r}", f"r={r}: share of singular mass in the top r/4 values, LoWR minus without "
-                   f"(paired)", "less", margin=0.0, why="less mass concentrated in the leading channels")
-              for r in ranks]
-    er = tuple(f"erank_gain_r{r}" for r in ranks)
-    return Criterion(tests=tuple(tests),
-                     rule=Rule(reproduced=er + tuple(f"stable_gain_r{r}" for r in ranks),
-                               partially=tuple((n,) for n in er) + ((f"stable_gain_r{ranks[-1]}",),)),
-                     note="layers.0 (784 -> 256) and layers.1 (256 -> 256); layers.2 (256 -> 10) has rank <= 10 and "
-                          "is reported only")
+                   margin=CHANNEL, margin_from="theory", why="a second, variance-weighted count of the channels in "
+                   "use; " + CHANNEL_WHY) for r in ranks]
+    er, sr = tuple(f"erank_gain_r{r}" for r in ranks), tuple(f"stable_gain_r{r}" for r in ranks)
+    return Criterion(tests=tuple(tests), rule=Rule(reproduced=er + sr, partially=(er, sr)),
+                     note="Partially reproduced: one of the two ranks rises by a channel or more at every rank "
+                          "(Holm over the 6). layers.0 (784 -> 256) and layers.1 (256 -> 256); layers.2 (256 -> 10) "
+                          "has rank <= 10 and is reported only; the share of the singular mass in the top r/4 values "
+                          "is reported only.",
+                     recalibrations=(Recalibration(
+                         old="effective-rank, stable-rank and top-r/4-share changes tested against 0 (no minimum "
+                             "effect); partially if the effective rank rises at any one rank or the stable rank at "
+                             "the largest",
+                         new="effective and stable rank gains > 1 channel (theory) at every rank, Holm over the 6; "
+                             "partially if one of the two holds at every rank; the top share reported only; Adam and "
+                             "SGD both plausible, learning rate x1/3 and x3 as protocols",
+                         why="issue 16: gains of 4% or less counted; a gain under one channel puts no further channel "
+                             "to use; a single rank is no evidence for 'at every rank'"),))
 
 
 CRITERION = criterion(RANKS)

@@ -7,7 +7,19 @@ import numpy as np
 
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol, diverged, floats, require_datasets
-from figures.lowr.protocol import LAYERS, config_record, final_channels, layer_stats, rank, shared_config
+from figures.lowr.protocol import (
+    B_SHARE,
+    B_SHARE_WHY,
+    DATASET,
+    LAYERS,
+    R_PAPER,
+    config_record,
+    final_channels,
+    layer_stats,
+    optimizer_protocols,
+    rank,
+    shared_config,
+)
 from figures.style import colors, new_figure
 
 ID = "lowr-fig2-channel-corr"
@@ -16,42 +28,49 @@ KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judg
 CLAIM = ("after fine-tuning, channel significance ||a_i|| ||b_i|| tracks ||b_i|| (Pearson r > 0.9 per layer): B "
          "carries the channel differences")
 
-R_PAPER = 0.9  # the paper's number
-
 CRITERION = Criterion(
     tests=(
         *(Test(f"tracks_b_{ln}", f"Pearson r(||a_i|| ||b_i||, ||b_i||) over the channels of {ln} after fine-tuning "
-               "(per seed)", "greater", margin=R_PAPER, why="the paper's r > 0.9") for ln in LAYERS),
+               "(per seed)", "greater", margin=R_PAPER, margin_from="paper", why="fig. 2: Pearson's r 'larger than "
+               "0.9' ('close to or greater than 0.9 for all the modules', sec. 3.3)") for ln in LAYERS),
         *(Test(f"b_carries_{ln}", f"B's share of the variance of log(||a_i|| ||b_i||) over the channels of {ln} "
-               "(per seed)", "greater", margin=0.5,
-               why="0.5 = A and B carry the channel differences equally; r(sig, ||a||) is also high here, so the "
-                   "correlation alone does not say that B carries them") for ln in LAYERS),
+               "(per seed)", "greater", margin=B_SHARE, margin_from="paper",
+               why=B_SHARE_WHY + "; r(sig, ||a||) can be high too, so the correlation alone does not say that B "
+                                 "carries the differences") for ln in LAYERS),
     ),
     rule=Rule(reproduced=(*(f"tracks_b_{ln}" for ln in LAYERS), *(f"b_carries_{ln}" for ln in LAYERS)),
               partially=(tuple(f"tracks_b_{ln}" for ln in LAYERS),)),
     correction="none",
     note="Each verdict level is one conjunction of one-sided 5% tests over the layers (an intersection-union "
          "test; the 'partially' set is a subset of the 'reproduced' one): no multiplicity correction is needed.",
-    recalibrations=(Recalibration(
-        old="CI of r > 0.9 and CI of B's share > 0.5 in every layer; partially if the correlation part holds OR "
-            "r > 0.9 (point estimate) in some layer",
-        new="the same tests declared, as an intersection-union test over the layers; partially only if the "
-            "correlation holds (CI) in every layer; data set as a protocol",
-        why="a point estimate above 0.9 in one layer is no evidence; 'partially' rests on the tested part"),))
+    recalibrations=(
+        Recalibration(
+            old="CI of r > 0.9 and CI of B's share > 0.5 in every layer; partially if the correlation part holds OR "
+                "r > 0.9 (point estimate) in some layer",
+            new="the same tests declared, as an intersection-union test over the layers; partially only if the "
+                "correlation holds (CI) in every layer; data set as a protocol",
+            why="a point estimate above 0.9 in one layer is no evidence; 'partially' rests on the tested part"),
+        Recalibration(
+            old="B's share of var(log significance) > 0.5 in every layer",
+            new=f"B's share > {B_SHARE:.2f} in every layer; Adam and SGD both plausible, learning rate x1/3 and x3 "
+                "as protocols",
+            why="issue 16: 0.5 (A and B equal) is the null, not the smallest effect the paper counts; the paper "
+                "quantifies 'mainly reflects on ||b_i||' by r > 0.9, which is a share of 0.9^2 (B_SHARE_WHY)"),
+    ))
 
 
-PROTOCOLS = (Protocol("mnist", {"dataset": "mnist"}, primary=True,
-                      note="the shared protocol (rank 32); the paper's fig. 2 is an LLM"),
-             Protocol("fashion-mnist", {"dataset": "fashion-mnist"}, note="another data set, same protocol"))
+PROTOCOLS = (*optimizer_protocols(),
+             Protocol("fashion-mnist", {"dataset": "fashion-mnist"}, note="another data set, Adam"))
 
 
 def configs(ctx) -> dict:
-    require_datasets(ctx.settings["dataset"])
-    return {"lora": shared_config(ctx, dataset=ctx.settings["dataset"])}
+    ds = ctx.settings.get("dataset", DATASET)
+    require_datasets(ds)
+    return {"lora": shared_config(ctx, **ctx.settings)}
 
 
 def measure(ctx, runs) -> Measurement:
-    ds = ctx.settings["dataset"]
+    ds = ctx.settings.get("dataset", DATASET)
     hists = [None if diverged(h) else h for h in runs["lora"]]  # a diverged seed is excluded (and counted)
     n_layers = len(LAYERS)
     st = layer_stats(hists, n_layers)
@@ -73,7 +92,7 @@ def measure(ctx, runs) -> Measurement:
                           for ln in LAYERS},
                "summary": {k: mean_ci(st[k]) for k in ("r_b", "r_a", "share")}}
     return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=[ds],
-                       config=config_record(ctx, dataset=ds), draw=numbers)
+                       config=config_record(ctx, dataset=ds, protocol=ctx.settings), draw=numbers)
 
 
 def draw(numbers):
@@ -103,7 +122,7 @@ def draw(numbers):
     ax.errorbar(x + 0.3, m, yerr=[m - lo, hi - m], fmt="s", capsize=3, color=colors(3)[2],
                 label="B's share of var(log sig)")
     ax.axhline(R_PAPER, color="grey", ls="--", lw=1, label="paper: r > 0.9")
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.axhline(B_SHARE, color="grey", ls=":", lw=1, label=f"share {B_SHARE:.2f} = 0.9^2")
     ax.set_xticks(x, list(LAYERS))
     ax.set_ylabel(f"Pearson r / share\n(mean, {CI_PCT} CI over seeds)")
     ax.set_title("per-layer summary", fontsize=9)

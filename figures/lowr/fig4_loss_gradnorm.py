@@ -3,14 +3,15 @@ the LoWR figures)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci, mean_ci
-from figures.framework import Measurement, Protocol, diverged, require_datasets
+from figures.framework import Measurement, diverged, require_datasets
 from figures.lowr.protocol import (
     ALPHA_PROTOCOLS,
     DATASET,
-    MAIN_LOWR,
     config_record,
     log_ratio,
     rank,
@@ -36,28 +37,45 @@ def late_window(steps: np.ndarray) -> np.ndarray:
     return steps > steps[-1] / 2
 
 
+CHANCE_LOSS = math.log(10)  # cross-entropy of the uniform (chance) prediction over 10 classes
+SIGN_WHY = ("fig. 4 is a plot without numbers and the text gives a direction only ('generally smaller' / 'generally "
+            "larger'); theory gives no size either: LoWR's rescaling leaves the loss unchanged at the step it acts")
+
 CRITERION = Criterion(
     tests=(
         Test("loss_lower", "mean training loss over the second half of training (whole fine-tune set), LoWR - LoRA "
-             "(paired by seed)", "less", margin=0.0, why="the paper: lower loss with LoWR (a direction)"),
+             "(paired by seed)", "less", margin=0.0, margin_from="theory",
+             why="the paper: lower loss with LoWR, 'indicating the efficacy of our LoWR'; " + SIGN_WHY),
         Test("grad_larger", "ln(mean gradient norm of all adapters over the second half, LoWR / LoRA) (paired by "
-             "seed)", "greater", margin=0.0, why="the paper: larger gradient norm late in training (a direction)"),
+             "seed)", "greater", margin=0.0, margin_from="theory",
+             why="the paper: larger gradient norm late in training; " + SIGN_WHY),
     ),
-    rule=Rule(reproduced=("loss_lower", "grad_larger"), partially=(("loss_lower",), ("grad_larger",))),
-    note="Partially reproduced: one of the two (Holm over the 2). A diverged run excludes its seed.",
-    recalibrations=(Recalibration(
-        old="CI of the late loss change < 0 and CI of the late gradient-norm ratio > 1 (a ratio of per-seed means, "
-            "t-interval on the ratio); partially if one holds, uncorrected",
-        new="one-sided paired t-tests on the loss change and on the log of the ratio, Holm over the 2; alpha scaled "
-            "to the toy and the learning rate as protocols",
-        why="'partially' passes on either of two tests: without a correction it is a 10% test; a ratio is tested "
-            "on its log"),))
+    rule=Rule(reproduced=("loss_lower", "grad_larger"), partially=(("loss_lower",),)),
+    note="Partially reproduced: the loss is lower with LoWR (the efficacy the paper reads from fig. 4) while the "
+         "gradient norm is not larger. A larger gradient norm alone earns nothing: LoWR produces it mechanically "
+         "(it enlarges ||a_i||, and the gradient of b_i is proportional to a_i^T x, eq. 6). A diverged seed counts "
+         "against its arm in the loss test at the loss of a chance prediction (ln 10), and is excluded from the "
+         "gradient test (reported).",
+    recalibrations=(
+        Recalibration(
+            old="CI of the late loss change < 0 and CI of the late gradient-norm ratio > 1 (a ratio of per-seed "
+                "means, t-interval on the ratio); partially if one holds, uncorrected",
+            new="one-sided paired t-tests on the loss change and on the log of the ratio, Holm over the 2; alpha "
+                "scaled to the toy and the learning rate as protocols",
+            why="'partially' passes on either of two tests: without a correction it is a 10% test; a ratio is "
+                "tested on its log"),
+        Recalibration(
+            old="partially reproduced if the loss is lower OR the gradient norm is larger",
+            new="partially reproduced only if the loss is lower; margins 0 declared from theory (the paper gives "
+                "a direction only); a diverged seed counts at the chance loss ln 10 (was: excluded); Adam and SGD "
+                "both plausible (the paper names no optimizer)",
+            why="issue 16: the larger gradient norm is what LoWR's rescaling produces mechanically (eq. 6), so it "
+                "earned partial credit while the loss was significantly higher with LoWR; a partial verdict must "
+                "rest on evidence for the claim"),
+    ))
 
 
-PROTOCOLS = (*ALPHA_PROTOCOLS,
-             Protocol("lr x1/3", {"lowr": MAIN_LOWR, "lr": round(1e-3 / 3, 8)},
-                      note="Adam lr 1e-3 / 3 (the runs of lowr-tab5's protocol of that name)"),
-             Protocol("lr x3", {"lowr": MAIN_LOWR, "lr": 3e-3}, note="Adam lr 3e-3"))
+PROTOCOLS = ALPHA_PROTOCOLS
 
 
 def _split(ctx) -> tuple[dict, tuple]:
@@ -87,7 +105,8 @@ def measure(ctx, runs) -> Measurement:
                 p["train_loss"][s], (p["grad"][s], p["grad_B"][s]) = h["train_loss"], grad_total(h)
                 p["test_acc"][s] = h["test_acc"][-1]
         p["late_grad"], p["late_grad_B"] = p["grad"][:, late].mean(1), p["grad_B"][:, late].mean(1)
-        p["late_loss"] = p["train_loss"][:, late].mean(1)
+        # a diverged seed counts, at the loss of a chance prediction (ln 10), against the arm that diverged
+        p["late_loss"] = np.where([h is None for h in hists], CHANCE_LOSS, p["train_loss"][:, late].mean(1))
         per[name] = p
     lo_, lw = per["LoRA"], per["LoRA + LoWR"]
     samples = {"loss_lower": lw["late_loss"] - lo_["late_loss"],

@@ -6,27 +6,43 @@ import math
 
 import numpy as np
 
-from figures.criteria import Criterion, Rule, Test, ci_finite, fmt_ci
+from figures.criteria import Criterion, Recalibration, Rule, Test, ci_finite, fmt_ci
 from figures.framework import Measurement, diverged, floats, require_datasets
-from figures.lowr.protocol import DATASET, TRAINING_PROTOCOLS, split_settings, unit_scale_config
+from figures.lowr.protocol import (
+    DATASET,
+    DIVERGED,
+    GAIN_PP,
+    GAIN_WHY,
+    TRAINING_PROTOCOLS,
+    accuracy_pp,
+    split_settings,
+    unit_scale_config,
+)
 from figures.style import colors, new_figure
 
 ID = "lowr-plugin-inits"
 PAPER = "LoWR tables 2-4"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
-CLAIM = ("LoWR as a plug-in improves other initialisations (PiSSA's principal singular init, OLoRA's orthonormal QR "
-         "init), each against itself without LoWR")
+CLAIM = ("LoWR as a plug-in improves vanilla LoRA and the initialisations PiSSA (principal singular init) and OLoRA "
+         "(orthonormal QR init), each against itself without LoWR (table 2)")
 
 RANK = 8  # <= 10 = min(d_out, d_in) of the last layer, which PiSSA / OLoRA need
 INITS = {"vanilla": "kaiming", "pissa": "pissa", "olora": "olora"}
 
 CRITERION = Criterion(
     tests=tuple(Test(f"gain_{k}", f"final test accuracy, {k} + LoWR minus {k} (paired by seed)", "greater",
-                     margin=0.0, why="tables 2-4: LoWR improves each initialisation as a plug-in")
-                for k in INITS),
-    rule=Rule(reproduced=("gain_pissa", "gain_olora"),
-              partially=(("gain_pissa",), ("gain_olora",), ("gain_vanilla",))),
-    note="vanilla LoRA is table 2's first row; the claim tested is the plug-in on PiSSA and OLoRA",
+                     margin=GAIN_PP / 100, margin_from="paper",
+                     why="table 2 rows 'w/ LoWR' against their base; as a fraction, " + GAIN_WHY) for k in INITS),
+    rule=Rule(reproduced=tuple(f"gain_{k}" for k in INITS), partially=tuple((f"gain_{k}",) for k in INITS)),
+    note="Partially reproduced: the plug-in improves some of the three (Holm over the 3). " + DIVERGED[0].upper()
+         + DIVERGED[1:] + ".",
+    recalibrations=(Recalibration(
+        old="gain > 0 (no minimum effect); reproduced if PiSSA and OLoRA gain; partially if any of the three",
+        new=f"gain > {GAIN_PP:g} pp (the smallest gain the paper calls an improvement); reproduced if all three "
+            "gain (table 2 has LoWR on vanilla LoRA, PiSSA and OLoRA); Adam and SGD both plausible, learning "
+            "rate x1/3 and x3 as protocols",
+        why="issue 16: every claim test states the smallest effect that counts, from the paper; vanilla LoRA is "
+            "table 2's first pair, part of the claim"),),
 )
 PROTOCOLS = TRAINING_PROTOCOLS
 
@@ -41,10 +57,12 @@ def configs(ctx) -> dict:
 def measure(ctx, runs) -> Measurement:
     _, lowr = split_settings(ctx.settings)
     acc = {kw: np.array([math.nan if diverged(h) else float(h["test_acc"][-1]) for h in hs]) for kw, hs in runs.items()}
-    samples = {f"gain_{k}": acc[k, True] - acc[k, False] for k in INITS}
+    samples = {f"gain_{k}": (accuracy_pp(runs[k, True]) - accuracy_pp(runs[k, False])) / 100 for k in INITS}
     measured = {"rank": RANK, "lowr": list(lowr), "protocol": ctx.settings,
                 "test_acc": {k: {"without": ci_finite(acc[k, False]), "with_lowr": ci_finite(acc[k, True]),
-                                 "gain_points": ci_finite(100 * samples[f"gain_{k}"])} for k in INITS}}
+                                 "gain_points": ci_finite(100 * samples[f"gain_{k}"])} for k in INITS},
+                "diverged_runs": {f"{k}{' + LoWR' if w else ''}": int(sum(diverged(h) for h in hs))
+                                  for (k, w), hs in runs.items()}, "diverged_seed": DIVERGED}
     summary = ("Final test accuracy without -> with LoWR (rank 8, all layers, " + f"{len(ctx.seeds)} seeds): "
                + "; ".join(f"{k} {100 * np.nanmean(acc[k, False]):.2f}% -> {100 * np.nanmean(acc[k, True]):.2f}% "
                            f"(gain {fmt_ci(measured['test_acc'][k]['gain_points'], '.2g')} points)" for k in INITS)

@@ -9,13 +9,18 @@ import math
 import numpy as np
 
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, ci_finite, fmt_ci, mean_ci
-from figures.framework import Measurement, Protocol, diverged, floats, require_datasets
+from figures.framework import Measurement, diverged, floats, require_datasets
 from figures.lowr.protocol import (
     ALPHAS,
+    CHANCE,
     DATASET,
+    DIVERGED,
+    GAIN_PP,
+    GAIN_WHY,
     MAIN_LOWR,
     config_record,
     gamma_minus_one,
+    optimizer_protocols,
     rank,
     shared_config,
 )
@@ -24,8 +29,9 @@ from figures.style import colors, new_figure
 ID = "lowr-tab5-sensitivity"
 PAPER = "LoWR tables 5-6"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
-CLAIM = ("LoWR matches or beats the LoRA baseline over tau in {inf, 10, 100}, two alphas and rescaling every 1 or 5 "
-         "steps, and LoWR + LoRA+ matches or beats LoRA+")
+CLAIM = ("LoWR is robust to its hyper-parameters and moderate settings beat the LoRA baseline (table 5: with a "
+         "finite threshold tau, over two alphas and rescaling every 1 or 5 steps), and LoWR + LoRA+ beats LoRA+ "
+         "(table 6)")
 
 LORA_PLUS_RATIO = 16.0  # LoRA+'s recommended lr ratio lambda = 2^4 (Hayou et al. 2024)
 
@@ -39,46 +45,66 @@ def grid_of(ctx) -> list[tuple[float, float, int]]:
     return list(GRID)
 
 
+def moderate(grid) -> list[tuple[float, float, int]]:
+    """The settings with a finite threshold tau: sec. 4.1 'the ratio ||a_i|| / ||b_i|| should be bounded'; table 5's
+    tau = inf, every step is its one setting far below the baseline (83.00% vs 86.13%)."""
+    return [g for g in grid if math.isfinite(g[0])]
+
+
 def setting_name(tau: float, alpha: float, every: int) -> str:
     return f"noninferior_tau={tau:g}_alpha={alpha:g}_every={every}"
 
 
-NONINFERIORITY_PP = 1.0
-CHANCE = 0.1  # a diverged seed counts at chance accuracy (10 classes)
+ROBUST_PP = 0.19  # table 5: the worst finite-tau setting, tau = 100, alpha = 0.01, every step: 85.94% vs 86.13%
 
 
 def criterion(grid) -> Criterion:
-    why = (f"'matches or beats': the paper's table 5 has 9 of 10 settings within 0.2 pp below or above the "
-           f"baseline (one, tau = inf every step, 3.1 pp below); -{NONINFERIORITY_PP:g} pp is a non-inferiority "
-           "margin fixed before the 10-seed runs")
+    mod = moderate(grid)
     tests = tuple(Test(setting_name(*g), f"LoWR(tau={g[0]:g}, alpha={g[1]:g}, every {g[2]}) - LoRA: final test "
-                       "accuracy (pp), paired by seed, a diverged seed at chance", "greater",
-                       margin=-NONINFERIORITY_PP, why=why) for g in grid)
-    tests += (Test("plus_noninferior", "LoWR(main) + LoRA+ - LoRA+: final test accuracy (pp), paired by seed, a "
-                   "diverged seed at chance", "greater", margin=-NONINFERIORITY_PP, why=why),)
-    main = setting_name(*MAIN_LOWR)
-    partially = tuple(g for g in ((main,), ("plus_noninferior",)) if g[0] in {t.name for t in tests})
+                       "accuracy (pp), paired by seed, a diverged seed at chance", "greater", margin=-ROBUST_PP,
+                       margin_from="paper",
+                       why=f"robust = no worse than -{ROBUST_PP:g} pp, table 5's worst finite-tau setting (tau = 100, "
+                           "alpha = 0.01, every step: 85.94% vs the baseline's 86.13%), which the paper counts as "
+                           "robust") for g in mod)
+    tests += (Test("moderate_beats", f"mean over the {len(mod)} finite-tau settings of LoWR - LoRA: final test "
+                   "accuracy (pp), paired by seed, a diverged seed at chance", "greater", margin=GAIN_PP,
+                   margin_from="paper", why="'moderate hyperparameter setting typically achieves better "
+                                            "performance' (app. A.2); " + GAIN_WHY),
+              Test("plus_beats", "LoWR(main) + LoRA+ - LoRA+: final test accuracy (pp), paired by seed, a diverged "
+                   "seed at chance", "greater", margin=GAIN_PP, margin_from="paper",
+                   why="table 6: 86.19% -> 86.59% (+0.40 pp); " + GAIN_WHY))
+    table5 = tuple(t.name for t in tests if t.name != "plus_beats")
     return Criterion(
-        tests=tests, rule=Rule(reproduced=tuple(t.name for t in tests), partially=partially),
-        note="Partially reproduced: the main setting (tau = 10, alpha = 0.1, every step) or LoWR + LoRA+ is "
-             "non-inferior. alpha is not scale-free (gamma - 1 grows with the 5th power of the channel norms), so "
-             "the paper's DeBERTa values (1e-3, 1e-2) would do nothing here; the grid is its GSM8K one {0.1, 1}.",
-        recalibrations=(Recalibration(
-            old="reproduced if LoWR + LoRA+ beats LoRA+ (CI > 0) AND more than half of the 12 settings beat LoRA "
-                "(CI > 0); no multiplicity correction",
-            new=f"non-inferiority (> -{NONINFERIORITY_PP:g} pp) of every setting and of LoWR + LoRA+, Holm over "
-                "all of them; a diverged seed counts at chance",
-            why="the claim is 'matches or beats'; the old rule asked more than the paper's own table 5 shows (most "
-                "settings equal to the baseline), and 12 uncorrected intervals"),))
+        tests=tests, rule=Rule(reproduced=tuple(t.name for t in tests), partially=(table5, ("plus_beats",))),
+        note="Partially reproduced: table 5's part (every finite-tau setting robust and their mean better than "
+             "LoRA) or table 6's (LoWR + LoRA+ beats LoRA+). " + DIVERGED[0].upper() + DIVERGED[1:] + ". The tau = "
+             "inf settings are run and reported, not tested: the paper claims moderate settings (table 5's own tau "
+             "= inf, every step is 3.1 pp below its baseline). alpha is not scale-free (gamma - 1 grows with the 5th "
+             "power of the channel norms), so the paper's DeBERTa values (1e-3, 1e-2) would do nothing here; the "
+             "grid is its GSM8K one {0.1, 1}.",
+        recalibrations=(
+            Recalibration(
+                old="reproduced if LoWR + LoRA+ beats LoRA+ (CI > 0) AND more than half of the 12 settings beat LoRA "
+                    "(CI > 0); no multiplicity correction",
+                new="non-inferiority (> -1 pp) of every setting and of LoWR + LoRA+, Holm over all of them; a "
+                    "diverged seed counts at chance",
+                why="the claim is 'matches or beats'; the old rule asked more than the paper's own table 5 shows (most "
+                    "settings equal to the baseline), and 12 uncorrected intervals (withdrawn: see the next entry)"),
+            Recalibration(
+                old="claim 'LoWR + LoRA+ matches or beats LoRA+'; every setting incl. tau = inf and LoWR + LoRA+ "
+                    "non-inferior at -1 pp (justified as '9 of 10 table-5 settings within 0.2 pp'); partially if the "
+                    "main setting or LoWR + LoRA+ is non-inferior",
+                new=f"the paper's claim restored: LoWR + LoRA+ - LoRA+ > {GAIN_PP:g} pp and the finite-tau settings' "
+                    f"mean gain > {GAIN_PP:g} pp, each finite-tau setting > -{ROBUST_PP:g} pp (Holm over the 7); "
+                    "partially if table 5's part or table 6's part holds; diverged seeds at chance",
+                why="issue 16: the -1 pp margin was 2-5x the paper's effects and set after the 3-seed run failed; "
+                    "table 5 has 5 of 10 settings within 0.2 pp, not 9; the margins now come from the paper's "
+                    "tables (the smallest gain it calls an improvement, table 5's worst finite-tau setting)"),
+        ))
 
 
 CRITERION = criterion(GRID)
-PROTOCOLS = (
-    Protocol("adam", {}, primary=True, note="the shared protocol (Adam lr 1e-3), the paper's GSM8K alpha grid"),
-    Protocol("adam lr x1/3", {"lr": round(1e-3 / 3, 8)},
-             note="diagnosis: does the divergence follow the learning rate (Adam's step x LoWR's rescaling)?"),
-    Protocol("sgd", {"optimizer": "sgd", "lr": 0.03}, note="diagnosis: a step size proportional to the gradient"),
-)
+PROTOCOLS = optimizer_protocols()
 
 
 def divergence_diagnosis(hist: dict, tau: float, alpha: float) -> dict:
@@ -140,12 +166,14 @@ def measure(ctx, runs) -> Measurement:
                      "delta_vs_lora_pp": ci_dict(d), "diverged": int(np.sum(~np.isfinite(a))),
                      "diverged_at_steps": diverged_at.get((("lowr", g),), [])})
     plus, plus_lowr = acc[keys[-2]], acc[keys[-1]]
-    samples["plus_noninferior"] = pp(plus_lowr, plus)
+    samples["moderate_beats"] = np.mean([samples[setting_name(*g)] for g in moderate(grid)], axis=0)
+    samples["plus_beats"] = pp(plus_lowr, plus)
     measured = {
         "rank": rank(ctx), "protocol": proto, "lora_test_acc": ci_finite(base), "grid": rows,
         "grid_settings": len(grid), "lora_plus_ratio": LORA_PLUS_RATIO, "lora_plus_test_acc": ci_finite(plus),
         "lora_plus_lowr_test_acc": ci_finite(plus_lowr), "lora_plus_lowr": list(MAIN_LOWR),
-        "delta_lowr_plus_vs_lora_plus_pp": ci_dict(samples["plus_noninferior"]),
+        "delta_lowr_plus_vs_lora_plus_pp": ci_dict(samples["plus_beats"]),
+        "delta_moderate_mean_vs_lora_pp": ci_dict(samples["moderate_beats"]), "diverged_seed": DIVERGED,
         "lora_plus_lowr_diverged_at_steps": diverged_at.get(keys[-1], []),
         "divergence_diagnosis": diagnosis,
         "divergence_mechanism": (
@@ -164,6 +192,7 @@ def measure(ctx, runs) -> Measurement:
                + "; ".join(f"tau={r['tau']:g}, alpha={r['alpha']:g}, every {r['every']}: "
                            f"{fmt_ci(r['delta_vs_lora_pp'])}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
                            for r in rows)
+               + f". Mean over the finite-tau settings: {fmt_ci(measured['delta_moderate_mean_vs_lora_pp'])} pp"
                + f". LoWR + LoRA+ - LoRA+: {fmt_ci(measured['delta_lowr_plus_vs_lora_plus_pp'])} pp"
                + (f" ({len(measured['lora_plus_lowr_diverged_at_steps'])}/{len(ctx.seeds)} diverged, at steps "
                   f"{measured['lora_plus_lowr_diverged_at_steps']})" if measured["lora_plus_lowr_diverged_at_steps"]
@@ -177,7 +206,8 @@ def measure(ctx, runs) -> Measurement:
                    for k, v in diagnosis.items()) + ". Mechanism: " + measured["divergence_mechanism"]
                    if diagnosis else "")
                + (f" {n_div} LoWR runs diverged." if n_div else ""))
-    key = {"settings_noninferior_point": int(sum(r["delta_vs_lora_pp"]["mean"] > -NONINFERIORITY_PP for r in rows)),
+    key = {"settings_robust_point": int(sum(r["delta_vs_lora_pp"]["mean"] > -ROBUST_PP for r in rows)),
+           "moderate_gain_pp": measured["delta_moderate_mean_vs_lora_pp"]["mean"],
            "diverged_runs": n_div + len(measured["lora_plus_lowr_diverged_at_steps"])}
     config = config_record(ctx, grid=[list(g) for g in grid], lora_plus_ratio=LORA_PLUS_RATIO,
                            lora_plus_lowr=list(MAIN_LOWR), protocol=proto, diverged_seed="counted at chance (10%)")
@@ -195,12 +225,12 @@ def draw(numbers):
     # the y range of the settings without a diverged seed and the margin; a setting whose mean lies below (its
     # diverged seeds at chance) is an arrow at the bottom with its mean, so the margin stays readable
     kept = [r["delta"] for r in numbers["rows"] if not r["diverged"]] or [r["delta"] for r in numbers["rows"]]
-    lo = min(-NONINFERIORITY_PP, *(d["ci_low"] for d in kept))
-    hi = max(0.0, *(d["ci_high"] for d in kept))
+    lo = min(-ROBUST_PP, *(d["ci_low"] for d in kept))
+    hi = max(GAIN_PP, *(d["ci_high"] for d in kept))
     ylo, yhi = lo - 0.35 * (hi - lo), hi + 0.15 * (hi - lo)
     for i, row in enumerate(numbers["rows"]):
         d = row["delta"]
-        col = cl[2] if d["ci_low"] > -NONINFERIORITY_PP else cl[1]
+        col = cl[2] if d["ci_low"] > -ROBUST_PP else cl[1]
         div = f"{row['diverged']}/{numbers['n_seeds']} diverged" if row["diverged"] else ""
         if d["mean"] < ylo:
             ax.plot(i, ylo, marker="v", ms=8, color=col, clip_on=False)
@@ -214,7 +244,8 @@ def draw(numbers):
                         textcoords="offset points", ha="center", fontsize=6, color=cl[1])
     ax.set_ylim(ylo, yhi)
     ax.axhline(0, color="grey", lw=1)
-    ax.axhline(-NONINFERIORITY_PP, color="grey", lw=1, ls="--", label="non-inferiority margin")
+    ax.axhline(-ROBUST_PP, color="grey", lw=1, ls="--", label=f"robust: > -{ROBUST_PP:g} pp (table 5)")
+    ax.axhline(GAIN_PP, color="grey", lw=1, ls=":", label=f"better: > {GAIN_PP:g} pp (table 2)")
     ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}" for t, a, e in numbers["grid"]],
                   fontsize=6)
     ax.set_ylabel(f"test accuracy, LoWR - LoRA\n(points, {CI_PCT} CI;\ndiverged seeds at chance)", fontsize=8)

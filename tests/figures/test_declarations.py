@@ -35,15 +35,6 @@ PENDING_MARGINS: set[str] = {
     "allora-zero-init-a",
 
 
-    # Flowr
-    "lowr-effective-rank",
-    "lowr-fig2-channel-corr",
-    "lowr-fig3-with-without",
-    "lowr-fig4-loss-gradnorm",
-    "lowr-mechanism",
-    "lowr-plugin-inits",
-    "lowr-prop41-equivalent",
-    "lowr-tab5-sensitivity",
 }
 PENDING_PROTOCOLS: set[str] = {
     # Fa1
@@ -64,15 +55,6 @@ PENDING_PROTOCOLS: set[str] = {
     "allora-zero-init-a",
 
 
-    # Flowr
-    "lowr-effective-rank",
-    "lowr-fig2-channel-corr",
-    "lowr-fig3-with-without",
-    "lowr-fig4-loss-gradnorm",
-    "lowr-mechanism",
-    "lowr-plugin-inits",
-    "lowr-prop41-equivalent",
-    "lowr-tab5-sensitivity",
 }
 PENDING_HEADLINE: set[str] = {
     # Fa1
@@ -93,15 +75,6 @@ PENDING_HEADLINE: set[str] = {
     "allora-zero-init-a",
 
 
-    # Flowr
-    "lowr-effective-rank",
-    "lowr-fig2-channel-corr",
-    "lowr-fig3-with-without",
-    "lowr-fig4-loss-gradnorm",
-    "lowr-mechanism",
-    "lowr-plugin-inits",
-    "lowr-prop41-equivalent",
-    "lowr-tab5-sensitivity",
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from figures.lowr import effective_rank as ln
+from tests.figures.constructed import seeds, t_stat
 
 
 def test_effective_rank_against_entropy_definition():
@@ -53,14 +54,20 @@ def test_adapter_spectrum_is_the_svd_of_s_ba():
     assert np.all(sv[0] >= 0) and np.all(np.diff(sv[0]) <= 1e-12)
 
 
-def _s(m, rng, n=10, sd=0.05):
-    return m + sd * rng.standard_normal(n)
-
-
-def test_erank_criterion_both_ways():
-    rng = np.random.default_rng(5)
+def test_erank_criterion_needs_a_channel_at_every_rank():
     crit = ln.criterion(ln.RANKS)
-    up = {t.name: _s(-0.5 if t.direction == "less" else 0.5, rng) for t in crit.tests}
+    assert {t.margin for t in crit.tests} == {1.0} and {t.margin_from for t in crit.tests} == {"theory"}
+    up = {t.name: seeds(2.0, 0.3, shift=i) for i, t in enumerate(crit.tests)}  # two more channels in use
     assert crit.evaluate(up).verdict == "reproduced"
-    down = {t.name: _s(0.5 if t.direction == "less" else -0.5, rng) for t in crit.tests}
+    down = {t.name: seeds(-2.0, 0.3, shift=i) for i, t in enumerate(crit.tests)}
     assert crit.evaluate(down).verdict == "not reproduced"
+    # a gain of a fifth of a channel (a few %) passed the old margin 0; it puts no further channel to use
+    small = {t.name: seeds(0.2, 0.03, shift=i) for i, t in enumerate(crit.tests)}
+    assert all(t_stat(v, 0.0) > 15 for v in small.values())
+    assert crit.evaluate(small).verdict == "not reproduced"
+    # the effective rank gains at every rank, the stable rank nowhere: partially
+    er_only = {n: (v if n.startswith("erank") else seeds(0.0, 0.3, shift=7)) for n, v in up.items()}
+    assert crit.evaluate(er_only).verdict == "partially reproduced"
+    # the old rule credited a gain at a single rank: now not
+    one_rank = {n: (v if n == "erank_gain_r8" else seeds(0.0, 0.3, shift=8)) for n, v in up.items()}
+    assert crit.evaluate(one_rank).verdict == "not reproduced"
