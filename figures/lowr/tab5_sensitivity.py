@@ -246,8 +246,9 @@ def draw(numbers):
     ax.axhline(0, color="grey", lw=1)
     ax.axhline(-ROBUST_PP, color="grey", lw=1, ls="--", label=f"robust: > -{ROBUST_PP:g} pp (table 5)")
     ax.axhline(GAIN_PP, color="grey", lw=1, ls=":", label=f"better: > {GAIN_PP:g} pp (table 2)")
-    ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}" for t, a, e in numbers["grid"]],
-                  fontsize=6)
+    ax.set_xticks(range(len(numbers["grid"])), [f"tau={float(t):g}\nalpha={a:g}\nevery {e}"
+                                                 + ("" if math.isfinite(float(t)) else "\n(reported)")
+                                                 for t, a, e in numbers["grid"]], fontsize=6)
     ax.set_ylabel(f"test accuracy, LoWR - LoRA\n(points, {CI_PCT} CI;\ndiverged seeds at chance)", fontsize=8)
     ax.set_title(f"table 5 analogue, {numbers['protocol']} (LoRA: {numbers['lora_pct']:.2f}%)", fontsize=9)
     ax.legend(fontsize=6)
