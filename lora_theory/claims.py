@@ -47,6 +47,7 @@ single unit, NaN metrics, unknown keys or test names).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,14 +434,49 @@ def failure_kind(result: Mapping, alpha: float = 0.05) -> str:
     return reading(result, alpha)
 
 
+def _poi(*samples, axis=-1):
+    """Mean over levels of P(A > B) (+ 1/2 P(A = B)); samples alternate A, B per level (vectorized for scipy)."""
+    vals = []
+    for xa, xb in zip(samples[0::2], samples[1::2], strict=True):
+        d = xa[..., :, None] - xb[..., None, :]
+        vals.append(np.mean((d > 0) + 0.5 * (d == 0), axis=(-2, -1)))
+    return np.mean(vals, axis=0)
+
+
+def poi_interval(groups: Sequence, confidence: float, seed: int = 0, resamples: int = 2000) -> dict:
+    """The probability of improvement of ``groups`` = [A of level 1, B of level 1, A of level 2, ...] (1-D arrays)
+    with its stratified BCa bootstrap interval (:func:`scipy.stats.bootstrap`, ``method="BCa"``: the runs of each arm
+    are resampled within each level). BCa, not the percentile interval: at 10 runs per arm the percentile interval
+    under-covers as P(A beats B) moves away from 1/2 (measured, nominal 90%, normal arms 1.5 sd apart: 82.8% of 400
+    samples; BCa 92.5%). Where BCa is undefined (every resample gives the same value, e.g. every run of A beats every
+    run of B) the percentile interval is reported and ``interval`` says so. ``ci`` is None with < 2 runs per arm."""
+    from scipy import stats
+
+    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    if not groups or len(groups) % 2:
+        raise ValueError(f"groups must alternate A, B per level (an even, non-zero number), got {len(groups)}")
+    point = float(_poi(*groups))
+    out = {"estimate": point, "ci": None, "levels": len(groups) // 2, "confidence": confidence}
+    if all(g.size < 2 for g in groups):
+        return out
+    kw = dict(paired=False, vectorized=True, n_resamples=int(resamples), confidence_level=confidence)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's DegenerateDataWarning / 0/0 in the acceleration: handled below
+        res = stats.bootstrap(tuple(groups), _poi, method="BCa", random_state=np.random.default_rng(seed), **kw)
+    ci, method = [float(res.confidence_interval.low), float(res.confidence_interval.high)], "BCa"
+    if not all(math.isfinite(c) for c in ci):
+        res = stats.bootstrap(tuple(groups), _poi, method="percentile", random_state=np.random.default_rng(seed), **kw)
+        ci, method = [float(res.confidence_interval.low), float(res.confidence_interval.high)], \
+            "percentile (BCa undefined: a degenerate bootstrap distribution)"
+    return {**out, "ci": ci, "interval": method, "resamples": int(resamples)}
+
+
 def probability_of_improvement(a, b, t: ClaimTest, confidence: float, seed: int = 0,
                                resamples: int = 2000) -> dict:
     """P(A beats B) over every run of A against every run of B (ties count 1/2) within each level of
     ``t.average`` (one level when none), averaged over the levels (rliable's probability of improvement);
-    "beats" is "greater" unless the test's direction is ``less``. Interval: percentile bootstrap resampling the
-    runs of each arm within each level (stratified), ``confidence`` two-sided."""
-    from scipy import stats
-
+    "beats" is "greater" unless the test's direction is ``less``. Interval: :func:`poi_interval` (stratified BCa
+    bootstrap), ``confidence`` two-sided."""
     sign = -1.0 if t.direction == "less" else 1.0
     groups = []
     levels = list(a[list(t.average)].drop_duplicates().itertuples(index=False, name=None)) if t.average else [None]
@@ -454,21 +490,7 @@ def probability_of_improvement(a, b, t: ClaimTest, confidence: float, seed: int 
             xa, xb = a[np.asarray(ma)][t.metric], b[np.asarray(mb)][t.metric]
         if len(xa) and len(xb):
             groups += [sign * np.asarray(xa, dtype=np.float64), sign * np.asarray(xb, dtype=np.float64)]
-
-    def poi(*samples, axis=-1):
-        vals = []
-        for xa, xb in zip(samples[0::2], samples[1::2], strict=True):
-            d = xa[..., :, None] - xb[..., None, :]
-            vals.append(np.mean((d > 0) + 0.5 * (d == 0), axis=(-2, -1)))
-        return np.mean(vals, axis=0)
-
-    point = float(poi(*groups))
-    if all(len(g) < 2 for g in groups):
-        return {"estimate": point, "ci": None, "levels": len(groups) // 2}
-    res = stats.bootstrap(tuple(groups), poi, paired=False, vectorized=True, n_resamples=resamples,
-                          confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
-    return {"estimate": point, "ci": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
-            "levels": len(groups) // 2, "confidence": confidence, "resamples": resamples}
+    return poi_interval(groups, confidence, seed=seed, resamples=resamples)
 
 
 @dataclass
