@@ -252,7 +252,7 @@ def test_probability_of_improvement_interval_covers_at_ten_runs_per_arm():
     reps, nominal, delta = 1000, 0.90, 1.5
     true = stats.norm.cdf(delta / np.sqrt(2))
     covered = 0
-    for i in range(reps):
+    for _ in range(reps):
         d = claims.poi_interval([rng.normal(delta, 1.0, 10), rng.normal(0.0, 1.0, 10)], nominal,
                                 seed=int(rng.integers(2**31)), resamples=999)
         covered += d["ci"][0] <= true <= d["ci"][1]
