@@ -13,6 +13,7 @@ import numpy as np
 from analysis import allora_dynamics as ad
 from analysis._masks import enumerate_masks
 from analysis.adaptive import allora_function
+from analysis.streams import stream_seed
 from analysis.verify import check, row
 
 TOPIC = "allora_dynamics"
@@ -42,7 +43,7 @@ def allora_flow(seed: int):
     err_listing = err_weighted = err_split = 0.0
     fn = allora_function()
     for k, eta in enumerate((0.5, 1.0, 2.0)):
-        X, Y, W, A, B = _problem(seed + k)
+        X, Y, W, A, B = _problem(stream_seed(seed, "verify-allora-flow", k))
         dA, dB = ad.allora_velocity(X, Y, W, A, B, eta)
         R = torch.tensor(Y - X @ W.T)
         At, Bt = (torch.tensor(v, requires_grad=True) for v in (A, B))
@@ -61,7 +62,7 @@ def allora_flow(seed: int):
               "rel. err <= 1e-12", err_weighted <= 1e-12)
     yield row(TOPIC, "allora_velocity: sum over 3 mini-batches = full batch (linear in g)", err_split,
               "rel. err <= 1e-12", err_split <= 1e-12)
-    X, Y, W, A, B = _problem(seed + 3)
+    X, Y, W, A, B = _problem(stream_seed(seed, "verify-allora-flow-od"))
     (lA, lB), (tA, tB) = ad.allora_taper_split(X, Y, W, A, B, 2.0)
     dA, dB = ad.allora_velocity(X, Y, W, A, B, 2.0)
     At, Bt = (torch.tensor(v, requires_grad=True) for v in (A, B))
@@ -93,7 +94,7 @@ def dropout_flow(seed: int):
     for placement in ("bottleneck", "input"):
         err = 0.0
         for k, p in enumerate((0.0, 0.2, 0.6)):
-            X, Y, W, A, B = _problem(seed + 10 + k, N=3, d_in=3, d_out=2, r=3)
+            X, Y, W, A, B = _problem(stream_seed(seed, "verify-dropout-flow", k), N=3, d_in=3, d_out=2, r=3)
             mA, mB = _mask_averaged_grad(X, Y, W, A, B, p, placement, 0.7)
             vA, vB = ad.dropout_velocity(X, Y, W, A, B, p, placement=placement, scaling=0.7)
             err = max(err, _rel(vA, -mA), _rel(vB, -mB))
@@ -104,7 +105,7 @@ def dropout_flow(seed: int):
 @check(TOPIC)
 def stationary_point(seed: int):
     """Where the loss gradient is 0 (R = X (BA)^T): ALLoRA's velocity is 0, dropout's is not (it shrinks BA)."""
-    X, _, W, A, B = _problem(seed + 20)
+    X, _, W, A, B = _problem(stream_seed(seed, "verify-stationary-point"))
     Y = X @ W.T + X @ (B @ A).T
     scale = np.linalg.norm(B @ A)
     dA, dB = ad.allora_velocity(X, Y, W, A, B, 2.0)
@@ -147,7 +148,7 @@ def od_surrogate(seed: int):
     finite differences of the surrogate along random directions."""
     from scipy import integrate
 
-    rng = np.random.default_rng(seed + 30)
+    rng = np.random.default_rng(stream_seed(seed, "verify-od-surrogate"))
     err_quad = err_grad = err_flow = 0.0
     for eta in (0.5, 2.0):
         c = 1 / eta**2
@@ -164,7 +165,7 @@ def od_surrogate(seed: int):
             E[idx] = h
             num[idx] = (ad.od_surrogate_loss(F + E, R, eta) - ad.od_surrogate_loss(F - E, R, eta)) / (2 * h)
         err_grad = max(err_grad, _rel(ad.od_surrogate_grad(F, R, eta), num))
-        X, Y, W, A, B = _problem(seed + 31)
+        X, Y, W, A, B = _problem(stream_seed(seed, "verify-od-surrogate-problem"))
         Rr = Y - X @ W.T
         dA, dB = ad.od_velocity(X, Y, W, A, B, eta)
         for _ in range(3):

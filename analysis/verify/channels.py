@@ -15,6 +15,7 @@ from analysis.channels import (
     one_step_update,
     proxy_gradients,
 )
+from analysis.streams import stream_seed
 from analysis.verify import check, row
 
 TOPIC = "channels"
@@ -141,7 +142,7 @@ def errata(seed: int):
 def errata_left_right_and_sign(seed: int):
     import torch
 
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(stream_seed(seed, "verify-channels-left-right"))
     m = n = r = 4
     A, B, x, W, y_target = (rng.standard_normal(s) for s in ((r, n), (m, r), n, (m, n), m))
 

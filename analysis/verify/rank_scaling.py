@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from analysis import rank_scaling as rs
+from analysis.streams import stream_seed
 from analysis.verify import check, row
 
 TOPIC = "rank_scaling"
@@ -87,7 +88,7 @@ def exponents_large_rank(seed: int):
         vals, wts = [], []
         for j, r in enumerate(ranks[::2]):
             s = rs.simulate_sgd(x0[None], v0[None], x, v, r=int(r), gamma=rs.gamma(int(r), 1.0, kind), lr=0.5,
-                                n_draws=200, seed=seed + 100 * i + j)
+                                n_draws=200, seed=stream_seed(seed, "verify-rank-scaling-mc", i, j))
             m2, se2 = rs.mc_summary(s)["second_grad_in"]
             vals.append(m2)
             wts.append((m2 / se2) ** 2)
@@ -161,7 +162,7 @@ def paper_eq8_eq11_errors(seed: int):
 
 @check(TOPIC)
 def theorem_conditions(seed: int):
-    x0, v0, x, v = _problem(seed + 7, d=5, d_out=3)
+    x0, v0, x, v = _problem(stream_seed(seed, "verify-theorem-conditions"), d=5, d_out=3)
     x0, v0 = x0[0], v0[0]
 
     def mean_norm(moments, g, r, **kw):
@@ -173,7 +174,7 @@ def theorem_conditions(seed: int):
     # Adam's first step: Monte Carlo of a real torch.optim.Adam step vs the closed form, then the exponent
     import torch
 
-    rng = np.random.default_rng(seed + 8)
+    rng = np.random.default_rng(stream_seed(seed, "verify-theorem-conditions-adam"))
     r, n, lr = 8, 20_000, 0.01
     g = rs.gamma(r, kind="rslora")
     A = torch.tensor(rng.normal(size=(n, r, 5)), requires_grad=True)
