@@ -143,9 +143,18 @@ def run(args: argparse.Namespace) -> int:
             explo = f" (exploratory: {rec['exploratory']['verdict']})" if "exploratory" in rec else ""
             bar.write(f"[{i}/{len(ids)}] {fig_id}: {rec['verdict']}{explo}: {rec['summary']} ({rec['runtime_s']} s)")
             bar.update(round(estimates[fig_id]))
-    paths = [gallery.write_gallery(d) for d in sorted(set(plan.values()))]
+    paths = [gallery.write_gallery(d) for d in sorted(set(plan.values()))] + _findings(out)
     print(f"wrote {len(ids)} figure(s) and {', '.join(map(str, paths))} in {time.perf_counter() - total:.1f} s")
     return 0
+
+
+def _findings(out: Path) -> list[Path]:
+    """The README's "What the toolkit found" block, regenerated when ``out`` is the package's gallery."""
+    from figures import gallery
+
+    if out.resolve() != gallery.DEFAULT_OUT or not gallery.README.exists():
+        return []
+    return [gallery.write_findings(out)]
 
 
 def _seed_text(seeds) -> str:
@@ -236,7 +245,7 @@ def _redraw(ids: list[str], all_specs: dict, out: Path) -> int:
         if why is not None:
             failed.append(fig_id)
             print(f"{fig_id}: not redrawn: {why}", file=sys.stderr)
-    path = gallery.write_gallery(out)
+    path = ", ".join(map(str, [gallery.write_gallery(out), *_findings(out)]))
     print(f"redrew {len(ids) - len(failed)} of {len(ids)} figure(s) and {path} from their JSONs in "
           f"{time.perf_counter() - start:.1f} s (no training)")
     return 1 if failed else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
 import time
 import traceback
@@ -16,7 +17,11 @@ import numpy as np
 import torch
 
 from figures import frozen, registry
+from figures.criteria import CONFIDENCE_STATEMENT
 from figures.framework import (
+    CONFIRMATORY_SEEDS,
+    EXPLORATORY_SEEDS,
+    HEADLINE_POLICY,
     Context,
     Result,
     Spec,
@@ -26,7 +31,7 @@ from figures.framework import (
     run_figure,
     stated_verdict,
 )
-from figures.style import save_png, title
+from figures.style import DPI, save_png, title
 from toymodels.cache import atomic_write_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent
@@ -172,9 +177,33 @@ def redraw(spec: Spec, out: Path) -> str | None:
     return None
 
 
-def _robustness_cell(r: dict) -> str:
-    h = r.get("holds") or holds_count(r.get("protocols") or [])
-    if not r.get("criterion"):
+SEED_SETS = ("confirmatory", "exploratory")  # the gallery's order: the headline first
+
+
+def runs_of(record: dict) -> dict[str, dict | None]:
+    """The record's run on each seed set: {"confirmatory": ..., "exploratory": ...}, each a dict with ``seeds``,
+    ``verdict``, ``stated_verdict``, ``summary``, ``protocols`` and ``holds``, or None where that set was not run. A
+    JSON with a ``confirmation`` holds the confirmatory run at its top level and the exploratory one in
+    ``exploratory``; a JSON without one (a first look, or written before the confirmation existed) holds the
+    exploratory run at its top level."""
+    def view(d: dict) -> dict:
+        protocols = d.get("protocols") or []
+        verdict = d["verdict"]
+        return {"seeds": list(d.get("seeds") or []), "verdict": verdict,
+                "stated_verdict": d.get("stated_verdict") or stated_verdict(record.get("kind", "claim"), verdict),
+                "summary": d.get("summary", ""), "protocols": protocols, "holds": holds_count(protocols)}
+
+    if "confirmation" in record:
+        return {"confirmatory": view(record),
+                "exploratory": view(record["exploratory"]) if record.get("exploratory") else None}
+    return {"confirmatory": None, "exploratory": view(record)}
+
+
+def _robustness_cell(run: dict | None, criterion) -> str:
+    if run is None:
+        return "not run"
+    h = run["holds"]
+    if not criterion:
         return "not declared"
     if h["n"] <= 1:
         return "primary protocol only"
@@ -201,12 +230,21 @@ def _key_text(key: dict) -> str:
 
 
 def _protocol_map(r: dict) -> list[str]:
-    """The claim x protocol map of one figure (one row per protocol run)."""
-    lines = ["| protocol | settings | paper's | verdict | key numbers |", "|---|---|---|---|---|"]
+    """The claim x protocol map of one figure: one row per protocol, its verdict on each seed set that ran and the
+    headline run's key numbers."""
+    runs = runs_of(r)
+    explo = {p["name"]: p["verdict"] for p in (runs["exploratory"] or {}).get("protocols", [])}
+    marks = set(r.get("headline_protocols") or [])
+    head = ["| protocol | settings | paper's / plausible | verdict (confirmatory) | verdict (exploratory) | "
+            "key numbers |", "|---|---|---|---|---|---|"]
+    lines = head
     for p in r["protocols"]:
         name = f"**{p['name']}** (primary)" if p.get("primary") else p["name"]
-        lines.append(f"| {_cell(name)} | {_cell(_settings_text(p.get('protocol') or {}))} | "
-                     f"{'yes' if p.get('paper') else ''} | {p['verdict']} | {_cell(_key_text(p.get('key') or {}))} |")
+        mark = "paper's" if p.get("paper") else "plausible" if p.get("plausible") else ""
+        mark += " (headline)" if p["name"] in marks and mark else ""
+        conf = p["verdict"] if runs["confirmatory"] is not None else "not run"
+        lines.append(f"| {_cell(name)} | {_cell(_settings_text(p.get('protocol') or {}))} | {mark} | {conf} | "
+                     f"{explo.get(p['name'], 'not run')} | {_cell(_key_text(p.get('key') or {}))} |")
     return lines
 
 
@@ -214,17 +252,16 @@ _METHODS_INTRO = [
     "## Methods",
     "",
     "Every declared figure states its criterion as data (`figures/criteria.py`): the quantity measured per seed,",
-    "the direction and margin of the test (and why that margin), the test (one-sample t over seeds, bootstrap of",
-    "the mean, z on a known-error estimate, exact comparison, or sign test), the family-wise level, and the rule",
-    "mapping the tests to a verdict. The prose of each criterion is rendered from that declaration. Claims of",
-    "\"no change\" or \"same order\" are tested for equivalence with a margin declared up front (two one-sided",
-    "tests), never by \"the interval includes 0\". Several claim tests of one figure are corrected with Holm's",
-    "step-down procedure. Rows marked *sanity* are reported but do not count. Intervals are two-sided at 1 - 2",
-    "alpha (90% for alpha = 0.05), so a one-sided test passes exactly when its interval clears the margin before",
-    "the multiplicity correction. The headline verdict is the one at the paper's protocol where the paper states",
-    "it, otherwise at the figure's declared primary protocol; the robustness column counts the protocols where the",
-    "claim is reproduced (`lora-theory figures --robustness` runs the grid).",
+    "the direction and margin of the test (the smallest effect that counts, and where it comes from: the paper or",
+    "theory, never our data), the test (one-sample t over seeds, bootstrap of the mean, z on a known-error estimate,",
+    "exact comparison, or sign test), the family-wise level, and the rule mapping the tests to a verdict. The prose",
+    "of each criterion is rendered from that declaration. Claims of \"no change\" or \"same order\" are tested for",
+    "equivalence with a margin declared up front (two one-sided tests), never by \"the interval includes 0\".",
+    "Several claim tests of one figure are corrected with Holm's step-down procedure. Rows marked *sanity* are",
+    "reported but do not count. The robustness column counts the protocols where the claim is reproduced.",
     "",
+]
+_KINDS_TEXT = [
     "Claim kinds (issue 16 item 1): each figure file declares `KIND` and `CLAIM_ID`. A *check* cannot fail for a",
     "correct implementation (a closed-form identity, a proposition's algebra): it is listed in its own table and",
     "never counted. A *claim* is an empirical statement of the paper (reproduced / partially / not reproduced). A",
@@ -238,37 +275,77 @@ def _stated(r: dict) -> str:
     return r.get("stated_verdict") or stated_verdict(r.get("kind", "claim"), r["verdict"])
 
 
-def claim_tally(records: list[dict]) -> dict[str, dict]:
+def claim_tally(records: list[dict], seed_set: str | None = None) -> dict[str, dict]:
     """One verdict per paper claim: the records of kind claim / hypothesis grouped by ``claim_id``; a claim tested
     by several figures gets the WEAKEST of their verdicts (:func:`figures.framework.claim_verdict`). Checks are
-    left out. Returns claim_id -> {"kind", "verdict", "stated_verdict", "figures"}."""
-    groups: dict[str, list[dict]] = {}
+    left out. ``seed_set`` "confirmatory" / "exploratory" reads that run's verdicts (:func:`runs_of`; records without
+    it are left out), None each record's headline ``verdict``. Returns claim_id -> {"kind", "verdict",
+    "stated_verdict", "figures"}."""
+    if seed_set is not None and seed_set not in SEED_SETS:
+        raise ValueError(f"seed_set must be one of {SEED_SETS} or None, got {seed_set!r}")
+    groups: dict[str, list[tuple[dict, str]]] = {}
     for r in records:
-        if r.get("kind", "claim") != "check":
-            groups.setdefault(r.get("claim_id") or r["id"], []).append(r)
+        if r.get("kind", "claim") == "check":
+            continue
+        run = runs_of(r)[seed_set] if seed_set is not None else r
+        if run is not None:
+            groups.setdefault(r.get("claim_id") or r["id"], []).append((r, run["verdict"]))
     out = {}
     for cid, rs in groups.items():
-        kinds = {r.get("kind", "claim") for r in rs}
+        kinds = {r.get("kind", "claim") for r, _ in rs}
         if len(kinds) != 1:
             raise ValueError(f"claim_id {cid!r} joins figures of different kinds {sorted(kinds)}")
         kind = kinds.pop()
-        v = claim_verdict([r["verdict"] for r in rs])
+        v = claim_verdict([v for _, v in rs])
         out[cid] = {"kind": kind, "verdict": v, "stated_verdict": stated_verdict(kind, v),
-                    "figures": [r["id"] for r in rs]}
+                    "figures": [r["id"] for r, _ in rs]}
     return out
 
 
-def _tally(records: list[dict]) -> list[str]:
-    claims = claim_tally(records)
+_STATED_ORDER = ("reproduced", "partially reproduced", "not reproduced", "supported", "inconclusive", "not supported",
+                 "unavailable")
+
+
+def _counts_text(claims: dict[str, dict]) -> str:
     counts: dict[str, int] = {}
     for c in claims.values():
         counts[c["stated_verdict"]] = counts.get(c["stated_verdict"], 0) + 1
+    return ", ".join(f"{k} {counts[k]}" for k in _STATED_ORDER if k in counts)
+
+
+def _seed_text(seeds) -> str:
+    seeds = sorted(set(seeds))
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds)) or "none"
+
+
+def _set_seeds(records: list[dict], seed_set: str) -> str:
+    runs = [runs_of(r)[seed_set] for r in records]
+    return _seed_text(s for run in runs if run is not None for s in run["seeds"])
+
+
+def _checks(n: int) -> str:
+    return f"{n} check{'s' if n != 1 else ''}"
+
+
+def _tally(records: list[dict]) -> list[str]:
     n_checks = sum(r.get("kind", "claim") == "check" for r in records)
+    explo = claim_tally(records, "exploratory")
+    conf = claim_tally(records, "confirmatory")
+    claims = conf or explo
     joined = [f"{cid} ({' + '.join(c['figures'])})" for cid, c in claims.items() if len(c["figures"]) > 1]
-    return [f"**Tally: {len(claims)} paper claims** (claims and hypotheses, once per claim id): "
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + ". "
-            f"{n_checks} checks are listed apart and not counted. A claim tested by several figures gets the weakest "
-            "of their verdicts (reproduced > partially reproduced > not reproduced)"
+    if conf:
+        head = (f"**Tally: {len(conf)} paper claims** (claims and hypotheses, once per claim id), confirmatory "
+                f"(seeds {_set_seeds(records, 'confirmatory')}, run after the criteria were frozen): "
+                f"{_counts_text(conf)}. Exploratory (seeds {_set_seeds(records, 'exploratory')}, the seeds the "
+                f"criteria were written on), beside it: {_counts_text(explo)}.")
+    else:
+        head = (f"**Tally: {len(explo)} paper claims** (claims and hypotheses, once per claim id), exploratory "
+                f"(seeds {_set_seeds(records, 'exploratory')}, the seeds the criteria were written on; no "
+                f"confirmatory run in these JSONs yet): {_counts_text(explo)}.")
+    return [head + f" {_checks(n_checks)} listed apart and not counted. A claim tested by several figures gets "
+            "the weakest of their verdicts (reproduced > partially reproduced > not reproduced)"
             + (f": {'; '.join(joined)}." if joined else ".")]
 
 
@@ -302,10 +379,120 @@ def _statistics_fixes() -> list[str]:
     return lines + [f"| {_cell(o)} | {_cell(n)} | {_cell(w)} | {_cell(x)} |" for o, n, w, x in STATISTICS_FIXES]
 
 
-def write_gallery(out: Path) -> Path:
-    """Rebuild ``<out>/README.md`` from every ``<id>.json`` in ``out`` (contract order): the top table (with a
-    robustness column), per figure its criterion (rendered from the declaration), "holds in k of n protocols"
-    and the claim x protocol map, and a Methods section with every recalibrated rule."""
+# the verdict colours of the overview picture (Okabe-Ito: colour-blind safe); a hypothesis's reading shares its colour
+VERDICT_COLOURS = {"reproduced": "#009E73", "partially reproduced": "#E69F00", "not reproduced": "#D55E00",
+                   "unavailable": "#999999"}
+
+
+def overview_rows(records: list[dict]) -> list[dict]:
+    """The overview picture's numbers: one row per claim / hypothesis figure (checks are left out), in gallery
+    order: ``label``, the ``headline`` verdict of each seed set ({"confirmatory": v | None, "exploratory": v |
+    None}) and ``protocols``: [(name, {seed set: verdict | None})] in the figure's declared order."""
+    rows = []
+    for r in records:
+        if r.get("kind", "claim") == "check":
+            continue
+        runs = runs_of(r)
+        names = [p["name"] for p in r.get("protocols") or []]
+        for run in runs.values():
+            names += [p["name"] for p in (run or {}).get("protocols", []) if p["name"] not in names]
+        per = {ss: {p["name"]: p["verdict"] for p in run["protocols"]} if run else {} for ss, run in runs.items()}
+        label = r["id"] + (" (hypothesis)" if r.get("kind") == "hypothesis" else "")
+        rows.append({"id": r["id"], "label": label,
+                     "headline": {ss: run["verdict"] if run else None for ss, run in runs.items()},
+                     "protocols": [(n, {ss: per[ss].get(n) for ss in SEED_SETS}) for n in names]})
+    return rows
+
+
+def draw_overview(records: list[dict], path: Path) -> Path | None:
+    """The picture at the top of the gallery: claims x protocols, each cell coloured by the verdict, its upper half
+    on the confirmatory seeds and its lower half on the exploratory seeds (white: not run); the first column is the
+    headline verdict (:data:`figures.framework.HEADLINE_POLICY`). Drawn from the JSONs alone; None when there is no
+    claim to draw."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    rows = overview_rows(records)
+    if not rows:
+        return None
+    ncols = 1 + max(len(r["protocols"]) for r in rows)
+    fig, ax = plt.subplots(figsize=(2.6 + 1.25 * ncols, 1.2 + 0.32 * len(rows)), layout="constrained")
+
+    def cell(x, y, verdicts, text, bold=False):
+        for ss, y0 in (("confirmatory", y + 0.5), ("exploratory", y)):
+            v = verdicts.get(ss)
+            ax.add_patch(Rectangle((x, y0), 1, 0.5, facecolor=VERDICT_COLOURS.get(v, "white"), edgecolor="none"))
+        ax.add_patch(Rectangle((x, y), 1, 1, fill=False, edgecolor="black", linewidth=1.6 if bold else 0.5))
+        ax.text(x + 0.5, y + 0.5, text, ha="center", va="center", fontsize=5.5, fontweight="bold" if bold else None,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 0.8})
+
+    for i, row in enumerate(rows):
+        y = len(rows) - 1 - i
+        cell(0, y, row["headline"], "headline", bold=True)
+        for j, (name, verdicts) in enumerate(row["protocols"], 1):
+            cell(j, y, verdicts, name if len(name) <= 18 else name[:17] + "…")
+    ax.set_xlim(0, ncols)
+    ax.set_ylim(0, len(rows))
+    ax.set_yticks([len(rows) - 1 - i + 0.5 for i in range(len(rows))], [r["label"] for r in rows], fontsize=6.5)
+    ax.set_xticks([0.5 + j for j in range(ncols)], ["headline"] + [f"protocol {j}" for j in range(1, ncols)],
+                  fontsize=6.5)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=v)
+                       for v, c in VERDICT_COLOURS.items()] + [Patch(facecolor="white", edgecolor="black",
+                                                                     linewidth=0.5, label="not run")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=5, fontsize=6.5, frameon=False)
+    ax.set_title("Verdict per claim and protocol: upper half of a cell on the confirmatory seeds, lower half on the "
+                 "exploratory seeds\n(hypotheses: reproduced = supported, partially = inconclusive, not = not "
+                 "supported; checks are not drawn)", fontsize=7.5)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def _commits_text(records: list[dict], key: str) -> str:
+    """The distinct ``confirmation[key]`` commits of the records, each with how many figures name it."""
+    counts: dict[str, int] = {}
+    for r in records:
+        c = (r.get("confirmation") or {}).get(key)
+        if c:
+            counts[c] = counts.get(c, 0) + 1
+    return "; ".join(f"`{c}` ({n} figure{'s' if n != 1 else ''})" for c, n in counts.items()) or "none"
+
+
+def _preregistration(records: list[dict]) -> list[str]:
+    confirmed = [r for r in records if "confirmation" in r]
+    lines = ["", "### Pre-registration: exploratory and confirmatory seeds (issue 16 item 7)", "",
+             f"Exploratory seeds ({_seed_text(EXPLORATORY_SEEDS)}): the seeds the criteria were written, and for the "
+             "figures of the first gallery revised, on, after their numbers had been seen; their verdicts are "
+             f"exploratory. Confirmatory seeds ({_seed_text(CONFIRMATORY_SEEDS)}): never used before the freeze. "
+             "Before any confirmatory seed was run, each figure's declaration (claim, kind, claim id, criterion, "
+             "protocols and headline policy: everything that decides its verdict) was frozen with its SHA-256 in "
+             "[`figures/FROZEN.json`](FROZEN.json) (`lora-theory figures --freeze`, `figures/frozen.py`) and "
+             "committed on its own. The headline verdict of each figure is its confirmatory verdict; the exploratory "
+             "one stands beside it. Each JSON's `confirmation` records the seeds, the hash of the declaration the run "
+             "used (a test checks it equals the registry's), the registry's commit and the commit of the run. A "
+             "criterion changed after the freeze needs a new confirmation on seeds never used, logged here."]
+    if not confirmed:
+        return lines + ["", "No confirmatory run in these JSONs yet: every verdict above is exploratory."]
+    lines += ["", f"Confirmed {len(confirmed)} of {len(records)} figures. Registry commit(s): "
+              f"{_commits_text(confirmed, 'registry_commit')}. Run at commit(s): {_commits_text(confirmed, 'commit')}."]
+    moved = [(r["id"], runs_of(r)) for r in confirmed]
+    moved = [(i, rs) for i, rs in moved if rs["exploratory"] and rs["exploratory"]["verdict"] != rs["confirmatory"][
+        "verdict"]]
+    if moved:
+        lines += ["", "Verdicts that differ between the seed sets (exploratory -> confirmatory): " + "; ".join(
+            f"[{i}](#{i}) {rs['exploratory']['stated_verdict']} -> {rs['confirmatory']['stated_verdict']}"
+            for i, rs in moved) + "."]
+    else:
+        lines += ["", "Every confirmed figure's verdict equals its exploratory verdict."]
+    return lines
+
+
+def _load_records(out: Path) -> list[dict]:
     records = []
     for fig_id in registry.FIGURE_IDS:
         path = out / f"{fig_id}.json"
@@ -315,53 +502,88 @@ def write_gallery(out: Path) -> Path:
             r.setdefault("criterion", None)
             r["holds"] = holds_count(r["protocols"])
             records.append(r)
+    return records
+
+
+def write_gallery(out: Path) -> Path:
+    """Rebuild ``<out>/README.md`` and the overview picture ``<out>/verdicts.png`` from every ``<id>.json`` in
+    ``out`` (contract order): the tally (claims once, confirmatory verdicts with the exploratory ones beside), the
+    claims x protocols picture, the tables of claims and of checks, per figure its criterion (rendered from the
+    declaration), "holds in k of n protocols" and the claim x protocol map, and Methods (the headline policy, the
+    confidence level, the pre-registration, every recalibrated rule, the statistics fixes)."""
+    records = _load_records(out)
     lines = [
         "# Figure gallery",
         "",
-        "Regenerated by `lora-theory figures` (the README's main command); every number below comes from the run",
-        "that drew the figure (see each `<id>.json` for seeds, configuration, the declared criterion, per-protocol",
-        "verdicts and measured values). Runtime is this figure's wall time in that regeneration: training runs",
+        "Regenerated by `lora-theory figures` (the README's main command: every protocol of every figure, on the",
+        "exploratory seeds and then on the confirmatory seeds); every number below comes from the run that drew the",
+        "figure (see each `<id>.json` for seeds, configuration, the declared criterion, per-protocol verdicts and",
+        "measured values). Runtime is this figure's wall time in that regeneration (both seed sets): training runs",
         "shared between figures are paid by the first figure that needs them and come from the run cache",
         "afterwards. Each figure is one file, `figures/<paper>/<name>.py`; its plot is drawn from the numbers saved in",
         "its JSON, so `lora-theory figures --redraw` rebuilds every PNG and this page without training. How verdicts",
         "are decided: see [Methods](#methods).",
         "",
     ]
-    lines += _tally(records) + [
-        "",
+    lines += _tally(records) + [""]
+    out.mkdir(parents=True, exist_ok=True)
+    if draw_overview(records, out / OVERVIEW_PNG) is not None:
+        lines += [f"![verdict per claim and protocol]({OVERVIEW_PNG})", ""]
+    lines += [
         "### Claims and hypotheses",
         "",
-        "| figure | kind | claim id | paper | verdict | robustness (reproduced in k/n protocols) | seeds | fidelity "
-        "| runtime (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| figure | kind | claim id | paper | verdict (confirmatory) | exploratory | robustness (reproduced in k/n "
+        "protocols, confirmatory) | seeds | fidelity | runtime (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     table = [r for r in records if r.get("kind", "claim") != "check"]
     checks = [r for r in records if r.get("kind", "claim") == "check"]
+
+    def verdicts(r):
+        runs = runs_of(r)
+        conf, explo = runs["confirmatory"], runs["exploratory"]
+        return (f"**{conf['stated_verdict']}**" if conf else "not run",
+                explo["stated_verdict"] if explo else "not run", runs)
+
     for r in table:
+        conf, explo, runs = verdicts(r)
         lines.append(f"| [{r['id']}](#{r['id']}) | {r.get('kind', 'claim')} | {r.get('claim_id', r['id'])} | "
-                     f"{r['paper']} | **{_stated(r)}** | {_robustness_cell(r)} | {len(r['seeds'])} | "
-                     f"{r['fidelity']} | {r['runtime_s']} |")
+                     f"{r['paper']} | {conf} | {explo} | {_robustness_cell(runs['confirmatory'], r.get('criterion'))} "
+                     f"| {len(r['seeds'])} | {r['fidelity']} | {r['runtime_s']} |")
     lines += ["", "### Checks (cannot fail for a correct implementation: not evidence, never in the tally)", "",
-              "| figure | paper | result | seeds | runtime (s) |", "|---|---|---|---|---|"]
-    lines += [f"| [{r['id']}](#{r['id']}) | {r['paper']} | **{_stated(r)}** | {len(r['seeds'])} | {r['runtime_s']} |"
-              for r in checks]
+              "| figure | paper | result (confirmatory) | exploratory | seeds | runtime (s) |",
+              "|---|---|---|---|---|---|"]
+    for r in checks:
+        conf, explo, _ = verdicts(r)
+        lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | {conf} | {explo} | {len(r['seeds'])} | "
+                     f"{r['runtime_s']} |")
     for r in records:
+        runs = runs_of(r)
+        conf, explo = runs["confirmatory"], runs["exploratory"]
+        text = (f"**Verdict (confirmatory, seeds {_seed_text(conf['seeds'])}): {conf['stated_verdict']}.** "
+                f"{conf['summary']}" if conf else f"**Verdict (exploratory; no confirmatory run yet): {_stated(r)}.** "
+                f"{r['summary']}")
         lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
-                  f"**Kind: {r.get('kind', 'claim')}** (claim id {r.get('claim_id', r['id'])}). "
-                  f"**Verdict: {_stated(r)}.** {r['summary']}", ""]
+                  f"**Kind: {r.get('kind', 'claim')}** (claim id {r.get('claim_id', r['id'])}). {text}", ""]
+        if conf and explo:
+            lines += [f"**Exploratory (seeds {_seed_text(explo['seeds'])}): {explo['stated_verdict']}.** "
+                      f"{explo['summary']}", ""]
         crit = r.get("criterion")
         if crit:
             lines += ["**Criterion.** " + crit["description"].replace("\n", "  \n"), ""]
             h = r["holds"]
             lines += [f"**Holds in {h['reproduced']} of {h['n']} protocol{'s' if h['n'] != 1 else ''}** "
                       f"(partially in {h['partially reproduced']}, not in {h['not reproduced']}, unavailable in "
-                      f"{h['unavailable']}).", ""]
+                      f"{h['unavailable']}){' on the confirmatory seeds' if conf else ''}.", ""]
             lines += _protocol_map(r) + [""]
         if r.get("image"):
             lines += [f"![{r['id']}]({r['image']})", ""]
         lines.append(f"Data: {', '.join(r['datasets']) or 'none (closed form / synthetic)'}; seeds "
                      f"{r['seeds']}; fidelity {r['fidelity']}; {r['runtime_s']} s on {r['device']}.")
-    lines += [""] + _METHODS_INTRO + ["", "### Recalibrated rules", ""]
+    lines += ["", *_METHODS_INTRO, HEADLINE_POLICY, "",
+              "**Confidence level.** " + CONFIDENCE_STATEMENT, "", *_KINDS_TEXT]
+    lines += _preregistration(records)
+    lines += ["", "### Recalibrated rules", ""]
     recal = [(r["id"], c) for r in records for c in ((r.get("criterion") or {}).get("recalibrations") or [])]
     if recal:
         lines += ["| figure | old rule | new rule | why |", "|---|---|---|---|"]
@@ -377,3 +599,82 @@ def write_gallery(out: Path) -> Path:
     path = out / "README.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
+
+
+# README.md's "What the toolkit found": the block between these markers is generated from the JSONs (write_findings)
+FINDINGS_BEGIN = ("<!-- figures:findings:begin (generated from figures/*.json by `lora-theory figures`: "
+                  "figures.gallery.write_findings; do not edit by hand) -->")
+FINDINGS_END = "<!-- figures:findings:end -->"
+README = DEFAULT_OUT.parent / "README.md"
+
+
+def _under(run: dict, names: list[str]) -> str:
+    """"holds under a, b; partially under c; not under d" over the protocols ``names`` of a run."""
+    by = {p["name"]: p["verdict"] for p in run["protocols"]}
+    parts = []
+    for verdict, word in (("reproduced", "holds"), ("partially reproduced", "partially"),
+                          ("not reproduced", "not"), ("unavailable", "unavailable")):
+        got = [n for n in names if by.get(n) == verdict]
+        if got:
+            parts.append(f"{word} under {', '.join(got)}")
+    return "; ".join(parts)
+
+
+def findings(records: list[dict], gallery_link: str = "figures/README.md") -> str:
+    """The README's findings, from the JSONs alone (no hand-typed number): the tally of paper claims (confirmatory,
+    the exploratory beside it), then per paper its claims grouped by verdict, each linked to its gallery section;
+    a claim whose headline combines several protocols that disagree says under which it holds."""
+    conf, explo = claim_tally(records, "confirmatory"), claim_tally(records, "exploratory")
+    n_checks = sum(r.get("kind", "claim") == "check" for r in records)
+    if conf:
+        lines = [f"**{len(conf)} paper claims** (each counted once; {_checks(n_checks)} that cannot fail listed "
+                 f"apart), judged on fresh confirmatory seeds ({_set_seeds(records, 'confirmatory')}) under criteria "
+                 f"frozen before those seeds were run: {_counts_text(conf)}. On the exploratory seeds "
+                 f"({_set_seeds(records, 'exploratory')}), on which the criteria were written: {_counts_text(explo)}."]
+        seed_set = "confirmatory"
+    else:
+        lines = [f"**{len(explo)} paper claims** (each counted once; {_checks(n_checks)} that cannot fail listed "
+                 f"apart), exploratory verdicts (seeds {_set_seeds(records, 'exploratory')}, on which the criteria "
+                 f"were written; the confirmation on fresh seeds is not in the JSONs yet): {_counts_text(explo)}."]
+        seed_set = "exploratory"
+    tally = conf or explo
+    by_id = {r["id"]: r for r in records}
+    papers: dict[str, list[str]] = {}
+    for cid, c in tally.items():
+        papers.setdefault(by_id[c["figures"][0]]["paper"].split()[0], []).append(cid)
+    lines.append("")
+    for paper, cids in papers.items():
+        groups: dict[str, list[str]] = {}
+        for cid in cids:
+            c = tally[cid]
+            notes = []
+            for fid in c["figures"]:
+                run = runs_of(by_id[fid])[seed_set]
+                names = list(by_id[fid].get("headline_protocols") or [])
+                verdicts = {p["name"]: p["verdict"] for p in run["protocols"]} if run else {}
+                if len(names) > 1 and len({verdicts.get(n) for n in names}) > 1:
+                    notes.append((f"{fid}: " if len(c["figures"]) > 1 else "") + _under(run, names))
+            link = f"[{cid}]({gallery_link}#{c['figures'][0]})"
+            groups.setdefault(c["stated_verdict"], []).append(link + (f" ({'; '.join(notes)})" if notes else ""))
+        order = [v for v in _STATED_ORDER if v in groups]
+        lines.append(f"- **{paper}**: " + "; ".join(f"{v}: {', '.join(groups[v])}" for v in order) + ".")
+    return "\n".join(lines)
+
+
+def findings_block(records: list[dict]) -> str:
+    """:func:`findings` between the README's markers."""
+    return f"{FINDINGS_BEGIN}\n{findings(records)}\n{FINDINGS_END}"
+
+
+def write_findings(out: Path = DEFAULT_OUT, readme: Path | None = None) -> Path:
+    """Replace the block between the markers of ``readme`` (default: the repository's README.md) by the findings of
+    the JSONs in ``out``. ValueError when the markers are missing."""
+    readme = readme if readme is not None else README
+    text = readme.read_text()
+    i, j = text.find(FINDINGS_BEGIN), text.find(FINDINGS_END)
+    if i < 0 or j < i:
+        raise ValueError(f"readme: {readme} lacks the findings markers {FINDINGS_BEGIN!r} ... {FINDINGS_END!r}")
+    new = text[:i] + findings_block(_load_records(out)) + text[j + len(FINDINGS_END):]
+    if new != text:
+        atomic_write_bytes(readme, new.encode())
+    return readme
