@@ -9,7 +9,7 @@ import numpy as np
 
 from analysis import dropout as closed
 from figures import seeds
-from figures.allora.protocol import last_layer_problem, log_ratio_ci
+from figures.allora.protocol import MSE_SGD_LR, OPTIMIZER_UNSTATED, last_layer_problem, log_ratio_ci
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, Unavailable, real_datasets
 from figures.style import colors, new_figure
@@ -18,12 +18,13 @@ from toymodels.protocol import base_config
 ID = "allora-fig1-dropout-mc"
 PAPER = "ALLoRA fig. 1"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
-CLAIM = ("the mean of n dropout realisations of the LoRA loss converges to E[L] only like Std[L]/sqrt(n): after "
-         "hundreds of realisations the error is still large (compared with the dropout penalty it estimates)")
+CLAIM = ("the mean of n dropout realisations of the LoRA loss converges to E[L] only like Std[L]/sqrt(n): even after "
+         "hundreds of realisations its error goes beyond the regularisation benefit it estimates (the dropout "
+         "penalty)")
 
 RATES = (0.05, 0.1, 0.2, 0.5)
 N_REF = 256  # "after hundreds of realisations"
-NOISE_FLOOR = 0.1  # the claim: the Monte Carlo error is still >= 10% of the dropout penalty at n = 256
+NOISE_FLOOR = 1.0  # fig. 1 caption: the noise goes "well beyond its regularization benefit"
 
 
 def noise_test(p: float) -> str:
@@ -33,9 +34,10 @@ def noise_test(p: float) -> str:
 CRITERION = Criterion(
     tests=(
         *(Test(noise_test(p), f"ln(mean |mean_n L - E[L]| at n = {N_REF} / dropout penalty), p = {p:g}, per problem "
-               "seed", "greater", margin=math.log(NOISE_FLOOR),
-               why="the penalty E[L] - L(no dropout) is the regularisation the sampled loss estimates; a noise below "
-                   "10% of it cannot change what is optimised qualitatively") for p in RATES),
+               "seed", "greater", margin=math.log(NOISE_FLOOR), margin_from="paper",
+               why="fig. 1's caption: after hundreds of realisations the estimate is still poor, 'random noise that "
+                   "go well beyond its regularization benefit'; the benefit is the penalty E[L] - L(no dropout), so "
+                   "the smallest effect that counts is noise = penalty (ratio 1)") for p in RATES),
         Test("bound_holds", "SANITY: max over seeds, rates and n of (mean |dev| - Std[L]/sqrt(n)) / SE", "less",
              margin=5.0, method="exact", role="sanity",
              why="app. A's bound follows from Jensen's inequality and cannot fail; 5 standard errors of the "
@@ -45,21 +47,41 @@ CRITERION = Criterion(
              why="the CLT limit of the ratio; checks the Monte Carlo, not the claim"),
     ),
     rule=Rule(reproduced=tuple(noise_test(p) for p in RATES), partially=tuple((noise_test(p),) for p in RATES)),
-    note="Partially reproduced: the noise exceeds 10% of the penalty at some rates only (Holm over the rates, so "
-         "that a single passing rate is a 5% test too).",
-    recalibrations=(Recalibration(
-        old="reproduced if the mean |dev| never exceeds Std/sqrt(n) by more than 5 SE AND, at n = 256, the mean "
-            "|dev| is >= 10% of the dropout penalty in every panel (one problem seed); partially if one holds",
-        new="the bound and the CLT limit are sanity rows; the claim is a one-sided t-test over 10 problem seeds of "
-            "ln(|dev| at n = 256 / penalty) > ln 0.1 per rate, Holm over the rates; partially if some rates pass; "
-            "data sets as protocols",
-        why="the bound is Jensen's inequality (it cannot fail, so it cannot carry half of a verdict); one problem "
-            "seed gives no interval. E2's plan 'partially unless every rate is significantly below' cannot be "
-            "declared as a rule of passed tests, and an inconclusive test is no partial support"),))
+    note="Partially reproduced: the noise exceeds the penalty at some rates only (Holm over the rates, so that a "
+         "single passing rate is a 5% test too). The problem (A, B) comes from a short dropout-free fine-tune whose "
+         "optimizer the paper does not name: the headline is combined over Adam and SGD on MNIST (the headline "
+         "policy).",
+    recalibrations=(
+        Recalibration(
+            old="reproduced if the mean |dev| never exceeds Std/sqrt(n) by more than 5 SE AND, at n = 256, the mean "
+                "|dev| is >= 10% of the dropout penalty in every panel (one problem seed); partially if one holds",
+            new="the bound and the CLT limit are sanity rows; the claim is a one-sided t-test over 10 problem seeds "
+                "of ln(|dev| at n = 256 / penalty) > ln 0.1 per rate, Holm over the rates; partially if some rates "
+                "pass; data sets as protocols",
+            why="the bound is Jensen's inequality (it cannot fail, so it cannot carry half of a verdict); one "
+                "problem seed gives no interval. E2's plan 'partially unless every rate is significantly below' "
+                "cannot be declared as a rule of passed tests, and an inconclusive test is no partial support"),
+        Recalibration(
+            old="ln(|dev| at n = 256 / penalty) > ln 0.1 (10% of the penalty, a judgement); headline at the "
+                "Adam-trained MNIST problem, marked as the paper's protocol; 2 protocols (data sets)",
+            new="ln(|dev| at n = 256 / penalty) > 0: the noise exceeds the penalty, the yardstick of fig. 1's "
+                "caption; headline over the Adam- and SGD-trained problems (plausible); + a 3x longer fine-tune",
+            why="issue 16: a margin from the paper's words ('noise that go well beyond its regularization "
+                "benefit'), not a judgement; the paper names no optimizer for the fine-tune; >= 4 protocols"),))
 
-PROTOCOLS = (Protocol("mnist", {"dataset_index": 0}, primary=True, paper=True, note="the paper's first column"),
-             Protocol("second data set", {"dataset_index": 1}, paper=True,
-                      note="the paper's CIFAR-10 column; Fashion-MNIST where CIFAR-10 is absent"))
+PROTOCOLS = (
+    Protocol("mnist", {"dataset_index": 0}, primary=True, plausible=True,
+             note=f"the paper's first column; problem fine-tuned by Adam (lr 1e-3); plausible: {OPTIMIZER_UNSTATED}"),
+    Protocol("mnist sgd", {"dataset_index": 0, "optimizer": "sgd", "lr": MSE_SGD_LR}, plausible=True,
+             note=f"the paper's first column; problem fine-tuned by SGD (lr {MSE_SGD_LR:g}, below the MSE "
+                  f"curvature bound, protocol.py); plausible: "
+                  f"{OPTIMIZER_UNSTATED}"),
+    Protocol("second data set", {"dataset_index": 1},
+             note="the paper's CIFAR-10 column; Fashion-MNIST where CIFAR-10 is absent"),
+    Protocol("mnist long fine-tune", {"dataset_index": 0, "problem_steps": 600},
+             note="the problem after 600 fine-tuning steps instead of 200 (the paper: the Std 'may increase' as "
+                  "training progresses)"),
+)
 
 
 class ProbeProblem(Probe):
@@ -84,9 +106,12 @@ def _dataset(ctx) -> tuple[str, dict]:
 
 
 def _problem_config(ctx):
-    """A short dropout-free last-layer LoRA fine-tune (MSE) whose final A, B define the problem."""
+    """A short dropout-free last-layer LoRA fine-tune (MSE) whose final A, B define the problem (optimizer, lr and
+    length from the protocol)."""
+    train = {k: ctx.settings[k] for k in ("optimizer", "lr") if k in ctx.settings}
     return base_config(ctx, _dataset(ctx)[0], targets=("layers.2",), loss="mse", dropout=0.0, placement="bottleneck",
-                       steps=ctx.pick(quick=20, default=200), recorders=())
+                       steps=ctx.pick(quick=20, default=int(ctx.settings.get("problem_steps", 200))), recorders=(),
+                       **train)
 
 
 def configs(ctx) -> dict:
@@ -157,12 +182,14 @@ def measure(ctx, runs) -> Measurement:
         }
     parts = [f"p = {p:g}: {r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
              for p in RATES for r in [measured[f"p={p:g}"][f"abs_dev_over_penalty_at_n={n_ref}"]]]
-    summary = (f"{ds}, {len(ctx.seeds)} problem seeds, {groups} independent groups of n <= {n_max} realisations per "
+    pc = _problem_config(ctx)
+    summary = (f"{ds}, problem after {pc.steps} {pc.optimizer.upper()} steps (lr {pc.lr:g}), {len(ctx.seeds)} "
+               f"problem seeds, {groups} independent groups of n <= {n_max} realisations per "
                f"seed and rate. Mean |dev| at n = {n_ref} over the dropout penalty (geometric mean [{CI_PCT} CI]): "
                + "; ".join(parts) + f". Sanity: the largest excess over Std/sqrt(n) is {z_bound:+.1f} SE; the ratio "
                f"to the bound at n = {n_max} is {min(clt_ratio.values()):.3f}-{max(clt_ratio.values()):.3f} (CLT "
                f"limit {math.sqrt(2 / math.pi):.3f}).")
-    config = {"problem": _problem_config(ctx).as_dict(), "rates": RATES, "placement": "bottleneck",
+    config = {"problem": pc.as_dict(), "rates": RATES, "placement": "bottleneck",
               "groups_per_seed": groups, "n_max": n_max, "seeds": list(ctx.seeds),
               "mc_seed": seeds.SCHEMES["allora-fig1-dropout-mc"],
               "probe": "engine probe batch (the run's 'probe' stream), dropout-free features",
@@ -187,9 +214,7 @@ def draw(numbers):
         ax.errorbar(grid, d["mean_dev"], yerr=2 * d["se"], fmt="o", ms=3, color=c_emp, label="mean |dev| (+-2 SE)")
         ax.plot(grid, d["bound"], color=c_bound, label="Std[L]/sqrt(n) (app. A bound)")
         ax.plot(grid, d["clt"], "--", color=c_clt, label="sqrt(2/pi) Std[L]/sqrt(n) (CLT)")
-        ax.axhline(d["dropout_penalty"], color=c_pen, ls=":", label="dropout penalty E[L] - L(no dropout)")
-        ax.axhline(NOISE_FLOOR * d["dropout_penalty"], color=c_pen, ls="-.", lw=0.8,
-                   label=f"{NOISE_FLOOR:g} x penalty (claim margin)")
+        ax.axhline(d["dropout_penalty"], color=c_pen, ls=":", label="dropout penalty E[L] - L(no dropout) = claim margin")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{numbers['dataset']}, p = {p} (problem seed {numbers['first_seed']})", fontsize=8)
@@ -204,7 +229,7 @@ def draw(numbers):
                    alpha=0.7)
         m, lo, hi = (np.exp(v) for v in mean_ci(np.log(ratio)))
         ax.errorbar(i + 0.3, m, yerr=[[m - lo], [hi - m]], fmt="D", color="k", capsize=3)
-    ax.axhline(NOISE_FLOOR, color=c_pen, ls="-.", label="claim margin 0.1")
+    ax.axhline(NOISE_FLOOR, color=c_pen, ls="-.", label=f"claim margin {NOISE_FLOOR:g}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(rates)), [f"p = {p}" for p in rates])
     ax.set_ylabel(f"mean |dev| at n = {numbers['n_ref']}\n/ dropout penalty")

@@ -9,7 +9,13 @@ from torch import nn
 
 from analysis import dropout as closed
 from figures import seeds
-from figures.allora.protocol import last_layer_problem, log_ratio_ci, steps_per_epoch
+from figures.allora.protocol import (
+    OPTIMIZER_UNSTATED,
+    SGD_LR,
+    last_layer_problem,
+    log_ratio_ci,
+    steps_per_epoch,
+)
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
 from figures.framework import Measurement, Probe, Protocol, Runs, Unavailable, real_datasets
 from figures.style import colors, new_figure
@@ -24,28 +30,48 @@ CLAIM = ("over training, the tail of the per-entry std (across dropout masks) of
 RATE = 0.2
 QUANTILES = {"mean": None, "median": 50.0, "q99": 99.0, "max": 100.0}
 
+MINIMAL = 1.3  # sec. 3.2 calls a change of "about 30%" of a norm "minimal" ("barely impacting")
+
 CRITERION = Criterion(
     tests=(
         Test("heavier_tail", "log((q99 growth) / (mean growth)) of the per-entry std of second-layer B gradients, "
-             "epoch 0 -> last (per seed)", "greater", margin=0.0,
-             why="the distinctive claim: the tail grows relative to the mean (a direction)"),
+             "epoch 0 -> last (per seed)", "greater", margin=float(np.log(MINIMAL)), margin_from="paper",
+             why="'the tail significantly increases' relative to the average: by more than the ~30% change the "
+                 "paper itself calls minimal (sec. 3.2, fig. 3: ||A|| 'only altering the final norm by about 30%')"),
         Test("mean_stable", "log(mean growth) of the per-entry std, epoch 0 -> last (per seed)", "equivalent",
-             margin=float(np.log(2.0)),
-             why="'the average decreases slightly': a factor 2 either way is the smallest change a log-scale panel "
-                 "shows as more than slight"),
+             margin=float(np.log(MINIMAL)), margin_from="paper",
+             why="'the average decreases slightly': within the ~30% change the paper calls minimal (sec. 3.2)"),
     ),
     rule=Rule(reproduced=("heavier_tail", "mean_stable"), partially=(("heavier_tail",),)),
-    recalibrations=(Recalibration(
-        old="reproduced if the q99 growth CI and the (q99/mean) growth CI are > 1 in every data set; partially if "
-            "the q99 grows anywhere",
-        new="heavier tail (q99/mean growth > 1) AND mean within a factor 2 (TOST), per data set as protocols; "
-            "partially only if the tail gets heavier",
-        why="the q99 also grows when the whole distribution grows (here the mean grows more than the tail), so "
-            "'partially' rested on the part of the claim that is not distinctive"),))
+    note="The paper names no optimizer (sec. 3.4): the headline is combined over Adam and SGD on MNIST (the "
+         "headline policy; the figure's left panel). The second data set (CIFAR-10, or Fashion-MNIST where it is "
+         "absent) and a 3x learning rate are robustness protocols.",
+    recalibrations=(
+        Recalibration(
+            old="reproduced if the q99 growth CI and the (q99/mean) growth CI are > 1 in every data set; partially "
+                "if the q99 grows anywhere",
+            new="heavier tail (q99/mean growth > 1) AND mean within a factor 2 (TOST), per data set as protocols; "
+                "partially only if the tail gets heavier",
+            why="the q99 also grows when the whole distribution grows (here the mean grows more than the tail), so "
+                "'partially' rested on the part of the claim that is not distinctive"),
+        Recalibration(
+            old="heavier tail: q99/mean growth > 1 (margin 0); mean stable: within a factor 2 (a judgement); "
+                "headline at Adam on MNIST, marked as the paper's protocol; 2 protocols (data sets)",
+            new="heavier tail: q99/mean growth > 1.3; mean stable: within a factor 1.3 (TOST); both from the ~30% "
+                "the paper calls minimal (sec. 3.2); headline over Adam and SGD (plausible); 4 protocols",
+            why="issue 16: margins from the paper's numbers, not a judgement; the paper names no optimizer; a "
+                "training figure needs >= 4 protocols"),))
 
-PROTOCOLS = (Protocol("mnist", {"dataset_index": 0}, primary=True, paper=True, note="the paper's left panel"),
-             Protocol("second data set", {"dataset_index": 1}, paper=True,
-                      note="the paper's CIFAR-10 (right panel); Fashion-MNIST where CIFAR-10 is absent"))
+PROTOCOLS = (
+    Protocol("mnist", {"dataset_index": 0}, primary=True, plausible=True,
+             note=f"the paper's left panel, Adam lr 1e-3; plausible: {OPTIMIZER_UNSTATED}"),
+    Protocol("mnist sgd", {"dataset_index": 0, "optimizer": "sgd", "lr": SGD_LR}, plausible=True,
+             note=f"the paper's left panel under SGD (lr {SGD_LR:g}); plausible: {OPTIMIZER_UNSTATED}"),
+    Protocol("second data set", {"dataset_index": 1},
+             note="the paper's CIFAR-10 (right panel); Fashion-MNIST where CIFAR-10 is absent"),
+    Protocol("mnist lr x3", {"dataset_index": 0, "lr": 3e-3}, note="Adam at 3x the learning rate: more progress "
+                                                                     "in the same 30 epochs"),
+)
 
 
 def entry_stats(std: np.ndarray) -> dict[str, np.ndarray]:
@@ -100,31 +126,35 @@ class GradStdExact(Probe):
         return out
 
 
-def _runs(ctx) -> tuple[dict, list[str], dict]:
+def _runs(ctx) -> tuple[dict, list[str], dict, str]:
+    """(configs, the data sets measured, data set notes, the protocol's data set). The Adam protocols at the default
+    lr measure every data set (the paper's two panels; the runs are shared through the cache); a protocol that
+    changes the optimizer or the lr measures its own data set only."""
     names, notes = real_datasets(("mnist", "cifar10"))
+    k = int(ctx.settings.get("dataset_index", 0))
+    if k >= len(names):
+        raise Unavailable(f"no data set number {k + 1} available here: {notes}")
+    train = {key: ctx.settings[key] for key in ("optimizer", "lr") if key in ctx.settings}
+    shown = names if not train else [names[k]]
     epochs = ctx.pick(quick=15, default=30)
     runs = {}
-    for ds in names:  # every protocol measures every data set (the JSON holds both); the protocol picks one
+    for ds in shown:
         base = base_config(ctx, ds, dropout=RATE, placement="bottleneck", recorders=("grad_std",),
-                           grad_std_layer="layers.1", grad_std_masks=ctx.pick(quick=16, default=32))
+                           grad_std_layer="layers.1", grad_std_masks=ctx.pick(quick=16, default=32), **train)
         spe = steps_per_epoch(base)
         runs[ds] = base.replace(steps=epochs * spe, record_every=spe)
     cfg = base_config(ctx, "mnist", seed=ctx.seeds[0], targets=("layers.2",), loss="mse", dropout=RATE,
-                      placement="bottleneck", recorders=())
+                      placement="bottleneck", recorders=(), **train)
     spe = steps_per_epoch(cfg)
     cfg = cfg.replace(steps=epochs * spe, record_every=spe)
     probe = GradStdExact([e * spe for e in range(epochs + 1)], spe=spe, masks=ctx.pick(quick=64, default=400),
                          mc_epochs=sorted({0, epochs // 2, epochs}))
     runs["exact_last_layer"] = Runs(cfg, callbacks=(probe,), first_seed_only=True)
-    return runs, names, notes
+    return runs, shown, notes, names[k]
 
 
 def configs(ctx) -> dict:
-    runs, names, notes = _runs(ctx)
-    k = int(ctx.settings.get("dataset_index", 0))
-    if k >= len(names):
-        raise Unavailable(f"no data set number {k + 1} available here: {notes}")
-    return runs
+    return _runs(ctx)[0]
 
 
 def _growth(sts, key, first=0):
@@ -132,9 +162,10 @@ def _growth(sts, key, first=0):
 
 
 def measure(ctx, runs) -> Measurement:
-    cfgs, names, notes = _runs(ctx)
+    cfgs, names, notes, own = _runs(ctx)
     epochs = ctx.pick(quick=15, default=30)
-    measured: dict = {"notes": notes, "dropout": RATE, "epochs": epochs}
+    measured: dict = {"notes": notes, "dropout": RATE, "epochs": epochs, "optimizer": cfgs[own].optimizer,
+                      "lr": cfgs[own].lr}
     halves, post, seed_vals, numbers = {}, {}, {}, {"panels": {}}
     for ds in names:
         hists = runs[ds]
@@ -206,10 +237,10 @@ def measure(ctx, runs) -> Measurement:
     config = {"runs": {**{ds: cfgs[ds].as_dict() for ds in names}, "exact_last_layer": ex_cfg},
               "seeds": list(ctx.seeds), "dropout": RATE, "placement": "bottleneck",
               "grad_std_masks": ctx.pick(quick=16, default=32)}
-    ds = names[int(ctx.settings.get("dataset_index", 0))]
-    key = {"q99_over_mean_growth": halves[ds]["tail_over_mean_growth"]["ratio"],
-           "mean_growth": halves[ds]["mean_growth"]["ratio"]}
-    return Measurement(samples=seed_vals[ds], measured=measured, summary=f"Data set {ds}. " + summary, key=key,
+    key = {"q99_over_mean_growth": halves[own]["tail_over_mean_growth"]["ratio"],
+           "mean_growth": halves[own]["mean_growth"]["ratio"]}
+    head = f"Data set {own}, {cfgs[own].optimizer.upper()} lr {cfgs[own].lr:g}. "
+    return Measurement(samples=seed_vals[own], measured=measured, summary=head + summary, key=key,
                        datasets=names, config=config, draw=numbers)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from analysis import dropout as closed
-from figures.allora.protocol import last_layer_problem, log_ratio_ci
+from figures.allora.protocol import OPTIMIZER_UNSTATED, SGD_LR, last_layer_problem, log_ratio_ci
 from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict
 from figures.framework import Measurement, Probe, Protocol, Runs
 from figures.style import colors, new_figure
@@ -18,41 +18,54 @@ from toymodels.protocol import base_config
 ID = "allora-fig3-norms"
 PAPER = "ALLoRA fig. 3"
 KIND, CLAIM_ID = "claim", ID  # claim: an empirical statement of the paper, judged on measurements
-CLAIM = ("dropout changes ||B|| far more than ||A|| (paper: final ||A|| varies by ~30%, ||B|| by >500% across "
-         "rates)")
+CLAIM = ("dropout changes ||B|| far more than ||A|| (paper sec. 3.2: final ||A|| varies by ~30%, ||B|| by >500% "
+         "across rates)")
 
 RATES = (0.0, 0.1, 0.3, 0.5)
 STRENGTH_RATE = 0.5  # the closed-form decay strengths are traced on one run (first seed) at this rate
-FAR_MORE = 3.0
+PAPER_A, PAPER_B = 0.30, 5.0  # sec. 3.2: A's final norm varies "by about 30%", B's "by more than 500%"
 
 CRITERION = Criterion(
     tests=(
         Test("far_more", "ln(spread(||B||) / spread(||A||)), spread = max/min - 1 of the final norm over p in "
-             f"{RATES} (per seed)", "greater", margin=math.log(FAR_MORE),
-             why="the paper's ratio is ~17 (>500% vs ~30%); 3 is a lenient 'far more', far below it"),
-        Test("more", "spread(||B||) - spread(||A||) (per seed)", "greater", margin=0.0,
-             why="the direction of the asymmetry alone"),
+             f"{RATES} (per seed)", "greater", margin=math.log(PAPER_B / PAPER_A), margin_from="paper",
+             why="sec. 3.2 quantifies 'disproportionate': ||B|| varies by more than 500%, ||A|| by about 30%, a "
+                 "ratio of at least 5 / 0.3 = 16.7"),
+        Test("more", "spread(||B||) - spread(||A||) (per seed)", "greater", margin=PAPER_A, margin_from="paper",
+             why="sec. 3.2 calls a ~30% variation of the final norm across rates 'minimal' ('barely impacting' "
+                 "A): B's variation must exceed A's by more than that to count as an asymmetry"),
     ),
     rule=Rule(reproduced=("far_more", "more"), partially=(("more",),)),
     correction="none",
-    note="Each verdict level is one conjunction of one-sided 5% tests ('more' is implied by 'far_more'), an "
-         "intersection-union test: no multiplicity correction is needed. The closed-form decay strengths "
-         "(ALLoRA sec. 3.2) are for the MSE loss with dropout at the bottleneck: the 'MSE loss' protocol is where "
-         "they describe the run exactly; with cross-entropy they are the MSE penalty at the run's weights.",
-    recalibrations=(Recalibration(
-        old="CI of spread(B) - spread(A) > 0 and the ratio of the seed-mean spreads >= 3 (a point estimate); "
-            "600 steps, 3 seeds",
-        new="one-sided t-test over 10 seeds of ln(spread_B / spread_A) > ln 3 (reproduced) and of spread_B - "
-            "spread_A > 0 (partially); placement, loss (CE vs MSE) and per-layer vs summed norms as protocols; 300 "
-            "steps (the shared horizon of the figures, for the 15-minute budget; the runs go through the batched "
-            "engine)",
-        why="a threshold on a ratio of means has no error bar; the closed form is for MSE while the paper's task is "
-            "classification, and 'the norm of A' may mean one layer or all"),))
+    note="Each verdict level is one conjunction of one-sided 5% tests, an intersection-union test: no multiplicity "
+         "correction is needed. The paper names no optimizer (sec. 3.4): the headline is combined over Adam and "
+         "SGD (the headline policy). The closed-form decay strengths (ALLoRA sec. 3.2) are for the MSE loss with "
+         "dropout at the bottleneck: the 'MSE loss' protocol is where they describe the run exactly; with "
+         "cross-entropy they are the MSE penalty at the run's weights.",
+    recalibrations=(
+        Recalibration(
+            old="CI of spread(B) - spread(A) > 0 and the ratio of the seed-mean spreads >= 3 (a point estimate); "
+                "600 steps, 3 seeds",
+            new="one-sided t-test over 10 seeds of ln(spread_B / spread_A) > ln 3 (reproduced) and of spread_B - "
+                "spread_A > 0 (partially); placement, loss (CE vs MSE) and per-layer vs summed norms as protocols; "
+                "300 steps (the shared horizon of the figures, for the 15-minute budget; the runs go through the "
+                "batched engine)",
+            why="a threshold on a ratio of means has no error bar; the closed form is for MSE while the paper's task "
+                "is classification, and 'the norm of A' may mean one layer or all"),
+        Recalibration(
+            old="ln(spread_B / spread_A) > ln 3 ('a lenient far more', no source); spread_B - spread_A > 0; headline "
+                "at Adam, marked as the paper's protocol",
+            new="ln(spread_B / spread_A) > ln(5 / 0.3) and spread_B - spread_A > 0.3, both from sec. 3.2's numbers; "
+                "headline combined over Adam and SGD (plausible), the paper stating no optimizer",
+            why="issue 16: every margin from the paper's numbers (~30% vs > 500%) or theory; a 'far more' of 3 was "
+                "nobody's number; the paper names no optimizer"),))
 
 PROTOCOLS = (
     Protocol("bottleneck, CE, summed", {"placement": "bottleneck", "loss": "ce", "norms": "summed"}, primary=True,
-             paper=True, note="MNIST classification as in the paper; dropout at the bottleneck (its eq. 1); norms of "
-                              "all adapted layers together"),
+             plausible=True, note="Adam (lr 1e-3); MNIST classification as in the paper; dropout at the bottleneck "
+                                  f"(its eq. 1); norms of all adapted layers together; plausible: {OPTIMIZER_UNSTATED}"),
+    Protocol("sgd", {"placement": "bottleneck", "loss": "ce", "norms": "summed", "optimizer": "sgd", "lr": SGD_LR},
+             plausible=True, note=f"the primary protocol under SGD (lr {SGD_LR:g}); plausible: {OPTIMIZER_UNSTATED}"),
     Protocol("input placement", {"placement": "input", "loss": "ce", "norms": "summed"},
              note="dropout on the adapter's input, as PEFT"),
     Protocol("MSE loss", {"placement": "bottleneck", "loss": "mse", "norms": "summed"},
@@ -158,7 +171,7 @@ def measure(ctx, runs) -> Measurement:
         return f"{100 * d['mean']:.0f}% [{100 * d['ci_low']:.0f}, {100 * d['ci_high']:.0f}]"
 
     r = measured["spread_B_over_spread_A"]
-    summary = (f"{pl} placement, {settings['loss'].upper()} loss, {'total' if which == 'summed' else 'last-layer'} "
+    summary = (f"{base.optimizer.upper()} lr {base.lr:g}, {pl} placement, {settings['loss'].upper()} loss, {'total' if which == 'summed' else 'last-layer'} "
                f"norms after {steps} steps, {len(ctx.seeds)} seeds; spread over p in {RATES}: ||A|| "
                f"{pct(measured['spread_A'])}, ||B|| {pct(measured['spread_B'])}, ratio {r['ratio']:.2f} "
                f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] (paper ~30% vs >500%, ratio ~17).")

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from figures.allora.protocol import ETA2, escape_step, row_norm_curve
+from figures.allora.protocol import ETA2, OPTIMIZER_UNSTATED, SGD_LR, escape_step, row_norm_curve
 from figures.criteria import (
     CI_PCT,
     CONFIDENCE,
@@ -36,12 +36,18 @@ CRITERION = Criterion(
     tests=(
         Test("escape_as_fast", "log(steps of ALLoRA / steps of LoRA at eta l_b) to reach 0.25 x ALLoRA's final "
              "mean row norm of s BA (per seed; a run that never reaches it counts at the horizon)", "equivalent",
-             margin=math.log(1.25),
-             why="eta = 2 puts the two LoRA references log 2 = 0.69 apart; +-log 1.25 = 0.22 is a third of that"),
+             margin=math.log(1.25), margin_from="theory",
+             why="escape time ~ 1/lr at B = 0 (analysis.adaptive.allora_grads: ALLoRA's step is LoRA's at eta l_b), "
+                 "so the two LoRA references are log eta = log 2 = 0.69 apart; 'matches' must sit within a third of "
+                 "that distance (log 2 / 3 = 0.23 >= log 1.25 = 0.22)"),
         Test("lora_lb_slower", "log(steps of LoRA at l_b / steps of ALLoRA) (per seed, censored at the horizon)",
-             "greater", margin=0.0, why="the claim is a direction ('much more slowly'); censoring is conservative"),
+             "greater", margin=math.log(1.25), margin_from="theory",
+             why="'much more slowly': slower by more than the band within which ALLoRA counts as 'as fast' "
+                 "(log 1.25, above); theory predicts log eta = log 2 under SGD; censoring is conservative"),
         Test("tapers_off", "late log-log growth exponent of the row norm (steps >= half the horizon), ALLoRA minus "
-             "LoRA at eta l_b (per seed)", "less", margin=0.0, why="the claim is a direction: ALLoRA's growth slows"),
+             "LoRA at eta l_b (per seed)", "less", margin=0.0, margin_from="theory",
+             why="a sign: the paper ('tapers off into a measured move') gives no size, and the exponent of a "
+                 "constant-lr run is the reference"),
         Test("step1_closed_form", "SANITY: |log(step-1 row norm of ALLoRA / the LoRA run its closed form predicts)| "
              "(SGD: LoRA at eta l_b; Adam: LoRA at l_b, Adam cancels the common factor eta)", "less", margin=0.01,
              why="analysis.adaptive.allora_grads at B = 0: equal up to float32 rounding", method="exact",
@@ -49,26 +55,34 @@ CRITERION = Criterion(
     ),
     rule=Rule(reproduced=("escape_as_fast", "lora_lb_slower", "tapers_off"),
               partially=(("escape_as_fast",), ("tapers_off",))),
-    note="The paper never names its optimizer. Its argument (a common gradient factor eta acts as a learning rate) "
-         "is the SGD one: under Adam the factor cancels (step-1 sanity row), so Adam is shown as a protocol whose "
-         "failure is predicted by the closed form, not as the headline.",
+    note="The paper never names its optimizer (its fig. 5 right is an LLM run, Snowflake Arctic XS on Rotten "
+         "Tomatoes, sec. 4): the headline is combined over SGD and Adam at their default rates (the headline "
+         "policy). Its argument (a common gradient factor eta acts as a learning rate) is the SGD one; under Adam "
+         "the factor cancels at step 1 (the sanity row), which predicts a failure there, but a prediction of ours "
+         "does not remove Adam from what the paper could mean.",
     recalibrations=(
         Recalibration(old="reproduced only if SGD AND Adam reproduce; escape if the geometric-mean ratio <= 1.25",
                       new="headline at SGD, Adam and learning rates x1/3, x3 as protocols; 'as fast as' by TOST "
                           "within +-log 1.25; Holm over the 3 claim tests",
                       why="our own closed form shows Adam cancels eta, so requiring Adam tests the optimizer, not "
-                          "the claim; a point estimate below 1.25 is not evidence of equivalence"),))
+                          "the claim; a point estimate below 1.25 is not evidence of equivalence"),
+        Recalibration(old="headline at SGD alone (chosen after the Adam protocol failed); 'LoRA at l_b is slower' "
+                          "with margin 0",
+                      new="headline combined over the plausible protocols SGD lr x1 and Adam lr x1 (both fail -> not "
+                          "reproduced, one -> partially); 'much more slowly' needs a log ratio > log 1.25; margins "
+                          "declared with their source (theory)",
+                      why="issue 16: the paper names no optimizer, so the headline must not depend on which one "
+                          "failed; 'much more slowly' is a size, the band of 'as fast' is the smallest that "
+                          "separates the two"),))
 
-BASE_LR = {"sgd": 0.03, "adam": 1e-3}
+BASE_LR = {"sgd": SGD_LR, "adam": 1e-3}
 PROTOCOLS = tuple(
     Protocol(f"{opt} lr x{tag}", {"optimizer": opt, "l_b": round(BASE_LR[opt] * f, 6)},
-             primary=(opt == "sgd" and f == 1.0),
-             note=("SGD: the setting of the paper's argument (primary; the paper names no optimizer)" if opt == "sgd"
-                   else "Adam: cancels ALLoRA's factor eta (closed form), so the escape claim is expected to fail")
-             + ("" if f == 1.0 else f"; base rate x{tag}"))
+             primary=(opt == "sgd" and f == 1.0), plausible=(f == 1.0),
+             note=("SGD: the setting of the paper's argument (drawn)" if opt == "sgd"
+                   else "Adam: cancels ALLoRA's factor eta at step 1 (closed form)")
+             + (f"; plausible: {OPTIMIZER_UNSTATED}" if f == 1.0 else f"; base rate x{tag}"))
     for opt in ("sgd", "adam") for f, tag in ((1.0, "1"), (1 / 3, "1/3"), (3.0, "3")))
-
-
 
 
 def paired(values) -> dict:

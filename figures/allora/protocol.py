@@ -88,3 +88,15 @@ def spearman(x, y) -> float:
     if np.ptp(np.asarray(y, dtype=np.float64)) == 0:
         return 0.0
     return float(stats.spearmanr(x, y).statistic)
+
+
+# The optimizer: the ALLoRA paper names none (sec. 3.4's MNIST experiments state the data, the model and the
+# sizes only), so a figure that trains is judged over the plausible protocols (figures.framework.HEADLINE_POLICY):
+# Adam at the engine's default lr (LLM practice) and SGD at the lr the ALLoRA figures use for SGD.
+SGD_LR = 0.03
+# SGD on the last layer's MSE loss (figs. 1 and 4): the loss's curvature in the layer's weight is 2 lambda_max(S),
+# S = mean h h^T of the penultimate features, ~500-710 on the default pretrained MLP (seeds 0-2; pretraining
+# statistics only, no fine-tuning), so plain GD is stable below 2 / L ~ 3e-3 and the textbook step 1 / L is ~1.4e-3
+# to 2e-3 (SGD_LR = 0.03, set for cross-entropy whose curvature in the logits is <= 1/2, diverges there)
+MSE_SGD_LR = 1e-3
+OPTIMIZER_UNSTATED = "the ALLoRA paper names no optimizer (sec. 3.4 states data, model and sizes only)"

@@ -17,15 +17,6 @@ from figures.framework import Context, Unavailable
 SPECS = registry.specs()
 # shrink these as the figure files are converted (issue 16); never add to them
 PENDING_MARGINS: set[str] = {
-    # Fa1
-    "allora-fig1-dropout-mc",
-    "allora-fig2-grad-std",
-    "allora-fig3-norms",
-    "allora-fig4-expected-vs-empirical",
-    "allora-fig5-escape",
-    "allora-fig6-adaptive-fn",
-    "allora-prop1-ripple",
-
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",
@@ -37,15 +28,6 @@ PENDING_MARGINS: set[str] = {
 
 }
 PENDING_PROTOCOLS: set[str] = {
-    # Fa1
-    "allora-fig1-dropout-mc",
-    "allora-fig2-grad-std",
-    "allora-fig3-norms",
-    "allora-fig4-expected-vs-empirical",
-    "allora-fig5-escape",
-    "allora-fig6-adaptive-fn",
-    "allora-prop1-ripple",
-
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",
@@ -57,15 +39,6 @@ PENDING_PROTOCOLS: set[str] = {
 
 }
 PENDING_HEADLINE: set[str] = {
-    # Fa1
-    "allora-fig1-dropout-mc",
-    "allora-fig2-grad-std",
-    "allora-fig3-norms",
-    "allora-fig4-expected-vs-empirical",
-    "allora-fig5-escape",
-    "allora-fig6-adaptive-fn",
-    "allora-prop1-ripple",
-
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",

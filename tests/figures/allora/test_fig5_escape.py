@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from figures.allora.fig5_escape import CRITERION, PROTOCOLS, loglog_slope, paired
-from tests.figures.constructed import seeds
+from figures.framework import headline_protocols
+from tests.figures.constructed import seeds, t_stat
 
 
 def test_loglog_slope_recovers_a_power_law_only_over_the_late_phase():
@@ -25,9 +26,11 @@ def test_paired_marks_censored_samples_with_an_unbounded_interval():
     assert finite["mean"] == pytest.approx(2.0) and finite["ci_low"] < 2.0 < finite["ci_high"]
 
 
-def test_fig5_primary_is_sgd_and_rule_needs_all_three_parts():
+def test_fig5_headline_over_sgd_and_adam_and_rule_needs_all_three_parts():
     primary = [p for p in PROTOCOLS if p.primary]
-    assert len(primary) == 1 and primary[0].settings == {"optimizer": "sgd", "l_b": 0.03}
+    assert len(primary) == 1 and primary[0].settings == {"optimizer": "sgd", "l_b": 0.03}  # the one drawn
+    assert [p.name for p in headline_protocols(PROTOCOLS)] == ["sgd lr x1", "adam lr x1"]
+    assert all(t.margin_from == "theory" for t in CRITERION.tests if t.role == "claim")
     # constructed per-seed values (tests/figures/constructed.py): every verdict below is certain, not drawn
     good = {"escape_as_fast": seeds(0.0, 0.02), "lora_lb_slower": seeds(0.5, 0.05, shift=1),
             "tapers_off": seeds(-0.3, 0.05, shift=2), "step1_closed_form": 1e-6}
@@ -37,3 +40,13 @@ def test_fig5_primary_is_sgd_and_rule_needs_all_three_parts():
     assert CRITERION.evaluate(slow).verdict == "partially reproduced"
     none = dict(slow, tapers_off=seeds(0.3, 0.05, shift=4))
     assert CRITERION.evaluate(none).verdict == "not reproduced"
+
+
+def test_lora_at_lb_barely_slower_passed_the_old_rule_and_fails_the_new():
+    """Old rule: 'much more slowly' as log(steps LoRA(l_b) / steps ALLoRA) > 0. A 10% slower escape passed it; it
+    must now exceed the band of 'as fast' (log 1.25)."""
+    good = {"escape_as_fast": seeds(0.0, 0.02), "lora_lb_slower": seeds(math.log(1.1), 0.02, shift=1),
+            "tapers_off": seeds(-0.3, 0.05, shift=2), "step1_closed_form": 1e-6}
+    assert t_stat(good["lora_lb_slower"], 0.0) > 5  # old: pass
+    out = CRITERION.evaluate(good)
+    assert not out.passed["lora_lb_slower"] and out.verdict == "partially reproduced"
