@@ -63,7 +63,7 @@ from figures.criteria import (
     Rule,
     Test,
     min_detectable_effect,  # noqa: F401 (re-exported: its home is figures.criteria)
-    reading,
+    reading,  # noqa: F401 (re-exported: its home is figures.criteria)
 )
 
 METHODS = ("t", "sign")  # the criteria methods that take one value per unit
@@ -429,11 +429,6 @@ def samples_of(df, t: ClaimTest):
 # ---------------------------------------------------------------------------------------------- judging
 
 
-def failure_kind(result: Mapping, alpha: float = 0.05) -> str:
-    """``pass``, ``refuted`` or ``inconclusive``: :func:`figures.criteria.reading` (one home)."""
-    return reading(result, alpha)
-
-
 def _poi(*samples, axis=-1):
     """Mean over levels of P(A > B) (+ 1/2 P(A = B)); samples alternate A, B per level (vectorized for scipy)."""
     vals = []
@@ -495,8 +490,9 @@ def probability_of_improvement(a, b, t: ClaimTest, confidence: float, seed: int 
 
 @dataclass
 class Judgement:
-    """The result of :func:`judge`: the criterion's outcome plus, per test, its per-unit values, MDE, failure kind
-    and probability of improvement."""
+    """The result of :func:`judge`: the criterion's outcome (per test its row, with ``reading`` and ``mde`` from
+    :mod:`figures.criteria`) plus, per test, its per-unit values, ``result`` (= ``reading``) and, for a comparison,
+    the probability of improvement."""
 
     spec: ClaimSpec
     criterion: Criterion
