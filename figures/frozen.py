@@ -164,6 +164,22 @@ def registry_commit(path: Path | None = None) -> str:
     return "uncommitted" if _git("status", "--porcelain", "--", str(path)) else commit
 
 
+def freeze_commit(sha: str, path: Path | None = None) -> str:
+    """The commit that froze a declaration: the last commit that added the hash ``sha`` to the registry file (git's
+    pickaxe); "uncommitted" when the committed registry does not hold it, "unknown" outside a git checkout. A figure's
+    pre-registration is this commit, whatever later commits froze other figures."""
+    path = path if path is not None else REGISTRY
+    if head_commit() == "unknown":
+        return "unknown"
+    if sha not in (_git("show", f"HEAD:{path.relative_to(_git_root())}") or ""):
+        return "uncommitted"
+    return _git("log", "-1", "--format=%H", "-S", sha, "--", str(path)) or "uncommitted"
+
+
+def _git_root() -> Path:
+    return Path(_git("rev-parse", "--show-toplevel") or _HERE.parent)
+
+
 def commit_time(commit: str) -> str | None:
     """The committer date of ``commit`` (ISO 8601), None when git does not know it."""
     return _git("show", "-s", "--format=%cI", commit)

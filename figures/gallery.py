@@ -72,7 +72,7 @@ def regenerate(fig_id: str, ctx: Context, out: Path, *, confirmatory: tuple[int,
     holds the exploratory run (seeds, verdict, per-protocol records); ``confirmation`` records the seeds, the
     SHA-256 of the figure's declaration (:func:`figures.frozen.criteria_sha256`, checked against the frozen
     registry by the tests), ``commit`` (the git HEAD of the run, default :func:`figures.frozen.head_commit`), the
-    registry's commit, and the verdicts. Without ``confirmatory`` (a first look) the top level is the exploratory
+    commit that froze that declaration (:func:`figures.frozen.freeze_commit`), and the verdicts. Without ``confirmatory`` (a first look) the top level is the exploratory
     run and there is no ``confirmation``."""
     spec = registry.specs()[fig_id]
     ctx = dataclasses.replace(ctx, seed_set="exploratory")
@@ -119,9 +119,10 @@ def regenerate(fig_id: str, ctx: Context, out: Path, *, confirmatory: tuple[int,
             "headline_protocols": explo.headline_protocols, "headline_complete": explo.headline_complete,
             "summary": explo.summary, "runtime_s": round(explo_s, 2), "measured": explo.measured,
             "protocols": explo.protocols or [], "holds": holds_count(explo.protocols or [])}
+        sha = frozen.criteria_sha256(spec)
         record["confirmation"] = {
-            "seeds": list(confirmatory), "criteria_sha256": frozen.criteria_sha256(spec),
-            "commit": commit or frozen.head_commit(), "registry_commit": frozen.registry_commit(),
+            "seeds": list(confirmatory), "criteria_sha256": sha,
+            "commit": commit or frozen.head_commit(), "registry_commit": frozen.freeze_commit(sha),
             "verdict": head.verdict, "stated_verdict": record["stated_verdict"], "headline": head.headline,
             "headline_protocols": head.headline_protocols, "protocols": _verdicts(head.protocols or []), "runtime_s": round(conf_s, 2)}
     if head.draw is not None:
@@ -161,14 +162,24 @@ def _with_kind(record: dict, spec: Spec) -> dict:
 
 def redraw(spec: Spec, out: Path) -> str | None:
     """Draw ``<out>/<id>.png`` again from ``<out>/<id>.json`` (its ``draw`` numbers), without training. Returns
-    None when done, else why it cannot be redrawn."""
+    None when done, else why it cannot be redrawn. The JSON's kind fields are set from the figure file, and its
+    ``confirmation.registry_commit`` to the commit that froze the hash it records
+    (:func:`figures.frozen.freeze_commit`; runs before that function existed wrote the registry's last commit)."""
     path = out / f"{spec.id}.json"
     if not path.exists():
         return f"no {path.name} in {out} (run the figure first)"
     record = json.loads(path.read_text())
     with_kind = _with_kind(record, spec)
-    if with_kind != record or list(with_kind) != list(record):  # the kind is declared in the figure file
-        record = with_kind
+    changed = with_kind != record or list(with_kind) != list(record)  # the kind is declared in the figure file
+    record = with_kind
+    conf = record.get("confirmation") or {}
+    if conf.get("criteria_sha256"):  # the commit that froze the declaration the run used (git knows it from the hash)
+        froze = frozen.freeze_commit(conf["criteria_sha256"])
+        if froze not in ("unknown", "uncommitted") and froze != conf.get("registry_commit"):
+            print(f"{spec.id}: confirmation.registry_commit {conf.get('registry_commit')} -> {froze} (the commit "
+                  "that froze its declaration)")
+            conf["registry_commit"], changed = froze, True
+    if changed:
         atomic_write_bytes(path, json.dumps(jsonable(record), indent=2).encode())
     if record.get("draw") is None:
         return f"{path.name} holds no draw numbers (written before --redraw existed, or unavailable): regenerate it"

@@ -123,8 +123,36 @@ def test_the_committed_confirmations_match_the_frozen_registry_on_fresh_seeds():
         assert conf["protocols"] == {p["name"]: p["verdict"] for p in rec["protocols"]}, fig_id
         reg, run = conf["registry_commit"], conf["commit"]
         assert reg not in ("unknown", "uncommitted"), f"{fig_id}: confirmed against a registry never committed"
-        if _git("cat-file", "-e", f"{run}^{{commit}}") is not None and _git("cat-file", "-e", f"{reg}^{{commit}}") \
-                is not None:  # a full clone: the registry was committed before the run, in its history
-            assert _git("merge-base", "--is-ancestor", reg, run) is not None, fig_id
+        if _git("cat-file", "-e", f"{run}^{{commit}}") is not None:  # a clone with the history of the run
+            assert reg == frozen.freeze_commit(conf["criteria_sha256"]), f"{fig_id}: not the commit that froze it"
+            assert _git("merge-base", "--is-ancestor", reg, run) is not None, f"{fig_id}: frozen after its run's commit"
             started = dt.datetime.fromisoformat(rec["generated"]) - dt.timedelta(seconds=rec["runtime_s"])
             assert dt.datetime.fromisoformat(frozen.commit_time(reg)) <= started, f"{fig_id}: run before the freeze"
+
+
+def test_freeze_commit_names_the_commit_that_froze_a_declaration():
+    if frozen.head_commit() == "unknown":
+        pytest.skip("not a git checkout")
+    assert frozen.freeze_commit("0" * 64) == "uncommitted"
+    committed = _git("show", "HEAD:figures/FROZEN.json")
+    if committed is None:
+        pytest.skip("no committed registry yet")
+    for fig_id, entry in list(json.loads(committed)["figures"].items())[:3]:
+        commit = frozen.freeze_commit(entry["sha256"])
+        assert entry["sha256"] in _git("show", f"{commit}:figures/FROZEN.json"), fig_id
+        before = _git("show", f"{commit}^:figures/FROZEN.json") or ""
+        assert entry["sha256"] not in before, fig_id
+
+
+def test_redraw_sets_the_registry_commit_to_the_one_that_froze_the_hash(tmp_path):
+    committed = _git("show", "HEAD:figures/FROZEN.json")
+    if frozen.head_commit() == "unknown" or committed is None:
+        pytest.skip("no committed registry in a git checkout")
+    fig_id, entry = next(iter(json.loads(committed)["figures"].items()))
+    spec = registry.specs()[fig_id]
+    rec = {"id": fig_id, "paper": spec.paper, "claim": spec.claim, "verdict": "reproduced",
+           "confirmation": {"criteria_sha256": entry["sha256"], "registry_commit": "a later freeze"}}
+    (tmp_path / f"{fig_id}.json").write_text(json.dumps(rec))
+    assert "no draw numbers" in gallery.redraw(spec, tmp_path)
+    fixed = json.loads((tmp_path / f"{fig_id}.json").read_text())["confirmation"]
+    assert fixed == {"criteria_sha256": entry["sha256"], "registry_commit": frozen.freeze_commit(entry["sha256"])}
