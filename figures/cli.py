@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     plan = {fig_id: _target(out, fig_id, fidelity, confirm) for fig_id in ids}
     for fig_id, where in plan.items():
         if where != out:
-            print(f"{fig_id}: {out / (fig_id + '.json')} holds a fuller run than --primary makes: this first look "
-                  f"goes to {where / (fig_id + '.json')}", flush=True)
+            print(f"{fig_id}: {out / (fig_id + '.json')} holds a fuller run (more protocols, a confirmation or a "
+                  f"higher fidelity) than this one, which goes to {where / (fig_id + '.json')}", flush=True)
     estimates = _estimates(ids, all_specs, out, fidelity, n_seeds, confirm)
     what = ("every protocol, exploratory seeds " + _seed_text(ctx.seeds) + " then confirmatory seeds "
             + _seed_text(confirmatory) if confirm else "primary protocol, exploratory seeds " + _seed_text(ctx.seeds))
@@ -135,14 +135,14 @@ def run(args: argparse.Namespace) -> int:
           "from the runtimes in the JSONs there (cached runs take less)", flush=True)
     commit = frozen.head_commit()
     total = time.perf_counter()
-    with tqdm(total=max(1, round(sum(estimates.values()))), unit="s", file=sys.stderr, dynamic_ncols=True,
+    with tqdm(total=max(1e-3, sum(estimates.values())), unit="s", file=sys.stderr, dynamic_ncols=True,
               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left") as bar:
         for i, fig_id in enumerate(ids, 1):
             bar.set_description(f"[{i}/{len(ids)}] {fig_id}")
             rec = gallery.regenerate(fig_id, ctx, plan[fig_id], confirmatory=confirmatory, commit=commit)
             explo = f" (exploratory: {rec['exploratory']['verdict']})" if "exploratory" in rec else ""
             bar.write(f"[{i}/{len(ids)}] {fig_id}: {rec['verdict']}{explo}: {rec['summary']} ({rec['runtime_s']} s)")
-            bar.update(round(estimates[fig_id]))
+            bar.update(estimates[fig_id])
     paths = [gallery.write_gallery(d) for d in sorted(set(plan.values()))] + _findings(out)
     print(f"wrote {len(ids)} figure(s) and {', '.join(map(str, paths))} in {time.perf_counter() - total:.1f} s")
     return 0
@@ -187,7 +187,8 @@ def _load(path: Path) -> dict | None:
 
 def _target(out: Path, fig_id: str, fidelity: str, complete: bool) -> Path:
     """Where a run writes ``fig_id``: ``out``, unless the run is thinner than the JSON there (a first look over a
-    run with more protocols or a confirmation, or a lower fidelity): then ``out/first-look``."""
+    run with more protocols or a confirmation, or a lower fidelity): then ``out/first-look`` (never a fuller JSON
+    replaced by a thinner one)."""
     old = _load(out / f"{fig_id}.json")
     if old is None:
         return out
