@@ -476,8 +476,9 @@ def test_gallery_renders_criterion_protocol_map_and_methods(tmp_path):
     (tmp_path / "allora-fig1-dropout-mc.json").write_text(json.dumps(legacy))
     text = write_gallery(tmp_path).read_text()
     assert "**Holds in 1 of 3 protocols**" in text
-    assert "| 1/3 (partially 0) |" in text and "| not declared |" in text
-    assert "| **adam** (primary) | optimizer=adam, lr=0.000333 | yes | reproduced |" in text
+    assert "Figures without a declared criterion in their JSON" in text and "allora-fig1-dropout-mc." in text
+    assert "| **adam** (primary) | optimizer=adam, lr=0.000333 | paper's |" in text
+    assert "MDE" in text and ": PASS" in text  # each test's minimum detectable effect and reading reach the page
     assert "## Methods" in text
     assert "| mean > 0 | one-sided t, \\|gap\\| on the log scale | a mean alone is not evidence |" in text
     assert "gap (per seed)" in text  # the criterion's prose comes from the declaration
