@@ -12,9 +12,14 @@ How a sweep runs:
    other config is a sequential task (:func:`toymodels.loop.finetune`).
 2. **Cache probe** in the calling process: tasks whose runs are all cached are loaded, not sent anywhere (a
    rerun of a finished sweep starts no worker).
-3. **Execute** the other tasks (:func:`run_task`) on ``executor``: "local" (worker processes started with
-   ``spawn``, ``workers`` of them, default one per CPU core; ``workers=1``, or a single task, runs in-process;
-   a sweep that finishes cleanly keeps its idle workers for the next sweep of the process if that one has the
+3. **Schedule** (on more than one worker): batched tasks are split at seed boundaries while workers would idle
+   (:func:`fill_workers`); each base model not cached yet becomes a ``pretrain`` task of its own
+   (:func:`pretrain_tasks`), and each fine-tuning task starts as soon as the bases *it* needs are cached (not
+   after every pretraining), in the plan's order, pretrainings first.
+4. **Execute** the tasks (:func:`run_task`) on ``executor``: "local" (``workers`` of them, default one per CPU
+   core: the calling process itself, which runs one task at a time in a thread (:data:`CALLER_RUNS_TASKS`; it
+   has torch imported, so its first task starts at once), and ``workers - 1`` worker processes (fresh
+   interpreters); ``workers=1``, or a single task, runs in-process; a sweep that finishes cleanly keeps its idle workers for the next sweep of the process if that one has the
    same ``threads`` and environment (variables but ``$LORA_THEORY_CACHE``, which travels with each task; working
    directory, sys.path; else a fresh pool), so a program
    that runs many sweeps (the figures, the tests) starts its workers once; :func:`shutdown_workers`, also
@@ -28,7 +33,7 @@ How a sweep runs:
    :func:`toymodels.cache.atomic_write`), so the cache must be a file system every worker sees
    (``$LORA_THEORY_CACHE``; its path is sent with each task). Two sweeps, or two workers, finishing the same
    run write the same bytes under the same name: the last rename wins and no reader sees a partial file.
-4. **Join**: histories come back in the order of ``configs``; a diverged run is cached with its
+5. **Join**: histories come back in the order of ``configs``; a diverged run is cached with its
    ``diverged_step`` and raised (``on_diverge="raise"``) only after every other run is done.
 
 Custom callbacks (``callbacks=``, :class:`toymodels.callback_base.Callback`): one sequence applied to every config, a
@@ -53,10 +58,10 @@ batch's set of configs (:func:`toymodels.batched.canonical_batch`), which the pl
 ``np.array_equal`` on every history array across in-process, local processes, Ray and submitit.
 
 Failures: in-process (``workers=1``) an exception propagates as it is, with a note naming the config. Elsewhere
-a task whose worker dies (killed, out of memory, ``os._exit``) or that raises is retried ``retries``
-times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task (cached) and raises
+a task whose worker dies (killed, out of memory, ``os._exit``) or that raises (also in the caller's thread) is
+retried ``retries`` times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task (cached) and raises
 :class:`SweepError`, which names each failed config and why. A killed worker loses only the task it was running
-(one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers and prints how many runs are
+(one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers (and the caller's task) and prints how many runs are
 cached and that the same command resumes; it raises :class:`SweepInterrupted` (a ``KeyboardInterrupt``).
 """
 
@@ -625,6 +630,101 @@ class _Handle:
     """A task in flight on the local pool (hashable by identity)."""
 
 
+#: whether the calling process runs tasks of a local sweep itself, as one of its ``workers`` (then ``workers=N``
+#: starts N - 1 worker processes): the caller has torch imported and its first task starts at once, while a fresh
+#: worker process first spends ~3 s of CPU (interpreter, ``import torch``, torch's compiler stack on the first
+#: ``torch.optim`` use, the data), which on a laptop's few cores is time taken from the runs (BENCHMARKS.md, issue
+#: 18). False: ``workers=N`` starts N worker processes and the caller only coordinates.
+CALLER_RUNS_TASKS = True
+
+
+class _CallerStopped(BaseException):
+    """Raised in the caller's task thread to stop its task (Ctrl-C or an error in the sweep)."""
+
+
+class _WithCaller:
+    """A local pool plus the calling process as one more worker (:data:`CALLER_RUNS_TASKS`): the caller runs one
+    task at a time in a thread of its own through :func:`run_task` (the same pinned thread counts as a worker
+    process, hence the same bits; the coordinating thread meanwhile only waits and collects results, and touches
+    no thread count). A task the test hook :data:`KILL_HOOK` names always goes to a worker process. Stopping the
+    sweep (Ctrl-C) stops the caller's task at its next Python statement."""
+
+    def __init__(self, pool: _LocalPool, tasks: Sequence[Task], threads: int):
+        self.pool = pool
+        self.capacity = pool.capacity + 1
+        self.mine: set = set()  # handles of the pool's tasks in flight
+        self.handle: _Handle | None = None  # the caller's task in flight
+        self.thread: threading.Thread | None = None
+        self.done = threading.Event()
+        self.outcome = None
+        hook = os.environ.get(KILL_HOOK)
+        with _pinned_threads(threads):  # the hook's key is the config's key at ``threads`` threads
+            self.hooked = {t for t in tasks if hook and hook in {run_cache.config_key(c.as_dict())
+                                                                 for c in t.configs}}
+
+    def _caller_free(self, task: Task) -> bool:
+        return self.handle is None and task not in self.hooked
+
+    def accepts(self, task: Task) -> bool:
+        return self._caller_free(task) or len(self.mine) < self.pool.capacity
+
+    def submit(self, task: Task, kwargs: dict):
+        if not self._caller_free(task):
+            handle = self.pool.submit(task, kwargs)
+            self.mine.add(handle)
+            return handle
+        self.handle = handle = _Handle()
+        self.done.clear()
+
+        def work():
+            try:
+                try:
+                    outcome = run_task(task, **kwargs)
+                except _CallerStopped:
+                    outcome = _Failed("stopped")
+                except Exception as exc:  # noqa: BLE001  (reported like a worker's error, by config)
+                    outcome = _Failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                self.outcome = outcome
+                self.done.set()
+            except _CallerStopped:
+                pass
+
+        self.thread = threading.Thread(target=work, name="lora-theory-sweep-caller", daemon=True)
+        self.thread.start()
+        return handle
+
+    def wait(self, handles, timeout: float):
+        end = time.monotonic() + timeout
+        theirs = [h for h in handles if h is not self.handle]
+        while True:
+            done = [self.handle] if self.handle in handles and self.done.is_set() else []
+            step = 0.0 if done else max(0.0, min(0.05, end - time.monotonic()))
+            if theirs:
+                done += self.pool.wait(theirs, step)
+            elif not done:
+                self.done.wait(step)
+            if done or time.monotonic() >= end:
+                return done
+
+    def result(self, handle):
+        if handle is self.handle:
+            outcome, self.outcome, self.handle, self.thread = self.outcome, None, None, None
+            return outcome
+        self.mine.discard(handle)
+        return self.pool.result(handle)
+
+    def cancel(self, handles) -> None:
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            import ctypes
+
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_CallerStopped))
+            thread.join(timeout=30)
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.close(cancel=cancel)
+
+
 class _FuturesBackend:
     """Any ``concurrent.futures.Executor`` (the caller's; not shut down here)."""
 
@@ -858,6 +958,8 @@ def _run_distributed(pending, needs, kwargs, found, failures, bar, executor, wor
     ``needs`` are done (those come first in ``pending``)."""
     if isinstance(executor, cf.Executor):
         backend = _FuturesBackend(executor, workers)
+    elif executor == "local" and CALLER_RUNS_TASKS:
+        backend = _WithCaller(_local_pool(local_workers - 1, threads), pending, threads)
     elif executor == "local":
         backend = _local_pool(local_workers, threads)
     elif executor == "ray":
@@ -872,7 +974,7 @@ def _run_distributed(pending, needs, kwargs, found, failures, bar, executor, wor
     try:
         while queue or running:
             while len(running) < backend.capacity:
-                task = next((t for t in queue if not waiting_for.get(t)), None)
+                task = next((t for t in queue if not waiting_for.get(t) and _accepts(backend, t)), None)
                 if task is None:
                     break
                 queue.remove(task)
@@ -903,7 +1005,13 @@ def _run_distributed(pending, needs, kwargs, found, failures, bar, executor, wor
             backend.cancel(list(running))
         backend.close(cancel=True)
         raise
-    if isinstance(backend, _LocalPool):
+    if isinstance(backend, _WithCaller):
+        _keep_pool(backend.pool)
+    elif isinstance(backend, _LocalPool):
         _keep_pool(backend)
     else:
         backend.close()
+
+
+def _accepts(backend, task: Task) -> bool:
+    return backend.accepts(task) if hasattr(backend, "accepts") else True

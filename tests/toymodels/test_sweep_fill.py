@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -115,3 +116,54 @@ def test_local_workers_same_bits_as_in_process(cache_dir, tmp_path, monkeypatch)
     two = sweep.run_sweep(configs, workers=2, progress=False)
     monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "other"))
     assert same_bits(two, sweep.run_sweep(configs, workers=1, progress=False))
+
+
+class _Reversed(cf.ThreadPoolExecutor):
+    """A thread pool of 3 whose tasks sleep 0.6, 0.3, 0.9 s (cycling) before they run: they finish in another
+    order than they were submitted in."""
+
+    def __init__(self):
+        super().__init__(3)
+        self.submitted, self.finished, self.lock = [], [], threading.Lock()
+
+    def submit(self, fn, task, **kwargs):
+        with self.lock:
+            self.submitted.append(task)
+            delay = 0.3 * (3 - len(self.submitted) % 3)
+
+        def slow():
+            time.sleep(delay)
+            out = fn(task, **kwargs)
+            with self.lock:
+                self.finished.append(task)
+            return out
+
+        return super().submit(slow)
+
+
+def test_results_do_not_depend_on_the_order_tasks_finish_in(cache_dir, tmp_path, monkeypatch):
+    """Tasks finishing in another order than they started (each fine-tuning task waits only for its own bases):
+    the same bits as one worker in-process."""
+    configs = grid(seeds=6, rates=(0.0, 0.1, 0.2))
+    with _Reversed() as pool:
+        hists = sweep.run_sweep(configs, executor=pool, workers=3, progress=False)
+    assert pool.finished != pool.submitted and len(pool.finished) == len(pool.submitted) == 6 + 3
+    pre = {t.configs[0].seed: i for i, t in enumerate(pool.finished) if t.kind == "pretrain"}
+    for i, task in enumerate(pool.finished):  # each fine-tuning task after its own bases, not after all of them
+        if task.kind == "batched":
+            assert all(pre[c.seed] < i for c in task.configs)
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "other"))
+    assert same_bits(hists, sweep.run_sweep(configs, workers=1, progress=False))
+
+
+@pytest.mark.parametrize("caller_runs_tasks", [True, False])
+def test_local_workers_with_and_without_the_caller_same_bits(caller_runs_tasks, cache_dir, tmp_path, monkeypatch):
+    """workers=3 on the local pool: the calling process and 2 worker processes (or 3 processes): 6 pretrainings and
+    3 fine-tuning tasks finishing in whatever order the processes give, the same bits as in-process."""
+    monkeypatch.setattr(sweep, "CALLER_RUNS_TASKS", caller_runs_tasks)
+    sweep.shutdown_workers()  # count this sweep's processes only
+    configs = grid(seeds=6)
+    three = sweep.run_sweep(configs, workers=3, progress=False)
+    assert len(sweep._POOLS[1][0].workers) == (2 if caller_runs_tasks else 3)
+    monkeypatch.setenv("LORA_THEORY_CACHE", str(tmp_path / "other"))
+    assert same_bits(three, sweep.run_sweep(configs, workers=1, progress=False))
