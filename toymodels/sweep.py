@@ -19,10 +19,10 @@ How a sweep runs:
 4. **Execute** the tasks (:func:`run_task`) on ``executor``: "local" (``workers`` of them, default one per CPU
    core: the calling process itself, which runs one task at a time in a thread (:data:`CALLER_RUNS_TASKS`; it
    has torch imported, so its first task starts at once), and ``workers - 1`` worker processes (fresh
-   interpreters); ``workers=1``, or a single task, runs in-process; a sweep that finishes cleanly keeps its idle workers for the next sweep of the process if that one has the
-   same ``threads`` and environment (variables but ``$LORA_THEORY_CACHE``, which travels with each task; working
-   directory, sys.path; else a fresh pool), so a program
-   that runs many sweeps (the figures, the tests) starts its workers once; :func:`shutdown_workers`, also
+   interpreters); ``workers=1``, or a single task, runs in-process; a sweep that finishes cleanly keeps its idle
+   workers for the next sweep of the process if that one has the same ``threads`` and environment (variables but
+   ``$LORA_THEORY_CACHE``, which travels with each task; working directory, sys.path; else a fresh pool), so a
+   program that runs many sweeps (the figures, the tests) starts its workers once; :func:`shutdown_workers`, also
    called at exit, stops them), "ray" (the cluster at ``$RAY_ADDRESS``, else a local one started with
    ``ray.init(num_cpus=workers)``), "slurm" (submitit's ``AutoExecutor``; ``executor_options`` holds
    ``folder``, ``cluster`` ("slurm", "local", "debug") and any ``update_parameters`` keyword), or any
@@ -59,10 +59,11 @@ batch's set of configs (:func:`toymodels.batched.canonical_batch`), which the pl
 
 Failures: in-process (``workers=1``) an exception propagates as it is, with a note naming the config. Elsewhere
 a task whose worker dies (killed, out of memory, ``os._exit``) or that raises (also in the caller's thread) is
-retried ``retries`` times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task (cached) and raises
-:class:`SweepError`, which names each failed config and why. A killed worker loses only the task it was running
-(one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers (and the caller's task) and prints how many runs are
-cached and that the same command resumes; it raises :class:`SweepInterrupted` (a ``KeyboardInterrupt``).
+retried ``retries`` times (default 1) on a fresh worker; if it still fails, the sweep finishes every other task
+(cached) and raises :class:`SweepError`, which names each failed config and why. A killed worker loses only the
+task it was running (one run, or one batch of at most ``max_batch`` runs). Ctrl-C stops the workers and the
+caller's task, and prints how many runs are cached and that the same command resumes; it raises
+:class:`SweepInterrupted` (a ``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
