@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from figures.framework import Protocol
 from toymodels.lora import LoRALinear
 from toymodels.protocol import base_config
 
@@ -31,14 +32,44 @@ def steps_per_epoch(cfg) -> int:
     return max(1, cfg.n_finetune // cfg.batch_size) if cfg.batch_size else 1
 
 
-def tab5_runs(ctx, placement: str):
+TAB5_TRAINING = ("placement", "optimizer", "lr")  # the protocol settings that change table 5's runs
+
+
+def tab5_runs(ctx, placement: str, optimizer: str = "adam", lr: float = 1e-3):
     """The runs of table 5 (allora-tab5-dropout-epochs and allora-tab5-best-epoch read the same cached runs):
-    ``TAB5_EPOCHS`` epochs of the fine-tune set, one record per epoch, dropout at ``placement``, one config per
-    rate of :data:`TAB5_RATES`. Returns (base config, steps per epoch, {"p=<rate>": config})."""
-    base = base_config(ctx, "mnist", placement=placement, recorders=("loss",))
+    ``TAB5_EPOCHS`` epochs of the fine-tune set, one record per epoch, dropout at ``placement``, ``optimizer`` at
+    ``lr``, one config per rate of :data:`TAB5_RATES`. Returns (base config, steps per epoch, {"p=<rate>": config}).
+    Both figures pass their protocol's :data:`TAB5_TRAINING` settings, so a protocol of the same name runs the same
+    configs in both."""
+    base = base_config(ctx, "mnist", placement=placement, optimizer=optimizer, lr=float(lr), recorders=("loss",))
     spe = steps_per_epoch(base)
     base = base.replace(steps=ctx.pick(quick=15, default=TAB5_EPOCHS) * spe, record_every=spe)
     return base, spe, {f"p={p:g}": base.replace(dropout=p) for p in TAB5_RATES}
+
+
+def tab5_protocols(**extra):
+    """The training protocols of table 5 (shared by its two figures): the paper names no optimizer for its
+    Qwen2-0.5B runs (sec. 3.4, table 5), so SGD and Adam at the shared rates are the plausible ones; Adam's rate x1/3
+    and x3 and dropout at the bottleneck (ALLoRA eq. 1) are robustness protocols. ``extra``: settings every
+    protocol adds (a figure's own knobs)."""
+    why = "ALLoRA names no optimizer for table 5 (sec. 3.4: Qwen2-0.5B, Bias in Bios, 10 epochs): plausible"
+    peft = {"placement": "input"}  # dropout on the adapter's input, as PEFT (the paper's LLM runs)
+    return (
+        Protocol("adam", {**peft, "optimizer": "adam", "lr": 1e-3, **extra}, primary=True, plausible=True,
+                 note=f"{why}; Adam at the shared rate, dropout on the adapter's input as PEFT"),
+        Protocol("sgd", {**peft, "optimizer": "sgd", "lr": 0.03, **extra}, plausible=True,
+                 note=f"{why}; SGD at the shared rate (allora-fig5-escape's), dropout as PEFT"),
+        Protocol("adam lr x1/3", {**peft, "optimizer": "adam", "lr": round(1e-3 / 3, 8), **extra},
+                 note="learning rate x1/3"),
+        Protocol("adam lr x3", {**peft, "optimizer": "adam", "lr": 3e-3, **extra}, note="learning rate x3"),
+        Protocol("bottleneck placement", {"placement": "bottleneck", "optimizer": "adam", "lr": 1e-3, **extra},
+                 note="dropout at the bottleneck (ALLoRA eq. 1), Adam"),
+    )
+
+
+def tab5_training(settings: dict) -> dict:
+    """The settings of ``settings`` that change table 5's runs (:data:`TAB5_TRAINING`)."""
+    return {k: settings[k] for k in TAB5_TRAINING}
 
 
 @torch.no_grad()

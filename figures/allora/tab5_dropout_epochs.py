@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from figures.allora.protocol import TAB5_RATES, spearman, tab5_runs
+from figures.allora.protocol import TAB5_RATES, spearman, tab5_protocols, tab5_runs, tab5_training
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, mean_ci
-from figures.framework import Measurement, Protocol
+from figures.framework import Measurement
 from figures.style import colors, new_figure
 
 ID = "allora-tab5-dropout-epochs"
@@ -17,13 +17,21 @@ CLAIM = "high dropout gives the best accuracy after long fine-tuning and the wor
 
 SHORT_EPOCHS = 3  # the paper's short horizon (epoch 3), informational here
 
+# ALLoRA table 5: accuracy at epoch 3 falls 77.92 -> 77.96 -> 77.68 -> 77.44 -> 77.22 over p = 0 .. 0.4 and rises
+# 78.00 -> 79.95 .. 80.77 at epoch 10. The smallest gap the paper reads as part of its trend is p = 0.1 vs 0 at epoch
+# 3 (0.24 pp); 0.04 pp (p = 0.05 vs 0) it reads as no change. A difference counts beyond 0.24 pp.
+MIN_PP = 0.24
+
 CRITERION = Criterion(
     tests=(
         Test("short_high_dropout_worse", f"acc(p={TAB5_RATES[-1]:g}) - acc(p=0) in pp at the short horizon (3/10 of "
-             "the long one, the paper's epoch 3 of 10), paired by seed", "less", margin=0.0,
-             why="the paper's table 5 shows signs (77.9 -> 77.2 at epoch 3), no threshold"),
+             "the long one, the paper's epoch 3 of 10), paired by seed", "less", margin=-MIN_PP, margin_from="paper",
+             why="table 5: the smallest gap in the paper's trend, epoch 3, p = 0.1 vs 0: 77.92 -> 77.68 = 0.24 pp "
+                 "(its p = 0.4 gap is 0.70 pp)"),
         Test("long_high_dropout_better", f"acc(p={TAB5_RATES[-1]:g}) - acc(p=0) in pp at the long horizon, paired by "
-             "seed", "greater", margin=0.0, why="the paper's table 5: 78.0 -> 80.7 at epoch 10 (a direction)"),
+             "seed", "greater", margin=MIN_PP, margin_from="paper",
+             why="table 5: the smallest gap in the paper's trend (0.24 pp, epoch 3); its epoch-10 gaps are "
+                 "1.95-2.77 pp (78.00 -> 80.65 at p = 0.4)"),
         Test("short_above_chance", "SANITY: mean test accuracy at the short horizon minus twice chance (0.2)",
              "greater", margin=0.0, role="sanity",
              why="a horizon at chance accuracy cannot rank the rates"),
@@ -36,21 +44,26 @@ CRITERION = Criterion(
         new="short horizon = 3/10 of the long one (the paper's 3 of 10 epochs); one-sided paired tests of the "
             "highest-vs-zero difference, Holm over 2; sanity row: short horizon above twice chance",
         why="epoch 3 of 100 is 24 steps at ~12% accuracy: nothing can be ranked there; the paper's own horizon is "
-            "a fraction of its long run"),))
+            "a fraction of its long run"),
+        Recalibration(
+        old="highest-vs-zero difference < 0 pp (short) and > 0 pp (long); input placement (Adam) the headline, "
+            "bottleneck the one other protocol",
+        new="< -0.24 pp and > +0.24 pp; headline combined over Adam and SGD; learning rate x1/3, x3 and the "
+            "bottleneck placement as robustness protocols (the runs of allora-tab5-best-epoch)",
+        why="issue 16: a minimum effect from table 5 (its smallest gap read as a trend, 0.24 pp); the paper names "
+            "no optimizer"),))
 
-PROTOCOLS = (Protocol("input placement", {"placement": "input"}, primary=True,
-                      note="dropout on the input of the adapter, as PEFT (the paper's LLM runs)"),
-             Protocol("bottleneck placement", {"placement": "bottleneck"}, note="ALLoRA eq. 1"))
+PROTOCOLS = tab5_protocols()
 PLACEMENT_TEXT = {"input": "input placement, as PEFT", "bottleneck": "bottleneck placement, as ALLoRA eq. 1"}
 
 
 def configs(ctx) -> dict:
-    return tab5_runs(ctx, ctx.settings["placement"])[2]
+    return tab5_runs(ctx, **tab5_training(ctx.settings))[2]
 
 
 def measure(ctx, runs) -> Measurement:
     placement = ctx.settings["placement"]
-    base, spe, _ = tab5_runs(ctx, placement)
+    base, spe, _ = tab5_runs(ctx, **tab5_training(ctx.settings))
     epochs = ctx.pick(quick=15, default=100)
     acc = np.asarray([[h["test_acc"] for h in runs[f"p={p:g}"]] for p in TAB5_RATES])  # (rate, seed, epoch)
     ep = runs["p=0"][0]["step"] / spe
@@ -86,7 +99,7 @@ def measure(ctx, runs) -> Measurement:
                f"{rho_l:.2f}, difference {100 * d_l['mean']:+.2f} pp [{100 * d_l['ci_low']:+.2f}, "
                f"{100 * d_l['ci_high']:+.2f}] ({PLACEMENT_TEXT[placement]}). Informational: at epoch {ep[ratio_k]:g} "
                f"(3/10 of the long horizon, the paper's 3 of 10) rho = {halves['paper ratio'][0]:.2f}, difference "
-               f"{100 * halves['paper ratio'][1]['mean']:+.2f} pp; mean accuracy at epoch {SHORT_EPOCHS} is "
+               f"{100 * halves['paper ratio'][1]['mean']:+.2f} pp ({ctx.settings['optimizer']}, lr {ctx.settings['lr']:g}); mean accuracy at epoch {SHORT_EPOCHS} is "
                f"{100 * acc[:, :, short].mean():.1f}%.")
     config = {"base": base.as_dict(), "rates": TAB5_RATES, "seeds": list(ctx.seeds),
               "short_epoch": float(ep[ratio_k]), "old_short_epoch": SHORT_EPOCHS, "long_epoch": epochs}

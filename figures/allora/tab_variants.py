@@ -25,17 +25,27 @@ DROPOUT = 0.05
 OTHERS = tuple(n for n in VARIANTS if n not in ("ALLoRA", "ALLoRA+D"))
 BEATS = {n: "beats_" + n.replace(" x ", "_x_").replace("-", "_").replace(" ", "_") for n in OTHERS}
 
+# ALLoRA table 2 right: ALLoRA - ALLoRA+D, which the paper calls "no evident difference" / "comparable", averages
+# 0.10%, 0.07% and 0.00% over its eta^2 columns (0.06% overall): a gain up to 0.1 pp is, in the paper's words, no
+# difference, so "better" needs more. Its row averages (one model and data set, over eta^2, like our grid mean over
+# ranks and eta^2) reach 0.41% (Qwen2-0.5b:rott) and are still "comparable": the equivalence band.
+BETTER_PP = 0.1
+COMPARABLE_PP = 0.41
+
 CRITERION = Criterion(
     tests=tuple(Test(BEATS[n], f"ALLoRA - {n}: grid-mean final test accuracy (pp), paired by seed", "greater",
-                     margin=0.0, why="the paper's claim is a direction (ALLoRA better on average)") for n in OTHERS)
+                     margin=BETTER_PP, margin_from="paper",
+                     why="ALLoRA better on average by more than 0.1 pp: table 2 right's column averages of 0.00-0.10% "
+                         "are what the paper calls 'no evident difference'") for n in OTHERS)
     + (Test("comparable_ALLoRA_D", "ALLoRA - ALLoRA+D: grid-mean final test accuracy (pp), paired by seed",
-            "equivalent", margin=1.0,
-            why="the paper calls per-cell gaps of up to 0.69 pp (averages <= 0.41 pp) 'comparable' (table 2 "
-                "right); rounded up to 1 pp, fixed before the 10-seed runs"),),
+            "equivalent", margin=COMPARABLE_PP, margin_from="paper",
+            why="the largest average the paper calls 'comparable': table 2 right, row Qwen2-0.5b:rott, 0.41% (a "
+                "row averages one model and data set over eta^2, as our grid mean does over ranks and eta^2)"),),
     rule=Rule(reproduced=(*BEATS.values(), "comparable_ALLoRA_D"),
               partially=tuple(g for g in itertools.combinations(BEATS.values(), 3))),
-    note="Partially reproduced: ALLoRA beats at least 3 of the 5 other methods (Holm-corrected). The paper's "
-         "optimizer is unnamed (LLM practice: AdamW); Adam is the primary protocol, SGD a protocol.",
+    note="Partially reproduced: ALLoRA beats at least 3 of the 5 other methods (Holm-corrected). The paper names no "
+         "optimizer (sec. 4.4 states l_b = 1e-4 for its LLMs only): the headline combines SGD and Adam at the "
+         "shared base rates; the learning rate x1/3 and x3 are robustness protocols.",
     recalibrations=(Recalibration(
         old="reproduced if ALLoRA ranks first and every paired CI (incl. ALLoRA+D) is > 0; partially if it ranks "
             "first or beats half; no multiplicity correction over 12 intervals; figure reproduced only if Adam "
@@ -43,18 +53,23 @@ CRITERION = Criterion(
         new="5 one-sided tests ALLoRA - X > 0 and a TOST ALLoRA - ALLoRA+D within +-1 pp, Holm over the 6 per "
             "protocol; optimizer and learning rate as protocols",
         why="the paper calls ALLoRA and ALLoRA+D comparable, so demanding that ALLoRA beat it tests the opposite "
-            "claim; 6 intervals at 95% each give a ~26% chance of one false pass"),))
+            "claim; 6 intervals at 95% each give a ~26% chance of one false pass"),
+        Recalibration(
+        old="ALLoRA - X > 0 pp; ALLoRA - ALLoRA+D within +-1 pp ('per-cell gaps up to 0.69 pp, rounded up'); Adam "
+            "the headline ('LLM practice')",
+        new="ALLoRA - X > 0.1 pp; ALLoRA - ALLoRA+D within +-0.41 pp; headline combined over SGD and Adam",
+        why="issue 16: minimum effects from the paper's table 2 right (averages up to 0.10% are 'no evident "
+            "difference', row averages up to 0.41% 'comparable'), not rounded; the paper names no optimizer"),))
 
+_PLAUSIBLE = "the paper names no optimizer (sec. 4.4: l_b = 1e-4 for its LLMs): plausible"
 PROTOCOLS = (
-    Protocol("adam", {"optimizer": "adam", "l_b": 1e-3}, primary=True,
-             note="Adam at the shared base rate (LLM practice; the paper names no optimizer)"),
-    Protocol("sgd", {"optimizer": "sgd", "l_b": 0.03},
-             note="SGD (the setting of the paper's argument; l_b as in allora-fig5-escape)"),
+    Protocol("adam", {"optimizer": "adam", "l_b": 1e-3}, primary=True, plausible=True,
+             note=f"{_PLAUSIBLE}; Adam at the shared base rate"),
+    Protocol("sgd", {"optimizer": "sgd", "l_b": 0.03}, plausible=True,
+             note=f"{_PLAUSIBLE}; SGD (the setting of the paper's argument; l_b as in allora-fig5-escape)"),
     Protocol("adam lr x1/3", {"optimizer": "adam", "l_b": round(1e-3 / 3, 8)}, note="base rate x1/3"),
     Protocol("adam lr x3", {"optimizer": "adam", "l_b": 3e-3}, note="base rate x3"),
 )
-
-
 
 
 def _grid(ctx):
@@ -193,7 +208,7 @@ def draw(numbers):
         ax.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o",
                     color=palette[n], capsize=3)
     ax.axvline(0.0, color="0.3", lw=1)
-    ax.axvspan(-1.0, 1.0, color="0.85", alpha=0.5, lw=0, label="ALLoRA+D equivalence margin")
+    ax.axvspan(-COMPARABLE_PP, COMPARABLE_PP, color="0.85", alpha=0.5, lw=0, label="ALLoRA+D equivalence margin")
     ax.set_yticks(range(len(others)), [f"ALLoRA - {n}" for n in others], fontsize=8)
     ax.set_xlabel("paired accuracy difference (percentage points)")
     ax.set_title(f"{opt}: grid mean, {CI_PCT} CI over seeds", fontsize=9)

@@ -10,7 +10,7 @@ import torch
 
 from analysis import dropout as closed
 from figures.allora.protocol import escape_step, row_norm_curve
-from figures.criteria import Criterion, Rule, Test, ci_dict, fmt_ci, mean_ci
+from figures.criteria import Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
 from figures.framework import Measurement, Protocol
 from figures.style import colors, new_figure
 from toymodels import build_finetune_model, protocol_data
@@ -25,22 +25,38 @@ CLAIM = ("if A is zero-initialised instead of B, the argument still holds: the s
 RATE = 0.3
 ESCAPE_FRACTION = 0.25
 
+# ALLoRA sec. 3.2 / fig. 3: dropout alters A's final norm "by about 30%" and the paper calls that "barely impacting"
+# / "minimal", against "more than 500%" on B. A factor 1.3 is thus the paper's line between no effect and an effect.
+BARELY = math.log(1.3)
+
 CRITERION = Criterion(
     tests=(
         Test("mirror_closed_form", "closed form at init, last layer of each seed's pretrained MLP (bottleneck, p = "
              f"{RATE:g}): 1 if the usual init gives strength 0 on A, > 0 on B, grad_A E[L] = 0, grad_B != 0 "
              "and A = 0 gives the mirror (strength 0 on B, > 0 on A, grad_B = 0, grad_A != 0) for every seed",
-             "greater", margin=0.5, method="exact", why="the argument of sec. 3.2 with A and B swapped"),
+             "greater", margin=0.5, method="exact", role="sanity",
+             why="the algebra of sec. 3.2 with A and B swapped: it cannot fail short of a code bug"),
         Test("same_escape", "ln(escape step with A = 0, B random / escape step with the usual init), no dropout "
-             "(paired by seed)", "equivalent", margin=math.log(1.5),
-             why="'the same slow training dynamic appears': within a factor 1.5 either way"),
+             "(paired by seed)", "equivalent", margin=BARELY, margin_from="paper",
+             why="'the same slow training dynamic appears': within a factor 1.3 either way, the change ALLoRA "
+                 "fig. 3 calls 'barely impacting' (A's norm altered by about 30%)"),
         Test("dropout_slows_zero_a", f"ln(escape step at p = {RATE:g} / at p = 0), A = 0 init (paired by "
-             "seed)", "greater", why="sec. 3.2: dropout further slows the escape, now of A"),
+             "seed)", "greater", margin=BARELY, margin_from="paper",
+             why="sec. 3.2: dropout further slows the escape, now of A; a slowdown counts beyond a factor 1.3, "
+                 "what ALLoRA fig. 3 calls 'barely impacting' (about 30%)"),
         Test("dropout_slows_usual", f"ln(escape step at p = {RATE:g} / at p = 0), usual init (paired by "
-             "seed)", "greater", role="sanity", why="the original argument (allora-fig3 / fig5 test it)"),
+             "seed)", "greater", margin=BARELY, role="sanity",
+             why="the original argument (allora-fig3 / fig5 test it); same margin as dropout_slows_zero_a"),
     ),
-    rule=Rule(reproduced=("mirror_closed_form", "same_escape", "dropout_slows_zero_a"),
-              partially=(("mirror_closed_form",),)),
+    rule=Rule(reproduced=("same_escape", "dropout_slows_zero_a"),
+              partially=(("same_escape",), ("dropout_slows_zero_a",))),
+    recalibrations=(Recalibration(
+        old="reproduced: mirror_closed_form (exact), same_escape (+-ln 1.5) and dropout_slows_zero_a (> 0); "
+            "partially: mirror_closed_form alone; SGD bottleneck the paper's protocol",
+        new="mirror_closed_form is a sanity row; reproduced: same_escape (+-ln 1.3) and dropout_slows_zero_a "
+            "(> ln 1.3); partially: either one; headline over SGD and Adam",
+        why="issue 16: an exact closed-form row cannot fail, so it made 'partially' certain; margins from the "
+            "paper's fig. 3 (30% = 'barely'), not chosen; the paper names no optimizer"),),
     note=f"Escape step: first step at which the mean row norm of s BA (mean over the 3 layers) reaches "
          f"{ESCAPE_FRACTION:g} x the final value of the usual-init, dropout-free run of the same seed (interpolated "
          "in log between records); a run that never reaches it counts at the horizon (censored, conservative for "
@@ -48,13 +64,16 @@ CRITERION = Criterion(
          "first step's expected product update equals the usual init's.",
 )
 
+_PLAUSIBLE = "ALLoRA names no optimizer (sec. 3.2 argues on gradients; fig. 3's MNIST run states none): plausible"
 PROTOCOLS = (
-    Protocol("sgd-bottleneck", {"optimizer": "sgd", "lr": 0.03, "placement": "bottleneck"}, primary=True, paper=True,
-             note="the paper's analysis: plain gradient steps, dropout at the bottleneck (eq. 1)"),
+    Protocol("sgd-bottleneck", {"optimizer": "sgd", "lr": 0.03, "placement": "bottleneck"}, primary=True,
+             plausible=True, note=f"{_PLAUSIBLE}; plain gradient steps, dropout at the bottleneck (eq. 1)"),
+    Protocol("adam-bottleneck", {"optimizer": "adam", "lr": 1e-3, "placement": "bottleneck"}, plausible=True,
+             note=f"{_PLAUSIBLE}; Adam at the shared rate (it normalises the first steps' gradient scale)"),
     Protocol("sgd-input", {"optimizer": "sgd", "lr": 0.03, "placement": "input"},
              note="PEFT's placement: the penalty is a function of BA only, symmetric in the init"),
-    Protocol("adam-bottleneck", {"optimizer": "adam", "lr": 1e-3, "placement": "bottleneck"},
-             note="Adam normalises the first steps' gradient scale"),
+    Protocol("sgd lr x1/3", {"optimizer": "sgd", "lr": 0.01, "placement": "bottleneck"}, note="learning rate x1/3"),
+    Protocol("sgd lr x3", {"optimizer": "sgd", "lr": 0.09, "placement": "bottleneck"}, note="learning rate x3"),
 )
 
 

@@ -20,10 +20,6 @@ PENDING_MARGINS: set[str] = {
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",
-    "allora-tab-variants",
-    "allora-tab5-best-epoch",
-    "allora-tab5-dropout-epochs",
-    "allora-zero-init-a",
 
 
 }
@@ -31,10 +27,6 @@ PENDING_PROTOCOLS: set[str] = {
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",
-    "allora-tab-variants",
-    "allora-tab5-best-epoch",
-    "allora-tab5-dropout-epochs",
-    "allora-zero-init-a",
 
 
 }
@@ -42,10 +34,6 @@ PENDING_HEADLINE: set[str] = {
     # Fa2
     "allora-regularization-like-dropout",
     "allora-ripple-adaptive",
-    "allora-tab-variants",
-    "allora-tab5-best-epoch",
-    "allora-tab5-dropout-epochs",
-    "allora-zero-init-a",
 
 
 }
