@@ -18,22 +18,16 @@ SPECS = registry.specs()
 # shrink these as the figure files are converted (issue 16); never add to them
 PENDING_MARGINS: set[str] = {
     # Fa2
-    "allora-regularization-like-dropout",
-    "allora-ripple-adaptive",
 
 
 }
 PENDING_PROTOCOLS: set[str] = {
     # Fa2
-    "allora-regularization-like-dropout",
-    "allora-ripple-adaptive",
 
 
 }
 PENDING_HEADLINE: set[str] = {
     # Fa2
-    "allora-regularization-like-dropout",
-    "allora-ripple-adaptive",
 
 
 }

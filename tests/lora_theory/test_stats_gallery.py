@@ -67,10 +67,10 @@ def variants_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 VARIANTS_SPEC = {
     "metric": "acc_pct", "pair": "seed", "average": "cell",
-    "tests": [{"name": tab_variants.BEATS[n], "compare": {"variant": ["ALLoRA", n]}, "direction": "greater"}
-              for n in tab_variants.OTHERS]
+    "tests": [{"name": tab_variants.BEATS[n], "compare": {"variant": ["ALLoRA", n]}, "direction": "greater",
+               "margin": tab_variants.BETTER_PP} for n in tab_variants.OTHERS]
     + [{"name": "comparable_ALLoRA_D", "compare": {"variant": ["ALLoRA", "ALLoRA+D"]}, "direction": "equivalent",
-        "margin": 1.0}],
+        "margin": tab_variants.COMPARABLE_PP}],
     "rule": {"reproduced": [*tab_variants.BEATS.values(), "comparable_ALLoRA_D"],
              "partially": [list(g) for g in tab_variants.CRITERION.rule.partially]},
 }
@@ -92,9 +92,10 @@ def dropout_table(runs: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
 DROPOUT_SPEC = {
     "metric": "acc_pct", "pair": "seed",
     "tests": [{"name": "short_high_dropout_worse", "where": {"horizon": "short"},
-               "compare": {"dropout": [TAB5_RATES[-1], 0.0]}, "direction": "less"},
+               "compare": {"dropout": [TAB5_RATES[-1], 0.0]}, "direction": "less", "margin": -tab5_dropout_epochs.MIN_PP},
               {"name": "long_high_dropout_better", "where": {"horizon": "long"},
-               "compare": {"dropout": [TAB5_RATES[-1], 0.0]}, "direction": "greater"}],
+               "compare": {"dropout": [TAB5_RATES[-1], 0.0]}, "direction": "greater",
+               "margin": tab5_dropout_epochs.MIN_PP}],
     "rule": {"reproduced": ["short_high_dropout_worse", "long_high_dropout_better"],
              "partially": [["short_high_dropout_worse"], ["long_high_dropout_better"]]},
 }
