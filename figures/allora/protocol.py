@@ -15,6 +15,9 @@ import torch
 from scipy import stats
 from torch import nn
 
+from analysis import allora_dynamics as dyn
+from analysis import ripple
+from figures import seeds
 from figures.framework import Protocol
 from toymodels.lora import LoRALinear
 from toymodels.protocol import base_config
@@ -131,3 +134,46 @@ SGD_LR = 0.03
 # to 2e-3 (SGD_LR = 0.03, set for cross-entropy whose curvature in the logits is <= 1/2, diverges there)
 MSE_SGD_LR = 1e-3
 OPTIMIZER_UNSTATED = "the ALLoRA paper names no optimizer (sec. 3.4 states data, model and sizes only)"
+
+
+def random_chain(seed: int, L: int, d: int, r: int, m: float):
+    """The ripple chain of allora-ripple-adaptive: :func:`analysis.ripple.random_chain` from
+    :func:`figures.seeds.ripple_chain`, and a Gaussian output gradient (d,)."""
+    rng = seeds.ripple_chain(seed)
+    Ws, As, Bs, x = ripple.random_chain(rng, L, d, r, m)
+    return Ws, As, Bs, x, rng.standard_normal(d)
+
+
+def chain_amplification(Ws, As, Bs, x, g, method: str, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, input-gradient) amplification by the adapters at every depth, vs the adapter-free chain."""
+    zeros = [np.zeros_like(B) for B in Bs]
+    fwd, bwd = [], []
+    for depth in range(1, len(Ws) + 1):
+        W, A, B = Ws[:depth], As[:depth], Bs[:depth]
+        on = dyn.chain_response(W, A, B, x, g, method, eta)
+        off = dyn.chain_response(W, A, zeros[:depth], x, g, "allora", eta)
+        fwd.append(on["forward"][-1] / off["forward"][-1])
+        bwd.append(on["input_grad"][0] / off["input_grad"][0])
+    return np.asarray(fwd), np.asarray(bwd)
+
+
+def ripple_chains(seed_list, L: int, d: int, r: int, m: float, eta: float):
+    """Prop. 1's chains for allora-ripple-adaptive: per seed a random chain (:func:`random_chain`), the forward and
+    input-gradient amplification at every depth for LoRA x eta, ALLoRA and ASF-LoRA; and the tight instance
+    (:func:`analysis.ripple.tight_instance`), where LoRA x eta grows at ln(1 + eta m) per layer and ALLoRA at
+    ln(1 + m). Returns ({"fwd"|"bwd": {method: (seeds, depth)}}, {method: tight amplification}, max relative error
+    of the tight instance's fitted per-layer log-rate)."""
+    chain = {k: {n: [] for n in ("lora", "allora", "asf")} for k in ("fwd", "bwd")}
+    for s in seed_list:
+        Ws, As, Bs, x, g = random_chain(s, L, d, r, m)
+        for meth in ("lora", "allora", "asf"):
+            f, b = chain_amplification(Ws, As, Bs, x, g, meth, eta)
+            chain["fwd"][meth].append(f)
+            chain["bwd"][meth].append(b)
+    chain = {k: {n: np.asarray(v) for n, v in d_.items()} for k, d_ in chain.items()}
+    Ws, As, Bs, x = ripple.tight_instance(L=L, d=d, r=r, eta=eta, m=m, seed=seed_list[0])
+    depths, tight, err = np.arange(1, L + 1), {}, 0.0
+    for meth, rate in (("lora", math.log1p(eta * m)), ("allora", math.log1p(m))):
+        tight[meth] = chain_amplification(Ws, As, Bs, x, x, meth, eta)[0]
+        err = max(err, abs(float(np.polyfit(depths, np.log(tight[meth]), 1)[0]) - rate) / rate)
+    return chain, tight, err

@@ -8,12 +8,10 @@ import math
 import numpy as np
 import torch
 
-from analysis import allora_dynamics as dyn
-from analysis import ripple
 from figures import seeds
-from figures.allora.protocol import ETA2
+from figures.allora.protocol import ETA2, chain_amplification, random_chain, ripple_chains  # noqa: F401
 from figures.criteria import CI_PCT, Criterion, Recalibration, Rule, Test, ci_dict, fmt_ci, mean_ci
-from figures.framework import Measurement, Probe, Protocol, Runs, diverged, floats
+from figures.framework import Measurement, Probe, Protocol, Runs, diverged
 from figures.style import colors, new_figure
 from toymodels import TrainState
 from toymodels.losses import loss_fn
@@ -68,11 +66,9 @@ CRITERION = Criterion(
         why="issue 16: the chain pair holds by construction (so 'partially' was certain); the deviation from the "
             "frozen model grows with how much is learned, the cross-layer share is normalised by it; margin from "
             "Prop. 1; the paper names no optimizer"),),
-    note="eta^2 = 4 (listing 1). LoRA x eta: scaling eta at base lr l_b; ALLoRA and ASF-LoRA: eta, base lr l_b, no "
-         "dropout (ALLoRA table 7's pairing). At eta = 1 LoRA x eta and ALLoRA have the same forward and input "
-         "gradient (the reduction is exactly the removal of eta from the forward). The cross-layer share still "
-         "grows with the size of each layer's relative change (to first order), as Prop. 1's compounding does; the "
-         "relative change of the logits (how much is learned) is reported beside it.",
+    note="eta^2 = 4 (listing 1). LoRA x eta: scaling eta at base lr l_b; ALLoRA, ASF-LoRA: eta, base lr l_b, no "
+         "dropout (table 7's pairing). The cross-layer share still grows with each layer's relative change (to first "
+         "order), as Prop. 1's compounding does; the logits' relative change (how much is learned) is reported.",
 )
 
 _PLAUSIBLE = "ALLoRA names no optimizer (sec. 4.4 gives l_b = 1e-4 only): plausible"
@@ -88,15 +84,11 @@ PROTOCOLS = (
 
 
 class RippleProbe(Probe):
-    """Depth-wise ripple of the trained adapters on the whole fine-tune set, with dropout off (eval mode):
-    per layer l, ``dev`` = ||z_l - z_l^0|| / ||z_l^0|| (z_l the pre-activation output of layer l with the adapters,
-    z_l^0 without them: the frozen model), ``amp`` = ||z_l|| / ||z_l^0||, and ``grad_amp`` = ||J_l^T u|| / its
-    frozen-model value, the gradient that reaches the input of layer l (l = 0: the data) when the same output
-    gradient u = dL/dz_L of the frozen model is sent back through the adapted and the frozen network (a fixed u,
-    as the chain's grad_out). For ALLoRA the backward is the engine's own (sec. 4.2: no input-gradient rescaling).
-    ``share_fwd`` / ``share_bwd``: the cross-layer share ||D_all - sum_l D_l|| / ||sum_l D_l|| of the change D of
-    the logits / of the data's input gradient J^T u, D_l the change with layer l's adapter alone (0 where nothing
-    changed)."""
+    """Ripple of the trained adapters on the fine-tune set, dropout off: per layer l, ``dev`` = ||z_l - z_l^0|| /
+    ||z_l^0|| (pre-activations with / without the adapters), ``amp`` = ||z_l|| / ||z_l^0||, ``grad_amp`` = ||J_l^T u||
+    / its frozen value (u = dL/dz_L of the frozen model, sent back to layer l's input; ALLoRA's backward is the
+    engine's, sec. 4.2); ``share_fwd`` / ``share_bwd``: ||D_all - sum_l D_l|| / ||sum_l D_l|| for the change D of the
+    logits / of the data's J^T u, D_l with layer l's adapter alone (0 where nothing changed)."""
 
     prefix = "ripple_"
     version = 2
@@ -146,27 +138,6 @@ class RippleProbe(Probe):
             model.train(was)
 
 
-def random_chain(seed: int, L: int, d: int, r: int, m: float):
-    """:func:`analysis.ripple.random_chain` from :func:`figures.seeds.ripple_chain`, and a Gaussian output gradient
-    (d,)."""
-    rng = seeds.ripple_chain(seed)
-    Ws, As, Bs, x = ripple.random_chain(rng, L, d, r, m)
-    return Ws, As, Bs, x, rng.standard_normal(d)
-
-
-def chain_amplification(Ws, As, Bs, x, g, method: str, eta: float) -> tuple[np.ndarray, np.ndarray]:
-    """(forward, input-gradient) amplification by the adapters at every depth, vs the adapter-free chain."""
-    zeros = [np.zeros_like(B) for B in Bs]
-    fwd, bwd = [], []
-    for depth in range(1, len(Ws) + 1):
-        W, A, B = Ws[:depth], As[:depth], Bs[:depth]
-        on = dyn.chain_response(W, A, B, x, g, method, eta)
-        off = dyn.chain_response(W, A, zeros[:depth], x, g, "allora", eta)
-        fwd.append(on["forward"][-1] / off["forward"][-1])
-        bwd.append(on["input_grad"][0] / off["input_grad"][0])
-    return np.asarray(fwd), np.asarray(bwd)
-
-
 def _base(ctx):
     return base_config(ctx, "mnist", recorders=(), dropout=0.0, **ctx.settings)
 
@@ -182,28 +153,10 @@ def configs(ctx) -> dict:
 def measure(ctx, runs) -> Measurement:
     eta = math.sqrt(ETA2)
     L, d, r, m = ctx.pick(quick=8, default=16), 16, 4, 0.5
-    # --- closed form: chains, one per seed
-    chain = {k: {n: [] for n in ("lora", "allora", "asf")} for k in ("fwd", "bwd")}
-    for s in ctx.seeds:
-        Ws, As, Bs, x, g = random_chain(s, L, d, r, m)
-        for meth in ("lora", "allora", "asf"):
-            f, b = chain_amplification(Ws, As, Bs, x, g, meth, eta)
-            chain["fwd"][meth].append(f)
-            chain["bwd"][meth].append(b)
-    chain = {k: {n: np.asarray(v) for n, v in d_.items()} for k, d_ in chain.items()}  # (seeds, depth)
+    chain, tight, tight_err = ripple_chains(ctx.seeds, L, d, r, m, eta)  # closed form: random chains, tight one
+    depths = np.arange(1, L + 1)
     d_fwd = np.log(chain["fwd"]["lora"][:, -1]) - np.log(chain["fwd"]["allora"][:, -1])
     d_bwd = np.log(chain["bwd"]["lora"][:, -1]) - np.log(chain["bwd"]["allora"][:, -1])
-    # tight instance: LoRA x eta grows at ln(1 + eta m) per layer, ALLoRA at ln(1 + m)
-    Ws, As, Bs, x = ripple.tight_instance(L=L, d=d, r=r, eta=eta, m=m, seed=ctx.seeds[0])
-    depths = np.arange(1, L + 1)
-    tight_err = 0.0
-    tight = {}
-    for meth, rate in (("lora", math.log1p(eta * m)), ("allora", math.log1p(m))):
-        f, _ = chain_amplification(Ws, As, Bs, x, x, meth, eta)
-        tight[meth] = f
-        slope = float(np.polyfit(depths, np.log(f), 1)[0])
-        tight_err = max(tight_err, abs(slope - rate) / rate)
-    # --- trained MLP
     base = _base(ctx)
     vals = {n: {"dev": [], "amp": [], "grad_amp": [], "share_fwd": [], "share_bwd": []} for n in METHODS}
     n_diverged = {n: 0 for n in METHODS}
@@ -221,7 +174,7 @@ def measure(ctx, runs) -> Measurement:
     mlp_bwd = lv["LoRA x eta"]["share_bwd"] - lv["ALLoRA"]["share_bwd"]
     asf_fwd = lv["ASF-LoRA"]["share_fwd"] - lv["ALLoRA"]["share_fwd"]
     samples = {"chain_fwd": d_fwd, "chain_bwd": d_bwd, "mlp_fwd": mlp_fwd, "mlp_bwd": mlp_bwd, "asf_fwd": asf_fwd,
-               "tight_rate": tight_err}
+               "tight_rate": tight_err}  # (seeds,) each; tight_rate one number
     measured = {
         "eta2": ETA2, "chain": {"L": L, "d": d, "r": r, "m": m},
         "chain_ln_fwd_amp_at_L": {n: ci_dict(np.log(chain["fwd"][n][:, -1])) for n in chain["fwd"]},
@@ -230,9 +183,7 @@ def measure(ctx, runs) -> Measurement:
         "tight_max_rel_rate_error": tight_err,
         "mlp_relative_deviation_per_layer": {n: {f"layer{i}": ci_dict(vals[n]["dev"][:, i])
                                                  for i in range(vals[n]["dev"].shape[1])} for n in METHODS},
-        "mlp_input_grad_amplification_per_layer": {n: {f"layer{i}": ci_dict(vals[n]["grad_amp"][:, i])
-                                                       for i in range(vals[n]["grad_amp"].shape[1])}
-                                                   for n in METHODS},
+        "mlp_input_grad_amplification_at_data": {n: ci_dict(vals[n]["grad_amp"][:, 0]) for n in METHODS},
         "mlp_cross_layer_share_fwd": {n: ci_dict(vals[n]["share_fwd"]) for n in METHODS},
         "mlp_cross_layer_share_bwd": {n: ci_dict(vals[n]["share_bwd"]) for n in METHODS},
         "mlp_ln_share_fwd_lora_minus_allora": ci_dict(mlp_fwd), "mlp_ln_share_bwd_lora_minus_allora": ci_dict(mlp_bwd),
@@ -258,8 +209,8 @@ def measure(ctx, runs) -> Measurement:
     numbers = {"eta2": ETA2, "m": m, "depths": depths, "protocol": ctx.protocol.name,
                "chain": {k: {names[meth]: mean_ci(np.log(chain[k][meth])) for meth in names} for k in ("fwd", "bwd")},
                "tight": {names[meth]: tight[meth] for meth in ("lora", "allora")},
-               "mlp_dev": {n: mean_ci(np.log(v["dev"][np.all(np.isfinite(v["dev"]), axis=1)]))
-                           for n, v in vals.items()}}
+               "mlp_share": {n: [[float(x) for x in mean_ci(lv[n][k][np.isfinite(lv[n][k])])]
+                                 for k in ("share_fwd", "share_bwd")] for n in METHODS}}
     return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
                        config=config, draw=numbers)
 
@@ -287,13 +238,13 @@ def draw(numbers):
     ax.set_title("input-gradient amplification (chain)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[0, 2]
-    for name, band in numbers["mlp_dev"].items():
-        mm, lo, hi = np.exp(floats(band))
-        layers = np.arange(mm.size)
-        ax.errorbar(layers, mm, yerr=[mm - lo, hi - mm], fmt="o-", color=pal[name], capsize=3, label=name)
+    for j, (name, bands) in enumerate(numbers["mlp_share"].items()):
+        mm, lo, hi = (np.exp(np.asarray(v, dtype=float)) for v in zip(*bands, strict=True))
+        ax.errorbar(np.arange(2) + 0.08 * (j - 1), mm, yerr=[mm - lo, hi - mm], fmt="o", color=pal[name], capsize=3,
+                    label=name)
     ax.set_yscale("log")
-    ax.set_xticks(layers, [f"layer {i}" for i in layers])
-    ax.set_ylabel("||z_l - z_l^0|| / ||z_l^0||\n(fine-tune set)")
+    ax.set_xticks(range(2), ["logits", "input gradient"])
+    ax.set_ylabel("cross-layer share of the change\n||D_all - sum_l D_l|| / ||sum_l D_l||")
     ax.set_title(f"trained MLP ({numbers['protocol']}), {CI_PCT} CI over seeds", fontsize=9)
     ax.legend(fontsize=7)
     return fig
