@@ -16,21 +16,9 @@ from figures.framework import Context, Unavailable
 
 SPECS = registry.specs()
 # shrink these as the figure files are converted (issue 16); never add to them
-PENDING_MARGINS: set[str] = {
-    # Fa2
-
-
-}
-PENDING_PROTOCOLS: set[str] = {
-    # Fa2
-
-
-}
-PENDING_HEADLINE: set[str] = {
-    # Fa2
-
-
-}
+PENDING_MARGINS: set[str] = set()
+PENDING_PROTOCOLS: set[str] = set()
+PENDING_HEADLINE: set[str] = set()
 
 
 def _trains(spec) -> bool:
