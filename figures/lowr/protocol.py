@@ -183,3 +183,33 @@ def log_ratio(logs) -> dict:
     """A CI dict of a ratio from per-seed logs (geometric mean and interval), finite seeds only."""
     d = ci_finite(logs)
     return {k: (math.exp(d[k]) if k in ("mean", "ci_low", "ci_high") and math.isfinite(d[k]) else d[k]) for k in d}
+
+
+# ---------------------------------------------------------------------- divergence (lowr-tab5-sensitivity)
+
+DIVERGENCE_MECHANISM = (
+    "LoWR multiplies a_i by gamma_i >= 1 and divides b_i by it at every step; the loss is invariant to this, "
+    "so nothing pulls a_i / b_i back. With tau = inf no channel is ever exempt and the ratio grows "
+    "geometrically (x gamma^2 per step); with tau finite a single step can still overshoot tau (gamma is "
+    "unbounded). Adam's step on b_i is ~lr per entry whatever the scale, so its change of "
+    "c_i = ||a_i|| ||b_i|| grows with ||a_i||: Var(c) and hence gamma jump, and the loop runs away. "
+    "LoRA+ multiplies B's step by 16, so the runaway starts earlier. See the 'adam lr x1/3' and 'sgd' "
+    "protocols and the per-run max ||a_i||/||b_i||, max ||a_i||, max gamma-1 before each divergence.")
+
+
+def divergence_diagnosis(hist: dict, tau: float, alpha: float) -> dict:
+    """From a run's recorded channel norms (every record_every steps): max over layers and channels of
+    ||a_i|| / ||b_i||, of ||a_i|| and of LoWR's per-step gamma_i - 1, at the first record after step 0 and at the
+    last one before the run stopped."""
+    a, b = hist["channel_a"], hist["channel_b"]  # (records, layers, r)
+
+    def at(k):
+        ratio = np.divide(a[k], b[k], out=np.full_like(a[k], np.inf), where=b[k] > 0)
+        # a record taken while the run was blowing up can hold inf / NaN norms: gamma is then undefined (NaN)
+        g = [float(np.max(gamma_minus_one(a[k, i], b[k, i], tau, alpha)))
+             if np.isfinite(a[k, i]).all() and np.isfinite(b[k, i]).all() else math.nan for i in range(a.shape[1])]
+        finite = [v for v in g if not math.isnan(v)]
+        return {"step": float(hist["step"][k]), "max_a_over_b": float(np.max(ratio)),
+                "max_norm_a": float(np.max(a[k])), "max_gamma_minus_1": max(finite) if finite else math.nan}
+
+    return {"first": at(min(1, len(hist["step"]) - 1)), "last": at(len(hist["step"]) - 1)}

@@ -15,11 +15,12 @@ from figures.lowr.protocol import (
     CHANCE,
     DATASET,
     DIVERGED,
+    DIVERGENCE_MECHANISM,
     GAIN_PP,
     GAIN_WHY,
     MAIN_LOWR,
     config_record,
-    gamma_minus_one,
+    divergence_diagnosis,
     optimizer_protocols,
     rank,
     shared_config,
@@ -107,24 +108,6 @@ CRITERION = criterion(GRID)
 PROTOCOLS = optimizer_protocols()
 
 
-def divergence_diagnosis(hist: dict, tau: float, alpha: float) -> dict:
-    """From a run's recorded channel norms (every record_every steps): max over layers and channels of
-    ||a_i|| / ||b_i||, of ||a_i|| and of LoWR's per-step gamma_i - 1, at the first record after step 0 and at the
-    last one before the run stopped."""
-    a, b = hist["channel_a"], hist["channel_b"]  # (records, layers, r)
-
-    def at(k):
-        ratio = np.divide(a[k], b[k], out=np.full_like(a[k], np.inf), where=b[k] > 0)
-        # a record taken while the run was blowing up can hold inf / NaN norms: gamma is then undefined (NaN)
-        g = [float(np.max(gamma_minus_one(a[k, i], b[k, i], tau, alpha)))
-             if np.isfinite(a[k, i]).all() and np.isfinite(b[k, i]).all() else math.nan for i in range(a.shape[1])]
-        finite = [v for v in g if not math.isnan(v)]
-        return {"step": float(hist["step"][k]), "max_a_over_b": float(np.max(ratio)),
-                "max_norm_a": float(np.max(a[k])), "max_gamma_minus_1": max(finite) if finite else math.nan}
-
-    return {"first": at(min(1, len(hist["step"]) - 1)), "last": at(len(hist["step"]) - 1)}
-
-
 def _keys(ctx) -> list[tuple]:
     return [()] + [(("lowr", g),) for g in grid_of(ctx)] + [(("lora_plus_ratio", LORA_PLUS_RATIO),),
                                                           (("lora_plus_ratio", LORA_PLUS_RATIO), ("lowr", MAIN_LOWR))]
@@ -176,14 +159,7 @@ def measure(ctx, runs) -> Measurement:
         "delta_moderate_mean_vs_lora_pp": ci_dict(samples["moderate_beats"]), "diverged_seed": DIVERGED,
         "lora_plus_lowr_diverged_at_steps": diverged_at.get(keys[-1], []),
         "divergence_diagnosis": diagnosis,
-        "divergence_mechanism": (
-            "LoWR multiplies a_i by gamma_i >= 1 and divides b_i by it at every step; the loss is invariant to this, "
-            "so nothing pulls a_i / b_i back. With tau = inf no channel is ever exempt and the ratio grows "
-            "geometrically (x gamma^2 per step); with tau finite a single step can still overshoot tau (gamma is "
-            "unbounded). Adam's step on b_i is ~lr per entry whatever the scale, so its change of "
-            "c_i = ||a_i|| ||b_i|| grows with ||a_i||: Var(c) and hence gamma jump, and the loop runs away. "
-            "LoRA+ multiplies B's step by 16, so the runaway starts earlier. See the 'adam lr x1/3' and 'sgd' "
-            "protocols and the per-run max ||a_i||/||b_i||, max ||a_i||, max gamma-1 before each divergence."),
+        "divergence_mechanism": DIVERGENCE_MECHANISM,
     }
 
     n_div = sum(r["diverged"] for r in rows)
