@@ -398,7 +398,8 @@ VERDICT_COLOURS = {"reproduced": "#009E73", "partially reproduced": "#E69F00", "
 def overview_rows(records: list[dict]) -> list[dict]:
     """The overview picture's numbers: one row per claim / hypothesis figure (checks are left out), in gallery
     order: ``label``, the ``headline`` verdict of each seed set ({"confirmatory": v | None, "exploratory": v |
-    None}) and ``protocols``: [(name, {seed set: verdict | None})] in the figure's declared order."""
+    None}), ``protocols``: [(name, {seed set: verdict | None})] in the figure's declared order, and
+    ``headline_protocols`` (the names the headline verdict is taken from)."""
     rows = []
     for r in records:
         if r.get("kind", "claim") == "check":
@@ -409,7 +410,7 @@ def overview_rows(records: list[dict]) -> list[dict]:
             names += [p["name"] for p in (run or {}).get("protocols", []) if p["name"] not in names]
         per = {ss: {p["name"]: p["verdict"] for p in run["protocols"]} if run else {} for ss, run in runs.items()}
         label = r["id"] + (" (hypothesis)" if r.get("kind") == "hypothesis" else "")
-        rows.append({"id": r["id"], "label": label,
+        rows.append({"id": r["id"], "label": label, "headline_protocols": list(r.get("headline_protocols") or []),
                      "headline": {ss: run["verdict"] if run else None for ss, run in runs.items()},
                      "protocols": [(n, {ss: per[ss].get(n) for ss in SEED_SETS}) for n in names]})
     return rows
@@ -441,7 +442,8 @@ def draw_overview(records: list[dict], path: Path) -> Path | None:
         y = len(rows) - 1 - i
         cell(0, y, row["headline"], "headline", bold=True)
         for j, (name, verdicts) in enumerate(row["protocols"], 1):
-            cell(j, y, verdicts, name if len(name) <= 18 else name[:17] + "…")
+            text = name if len(name) <= 18 else name[:17] + "…"
+            cell(j, y, verdicts, text + (" *" if name in row["headline_protocols"] else ""))
     ax.set_xlim(0, ncols)
     ax.set_ylim(0, len(rows))
     ax.set_yticks([len(rows) - 1 - i + 0.5 for i in range(len(rows))], [r["label"] for r in rows], fontsize=6.5)
@@ -450,13 +452,14 @@ def draw_overview(records: list[dict], path: Path) -> Path | None:
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.legend(handles=[Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=v)
-                       for v, c in VERDICT_COLOURS.items()] + [Patch(facecolor="white", edgecolor="black",
-                                                                     linewidth=0.5, label="not run")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=5, fontsize=6.5, frameon=False)
+    ax.grid(False)
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=v)
+                        for v, c in VERDICT_COLOURS.items()] + [Patch(facecolor="white", edgecolor="black",
+                                                                      linewidth=0.5, label="not run")],
+               loc="outside lower center", ncol=5, fontsize=6.5, frameon=False)
     ax.set_title("Verdict per claim and protocol: upper half of a cell on the confirmatory seeds, lower half on the "
-                 "exploratory seeds\n(hypotheses: reproduced = supported, partially = inconclusive, not = not "
-                 "supported; checks are not drawn)", fontsize=7.5)
+                 "exploratory seeds; * the protocols the headline verdict is taken from\n(hypotheses: reproduced = "
+                 "supported, partially = inconclusive, not = not supported; checks are not drawn)", fontsize=7.5)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=DPI, format="png")
     os.replace(tmp, path)

@@ -82,6 +82,7 @@ def test_overview_rows_are_claims_by_protocols_on_both_seed_sets():
     rows = gallery.overview_rows(RECORDS)
     assert [r["id"] for r in rows] == ["x-one", "x-two", "x-two-b", "x-hyp"]
     one = rows[0]
+    assert one["headline_protocols"] == ["sgd", "adam"]
     assert one["headline"] == {"confirmatory": "partially reproduced", "exploratory": "reproduced"}
     assert one["protocols"] == [("sgd", {"confirmatory": "reproduced", "exploratory": "reproduced"}),
                                 ("adam", {"confirmatory": "not reproduced", "exploratory": "reproduced"})]
