@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{fig_id}: {out / (fig_id + '.json')} holds a fuller run (more protocols, a confirmation or a "
                   f"higher fidelity) than this one, which goes to {where / (fig_id + '.json')}", flush=True)
     estimates = _estimates(ids, all_specs, out, fidelity, n_seeds, confirm)
-    what = ("every protocol, exploratory seeds " + _seed_text(ctx.seeds) + " then confirmatory seeds "
-            + _seed_text(confirmatory) if confirm else "primary protocol, exploratory seeds " + _seed_text(ctx.seeds))
+    seeds = gallery.seed_text
+    what = ("every protocol, exploratory seeds " + seeds(ctx.seeds) + " then confirmatory seeds "
+            + seeds(confirmatory) if confirm else "primary protocol, exploratory seeds " + seeds(ctx.seeds))
     print(f"{len(ids)} figure(s) at {fidelity} fidelity ({what}); estimated {sum(estimates.values()) / 60:.1f} min "
           "from the runtimes in the JSONs there (cached runs take less)", flush=True)
     commit = frozen.head_commit()
@@ -155,13 +156,6 @@ def _findings(out: Path) -> list[Path]:
     if out.resolve() != gallery.DEFAULT_OUT or not gallery.README.exists():
         return []
     return [gallery.write_findings(out)]
-
-
-def _seed_text(seeds) -> str:
-    seeds = list(seeds)
-    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ", ".join(map(str, seeds))
 
 
 def _not_frozen(ids: list[str], all_specs: dict) -> str | None:

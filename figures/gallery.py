@@ -324,7 +324,8 @@ def _counts_text(claims: dict[str, dict]) -> str:
     return ", ".join(f"{k} {counts[k]}" for k in _STATED_ORDER if k in counts)
 
 
-def _seed_text(seeds) -> str:
+def seed_text(seeds) -> str:
+    """Seeds as text: a run of consecutive seeds as "first-last" (``0-9``), else listed."""
     seeds = sorted(set(seeds))
     if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
         return f"{seeds[0]}-{seeds[-1]}"
@@ -333,7 +334,7 @@ def _seed_text(seeds) -> str:
 
 def _set_seeds(records: list[dict], seed_set: str) -> str:
     runs = [runs_of(r)[seed_set] for r in records]
-    return _seed_text(s for run in runs if run is not None for s in run["seeds"])
+    return seed_text(s for run in runs if run is not None for s in run["seeds"])
 
 
 def _checks(n: int) -> str:
@@ -480,9 +481,9 @@ def _commits_text(records: list[dict], key: str) -> str:
 def _preregistration(records: list[dict]) -> list[str]:
     confirmed = [r for r in records if "confirmation" in r]
     lines = ["", "### Pre-registration: exploratory and confirmatory seeds (issue 16 item 7)", "",
-             f"Exploratory seeds ({_seed_text(EXPLORATORY_SEEDS)}): the seeds the criteria were written, and for the "
+             f"Exploratory seeds ({seed_text(EXPLORATORY_SEEDS)}): the seeds the criteria were written, and for the "
              "figures of the first gallery revised, on, after their numbers had been seen; their verdicts are "
-             f"exploratory. Confirmatory seeds ({_seed_text(CONFIRMATORY_SEEDS)}): never used before the freeze. "
+             f"exploratory. Confirmatory seeds ({seed_text(CONFIRMATORY_SEEDS)}): never used before the freeze. "
              "Before any confirmatory seed was run, each figure's declaration (claim, kind, claim id, criterion, "
              "protocols and headline policy: everything that decides its verdict) was frozen with its SHA-256 in "
              "[`figures/FROZEN.json`](FROZEN.json) (`lora-theory figures --freeze`, `figures/frozen.py`) and "
@@ -574,13 +575,13 @@ def write_gallery(out: Path) -> Path:
     for r in records:
         runs = runs_of(r)
         conf, explo = runs["confirmatory"], runs["exploratory"]
-        text = (f"**Verdict (confirmatory, seeds {_seed_text(conf['seeds'])}): {conf['stated_verdict']}.** "
+        text = (f"**Verdict (confirmatory, seeds {seed_text(conf['seeds'])}): {conf['stated_verdict']}.** "
                 f"{conf['summary']}" if conf else f"**Verdict (exploratory; no confirmatory run yet): {_stated(r)}.** "
                 f"{r['summary']}")
         lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
                   f"**Kind: {r.get('kind', 'claim')}** (claim id {r.get('claim_id', r['id'])}). {text}", ""]
         if conf and explo:
-            lines += [f"**Exploratory (seeds {_seed_text(explo['seeds'])}): {explo['stated_verdict']}.** "
+            lines += [f"**Exploratory (seeds {seed_text(explo['seeds'])}): {explo['stated_verdict']}.** "
                       f"{explo['summary']}", ""]
         crit = r.get("criterion")
         if crit:
