@@ -534,12 +534,14 @@ class _LocalPool:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 
-    def wait(self, handles, timeout: float):
+    def wait(self, handles, timeout: float, also=()):
+        """The handles done, waiting up to ``timeout`` seconds for one (or for a file descriptor in ``also`` to
+        become readable)."""
         done = [h for h in handles if h in self.results]
         if done:
             return done
         waiting = {h: w for h, w in self.busy.items() if h in handles}
-        ready = set(wait_connections([w[1] for w in waiting.values()], timeout=timeout))
+        ready = set(wait_connections([w[1] for w in waiting.values()] + list(also), timeout=timeout))
         for h, (proc, conn) in waiting.items():
             if conn not in ready:
                 continue
@@ -657,6 +659,11 @@ class _WithCaller:
         self.handle: _Handle | None = None  # the caller's task in flight
         self.thread: threading.Thread | None = None
         self.done = threading.Event()
+        # the caller's thread writes a byte here when its task ends: the coordinating thread sleeps in one wait on
+        # the workers' sockets and this pipe, never polls (on a busy machine, each wake-up of the coordinating
+        # thread would take the GIL from the caller's task, which then waits for the OS to run it again)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
         self.outcome = None
         hook = os.environ.get(KILL_HOOK)
         with _pinned_threads(threads):  # the hook's key is the config's key at ``threads`` threads
@@ -687,7 +694,8 @@ class _WithCaller:
                     outcome = _Failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
                 self.outcome = outcome
                 self.done.set()
-            except _CallerStopped:
+                os.write(self.wake_w, b"x")
+            except (_CallerStopped, OSError):
                 pass
 
         self.thread = threading.Thread(target=work, name="lora-theory-sweep-caller", daemon=True)
@@ -695,20 +703,20 @@ class _WithCaller:
         return handle
 
     def wait(self, handles, timeout: float):
-        end = time.monotonic() + timeout
+        mine = self.handle is not None and self.handle in handles
         theirs = [h for h in handles if h is not self.handle]
-        while True:
-            done = [self.handle] if self.handle in handles and self.done.is_set() else []
-            step = 0.0 if done else max(0.0, min(0.05, end - time.monotonic()))
+        if not (mine and self.done.is_set()):
             if theirs:
-                done += self.pool.wait(theirs, step)
-            elif not done:
-                self.done.wait(step)
-            if done or time.monotonic() >= end:
-                return done
+                self.pool.wait(theirs, timeout, also=(self.wake_r,) if mine else ())
+            elif mine:
+                self.done.wait(timeout)
+        done = [self.handle] if mine and self.done.is_set() else []
+        return done + (self.pool.wait(theirs, 0) if theirs else [])
 
     def result(self, handle):
         if handle is self.handle:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 64)
             outcome, self.outcome, self.handle, self.thread = self.outcome, None, None, None
             return outcome
         self.mine.discard(handle)
@@ -724,6 +732,16 @@ class _WithCaller:
 
     def close(self, cancel: bool = False) -> None:
         self.pool.close(cancel=cancel)
+        self.release()
+
+    def release(self) -> None:
+        """Close the wake-up pipe (the sweep is over; kept open while a stopped task's thread still runs: its
+        descriptor numbers must not be reused under it)."""
+        if self.thread is not None and self.thread.is_alive():
+            return
+        for fd in (self.wake_r, self.wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _FuturesBackend:
@@ -1007,6 +1025,7 @@ def _run_distributed(pending, needs, kwargs, found, failures, bar, executor, wor
         backend.close(cancel=True)
         raise
     if isinstance(backend, _WithCaller):
+        backend.release()
         _keep_pool(backend.pool)
     elif isinstance(backend, _LocalPool):
         _keep_pool(backend)
