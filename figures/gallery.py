@@ -162,8 +162,9 @@ def _with_kind(record: dict, spec: Spec) -> dict:
 
 def redraw(spec: Spec, out: Path) -> str | None:
     """Draw ``<out>/<id>.png`` again from ``<out>/<id>.json`` (its ``draw`` numbers), without training. Returns
-    None when done, else why it cannot be redrawn. The JSON's kind fields are set from the figure file, and its
-    ``confirmation.registry_commit`` to the commit that froze the hash it records
+    None when done, else why it cannot be redrawn; the title states the verdict only of a confirmed JSON
+    (:func:`confirmation_state`), else that it awaits confirmation. The JSON's kind fields are set from the figure
+    file, and its ``confirmation.registry_commit`` to the commit that froze the hash it records
     (:func:`figures.frozen.freeze_commit`; runs before that function existed wrote the registry's last commit)."""
     path = out / f"{spec.id}.json"
     if not path.exists():
@@ -184,8 +185,95 @@ def redraw(spec: Spec, out: Path) -> str | None:
     if record.get("draw") is None:
         return f"{path.name} holds no draw numbers (written before --redraw existed, or unavailable): regenerate it"
     fig = spec.draw(record["draw"])
-    save_png(fig, out / f"{spec.id}.png", title(spec.paper, spec.id, record["stated_verdict"], _headline(record)))
+    save_png(fig, out / f"{spec.id}.png", title(spec.paper, spec.id, _title_verdict(record, frozen_entries(out)),
+                                                _headline(record)))
     return None
+
+
+def _title_verdict(record: dict, entries: dict[str, dict]) -> str:
+    """The verdict a redrawn PNG's title states: the confirmed verdict, or that the figure awaits confirmation
+    (with its old verdict marked superseded, or its exploratory verdict)."""
+    state = confirmation_state(record, entries)
+    if state["state"] == CONFIRMED:
+        return record["stated_verdict"]
+    return (f"awaiting confirmation (superseded verdict: {record['stated_verdict']})" if state["superseded"] else
+            f"awaiting confirmation (exploratory: {record['stated_verdict']})")
+
+
+# A figure's JSON against the frozen registry (figures/FROZEN.json, issue 16 item 7). Only a "confirmed" JSON counts:
+# it holds a confirmatory run (``confirmation``) under exactly the frozen declaration. Every other state is awaiting
+# confirmation, and its verdicts are never counted; "predates" and "other criterion" verdicts were reached under a
+# declaration the freeze replaced (superseded), an "exploratory only" one under the frozen declaration but only on the
+# seeds the criteria were written on.
+CONFIRMED = "confirmed"
+AWAITING = {
+    "predates": "awaiting confirmation: JSON predates the frozen criteria",
+    "other criterion": "awaiting confirmation: confirmed under a declaration other than the frozen one (a changed "
+                       "criterion needs a new confirmation on new seeds)",
+    "exploratory only": "awaiting confirmation: exploratory run only, under the frozen criteria",
+    "not frozen": "awaiting confirmation: not in the frozen registry (figures/FROZEN.json)",
+}
+SUPERSEDED = ("predates", "other criterion")  # states whose verdict was reached under a declaration the freeze replaced
+
+
+def frozen_entries(out: Path | None = None) -> dict[str, dict]:
+    """The frozen registry's entries (id -> {"sha256", "declaration"}) the JSONs of ``out`` are judged against:
+    ``<out>/FROZEN.json`` when there is one, else the package's ``figures/FROZEN.json``; {} when neither exists."""
+    for path in ([Path(out) / "FROZEN.json"] if out is not None else []) + [frozen.REGISTRY]:
+        if path.exists():
+            return frozen.load(path)["figures"]
+    return {}
+
+
+def declaration_differences(record: dict, decl: dict) -> list[str]:
+    """The fields of a frozen declaration (:func:`figures.frozen.declaration`) that ``record`` (a figure JSON)
+    states otherwise: ``claim``, ``kind``, ``claim_id``, ``criterion`` (its ``description`` is a rendering, left
+    out), ``protocols`` (names, settings, primary / paper / plausible marks, notes) and ``headline`` (the headline
+    protocols). Empty when the JSON was made under exactly that declaration."""
+    out = [k for k in ("claim", "kind", "claim_id") if record.get(k) != decl.get(k)]
+    crit = {k: v for k, v in (record.get("criterion") or {}).items() if k != "description"}
+    if crit != decl.get("criterion"):
+        out.append("criterion")
+    mine = {p.get("name"): p for p in record.get("protocols") or []}
+    declared = decl.get("protocols") or []
+    if list(mine) != [p["name"] for p in declared] or any(
+            {"name": p["name"], "settings": mine[p["name"]].get("protocol") or {},
+             "primary": bool(mine[p["name"]].get("primary")), "paper": bool(mine[p["name"]].get("paper")),
+             "plausible": bool(mine[p["name"]].get("plausible")), "note": mine[p["name"]].get("note", "")} != p
+            for p in declared):
+        out.append("protocols")
+    if list(record.get("headline_protocols") or []) != list((decl.get("headline") or {}).get("protocols") or []):
+        out.append("headline")
+    return out
+
+
+def confirmation_state(record: dict, entries: dict[str, dict]) -> dict:
+    """Where ``record`` (a figure JSON) stands against the frozen registry ``entries`` (:func:`frozen_entries`):
+    ``{"state", "text", "superseded", "differences"}``. ``state`` is :data:`CONFIRMED` (a ``confirmation`` whose
+    hash is the frozen one, made under the frozen declaration: the only state that counts) or a key of
+    :data:`AWAITING` ("predates": no confirmation and a declaration other than the frozen one; "other criterion": a
+    confirmation under another hash or declaration; "exploratory only": no confirmation, the frozen declaration;
+    "not frozen": the figure is not in the registry); ``superseded`` says whether its verdicts were reached under a
+    declaration the freeze replaced."""
+    entry = entries.get(record.get("id"))
+    if entry is None:
+        state, diffs = "not frozen", []
+    else:
+        diffs = declaration_differences(record, entry.get("declaration") or {})
+        conf = record.get("confirmation")
+        if conf:
+            if conf.get("criteria_sha256") != entry.get("sha256"):
+                diffs = ["hash", *diffs]
+            state = "other criterion" if diffs else CONFIRMED
+        else:
+            state = "predates" if diffs else "exploratory only"
+    return {"state": state, "text": "confirmed" if state == CONFIRMED else AWAITING[state],
+            "superseded": state in SUPERSEDED, "differences": diffs}
+
+
+def _states(records: list[dict], entries: dict[str, dict] | None) -> dict[str, dict]:
+    entries = frozen_entries() if entries is None else entries
+    return {r["id"]: confirmation_state(r, entries) for r in records}
 
 
 SEED_SETS = ("confirmatory", "exploratory")  # the gallery's order: the headline first
@@ -240,11 +328,17 @@ def _key_text(key: dict) -> str:
     return "; ".join(f"{k} {fmt(v)}" for k, v in key.items())
 
 
-def _protocol_map(r: dict) -> list[str]:
+def _strike(text: str) -> str:
+    return f"~~{text}~~"
+
+
+def _protocol_map(r: dict, superseded: bool = False) -> list[str]:
     """The claim x protocol map of one figure: one row per protocol, its verdict on each seed set that ran and the
-    headline run's key numbers."""
+    headline run's key numbers; ``superseded`` verdicts (reached under a declaration the freeze replaced) struck
+    through."""
     runs = runs_of(r)
-    explo = {p["name"]: p["verdict"] for p in (runs["exploratory"] or {}).get("protocols", [])}
+    mark_v = _strike if superseded else str
+    explo = {p["name"]: mark_v(p["verdict"]) for p in (runs["exploratory"] or {}).get("protocols", [])}
     marks = set(r.get("headline_protocols") or [])
     head = ["| protocol | settings | paper's / plausible | verdict (confirmatory) | verdict (exploratory) | "
             "key numbers |", "|---|---|---|---|---|---|"]
@@ -253,7 +347,7 @@ def _protocol_map(r: dict) -> list[str]:
         name = f"**{p['name']}** (primary)" if p.get("primary") else p["name"]
         mark = "paper's" if p.get("paper") else "plausible" if p.get("plausible") else ""
         mark += " (headline)" if p["name"] in marks and mark else ""
-        conf = p["verdict"] if runs["confirmatory"] is not None else "not run"
+        conf = mark_v(p["verdict"]) if runs["confirmatory"] is not None else "not run"
         lines.append(f"| {_cell(name)} | {_cell(_settings_text(p.get('protocol') or {}))} | {mark} | {conf} | "
                      f"{explo.get(p['name'], 'not run')} | {_cell(_key_text(p.get('key') or {}))} |")
     return lines
@@ -286,30 +380,57 @@ def _stated(r: dict) -> str:
     return r.get("stated_verdict") or stated_verdict(r.get("kind", "claim"), r["verdict"])
 
 
-def claim_tally(records: list[dict], seed_set: str | None = None) -> dict[str, dict]:
-    """One verdict per paper claim: the records of kind claim / hypothesis grouped by ``claim_id``; a claim tested
-    by several figures gets the WEAKEST of their verdicts (:func:`figures.framework.claim_verdict`). Checks are
-    left out. ``seed_set`` "confirmatory" / "exploratory" reads that run's verdicts (:func:`runs_of`; records without
-    it are left out), None each record's headline ``verdict``. Returns claim_id -> {"kind", "verdict",
-    "stated_verdict", "figures"}."""
-    if seed_set is not None and seed_set not in SEED_SETS:
-        raise ValueError(f"seed_set must be one of {SEED_SETS} or None, got {seed_set!r}")
-    groups: dict[str, list[tuple[dict, str]]] = {}
+def _claim_groups(records: list[dict]) -> dict[str, list[dict]]:
+    """claim_id -> the records of kind claim / hypothesis that test it (checks left out), in gallery order."""
+    groups: dict[str, list[dict]] = {}
     for r in records:
-        if r.get("kind", "claim") == "check":
-            continue
-        run = runs_of(r)[seed_set] if seed_set is not None else r
-        if run is not None:
-            groups.setdefault(r.get("claim_id") or r["id"], []).append((r, run["verdict"]))
-    out = {}
+        if r.get("kind", "claim") != "check":
+            groups.setdefault(r.get("claim_id") or r["id"], []).append(r)
     for cid, rs in groups.items():
-        kinds = {r.get("kind", "claim") for r, _ in rs}
+        kinds = {r.get("kind", "claim") for r in rs}
         if len(kinds) != 1:
             raise ValueError(f"claim_id {cid!r} joins figures of different kinds {sorted(kinds)}")
-        kind = kinds.pop()
-        v = claim_verdict([v for _, v in rs])
+    return groups
+
+
+def claim_tally(records: list[dict], seed_set: str | None = None,
+                entries: dict[str, dict] | None = None) -> dict[str, dict]:
+    """One verdict per paper claim: the records of kind claim / hypothesis grouped by ``claim_id``; a claim tested
+    by several figures gets the WEAKEST of their verdicts (:func:`figures.framework.claim_verdict`). Checks are
+    left out. ``seed_set`` "confirmatory" / "exploratory": only the claims CONFIRMED so far (every figure of the
+    claim :data:`CONFIRMED` against the frozen registry ``entries``, default :func:`frozen_entries`), with that seed
+    set's verdicts (:func:`runs_of`); the other claims are :func:`awaiting_claims`. None: each record's headline
+    ``verdict``, whatever its state. Returns claim_id -> {"kind", "verdict", "stated_verdict", "figures"}."""
+    if seed_set is not None and seed_set not in SEED_SETS:
+        raise ValueError(f"seed_set must be one of {SEED_SETS} or None, got {seed_set!r}")
+    groups = _claim_groups(records)
+    if seed_set is not None:
+        states = _states(records, entries)
+        groups = {cid: rs for cid, rs in groups.items() if all(states[r["id"]]["state"] == CONFIRMED for r in rs)}
+    out = {}
+    for cid, rs in groups.items():
+        runs = [runs_of(r)[seed_set] if seed_set is not None else r for r in rs]
+        verdicts = [run["verdict"] for run in runs if run is not None]
+        if not verdicts:
+            continue
+        kind = rs[0].get("kind", "claim")
+        v = claim_verdict(verdicts)
         out[cid] = {"kind": kind, "verdict": v, "stated_verdict": stated_verdict(kind, v),
-                    "figures": [r["id"] for r, _ in rs]}
+                    "figures": [r["id"] for r in rs]}
+    return out
+
+
+def awaiting_claims(records: list[dict], entries: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The paper claims not confirmed yet: claim_id -> {"kind", "figures", "awaiting": the figures not
+    :data:`CONFIRMED` with their state ({id: state}), "superseded": whether one of them holds a verdict reached under
+    a declaration the freeze replaced}. A claim tested by several figures awaits until every one is confirmed."""
+    states = _states(records, entries)
+    out = {}
+    for cid, rs in _claim_groups(records).items():
+        waiting = {r["id"]: states[r["id"]]["state"] for r in rs if states[r["id"]]["state"] != CONFIRMED}
+        if waiting:
+            out[cid] = {"kind": rs[0].get("kind", "claim"), "figures": [r["id"] for r in rs], "awaiting": waiting,
+                        "superseded": any(s in SUPERSEDED for s in waiting.values())}
     return out
 
 
@@ -332,8 +453,9 @@ def seed_text(seeds) -> str:
     return ", ".join(map(str, seeds)) or "none"
 
 
-def _set_seeds(records: list[dict], seed_set: str) -> str:
-    runs = [runs_of(r)[seed_set] for r in records]
+def _set_seeds(records: list[dict], seed_set: str, ids=None) -> str:
+    """The seeds of the ``seed_set`` runs of ``records`` (only the figures ``ids`` when given)."""
+    runs = [runs_of(r)[seed_set] for r in records if ids is None or r["id"] in ids]
     return seed_text(s for run in runs if run is not None for s in run["seeds"])
 
 
@@ -341,24 +463,50 @@ def _checks(n: int) -> str:
     return f"{n} check{'s' if n != 1 else ''}"
 
 
-def _tally(records: list[dict]) -> list[str]:
+def _awaiting_text(waiting: dict[str, dict], link) -> str:
+    """The awaiting claims grouped by why they wait: "<why>: a, b; <why>: c" (``link(cid, claim)`` names one)."""
+    by: dict[str, list[str]] = {}
+    for cid, c in waiting.items():
+        for state in dict.fromkeys(c["awaiting"].values()):
+            by.setdefault(state, []).append(link(cid, c))
+    return "; ".join(f"{AWAITING[state].removeprefix('awaiting confirmation: ')}: {', '.join(dict.fromkeys(names))}"
+                     for state, names in by.items())
+
+
+def _confirmed_text(records: list[dict], conf: dict, explo: dict) -> str:
+    ids = {f for c in conf.values() for f in c["figures"]}
+    return (f"on the confirmatory seeds ({_set_seeds(records, 'confirmatory', ids)}, run after the criteria were "
+            f"frozen): {_counts_text(conf)}; the same claims on the exploratory seeds "
+            f"({_set_seeds(records, 'exploratory', ids)}, the seeds the criteria were written on), beside it: "
+            f"{_counts_text(explo)}")
+
+
+def _tally(records: list[dict], entries: dict[str, dict] | None = None) -> list[str]:
+    """The gallery's top line: how many paper claims are confirmed so far and their verdicts (confirmatory, the
+    exploratory beside); the claims awaiting confirmation are named and never counted (their JSONs' verdicts were
+    reached under criteria the freeze superseded, or on the exploratory seeds only)."""
+    entries = frozen_entries() if entries is None else entries
     n_checks = sum(r.get("kind", "claim") == "check" for r in records)
-    explo = claim_tally(records, "exploratory")
-    conf = claim_tally(records, "confirmatory")
-    claims = conf or explo
-    joined = [f"{cid} ({' + '.join(c['figures'])})" for cid, c in claims.items() if len(c["figures"]) > 1]
-    if conf:
-        head = (f"**Tally: {len(conf)} paper claims** (claims and hypotheses, once per claim id), confirmatory "
-                f"(seeds {_set_seeds(records, 'confirmatory')}, run after the criteria were frozen): "
-                f"{_counts_text(conf)}. Exploratory (seeds {_set_seeds(records, 'exploratory')}, the seeds the "
-                f"criteria were written on), beside it: {_counts_text(explo)}.")
-    else:
-        head = (f"**Tally: {len(explo)} paper claims** (claims and hypotheses, once per claim id), exploratory "
-                f"(seeds {_set_seeds(records, 'exploratory')}, the seeds the criteria were written on; no "
-                f"confirmatory run in these JSONs yet): {_counts_text(explo)}.")
-    return [head + f" {_checks(n_checks)} listed apart and not counted. A claim tested by several figures gets "
-            "the weakest of their verdicts (reproduced > partially reproduced > not reproduced)"
-            + (f": {'; '.join(joined)}." if joined else ".")]
+    conf = claim_tally(records, "confirmatory", entries)
+    explo = claim_tally(records, "exploratory", entries)
+    waiting = awaiting_claims(records, entries)
+    n = len(_claim_groups(records))
+    head = (f"**Tally: {len(conf)} of {n} paper claims confirmed so far; {len(waiting)} awaiting confirmation** "
+            "(claims and hypotheses, once per claim id; a claim tested by several figures is confirmed when every "
+            "one of its figures is, and gets the weakest of their verdicts: reproduced > partially reproduced > not "
+            "reproduced). ")
+    head += (f"Confirmed claims, {_confirmed_text(records, conf, explo)}." if conf else
+             "No claim is confirmed yet: no JSON here holds a confirmatory run under the frozen criteria.")
+    if waiting:
+        def link(cid: str, c: dict) -> str:
+            return f"[{cid}](#{next(iter(c['awaiting']))})"
+
+        head += (" Awaiting confirmation, not counted (the verdicts their JSONs show are not findings): "
+                 f"{_awaiting_text(waiting, link)}.")
+    joined = [f"{cid} ({' + '.join(figs)})" for cid, figs in
+              ((cid, [r["id"] for r in rs]) for cid, rs in _claim_groups(records).items()) if len(figs) > 1]
+    return [head + f" {_checks(n_checks)} listed apart and not counted."
+            + (f" Claims tested by several figures: {'; '.join(joined)}." if joined else "")]
 
 
 # Statistics fixes (issue 16 item 6): old rule, new rule, why, and what the numbers were (regenerated from the run
@@ -396,36 +544,45 @@ VERDICT_COLOURS = {"reproduced": "#009E73", "partially reproduced": "#E69F00", "
                    "unavailable": "#999999"}
 
 
-def overview_rows(records: list[dict]) -> list[dict]:
+def overview_rows(records: list[dict], entries: dict[str, dict] | None = None) -> list[dict]:
     """The overview picture's numbers: one row per claim / hypothesis figure (checks are left out), in gallery
-    order: ``label``, the ``headline`` verdict of each seed set ({"confirmatory": v | None, "exploratory": v |
-    None}), ``protocols``: [(name, {seed set: verdict | None})] in the figure's declared order, and
-    ``headline_protocols`` (the names the headline verdict is taken from)."""
+    order: ``label``, ``state`` (:func:`confirmation_state` against ``entries``, default :func:`frozen_entries`),
+    the ``headline`` verdict of each seed set ({"confirmatory": v | None, "exploratory": v | None}), ``protocols``:
+    [(name, {seed set: verdict | None})] in the figure's declared order, and ``headline_protocols`` (the names the
+    headline verdict is taken from). A JSON whose verdicts were reached under a declaration the freeze superseded
+    has no verdict here (None everywhere: it is not evidence for the frozen claim)."""
+    states = _states(records, entries)
     rows = []
     for r in records:
         if r.get("kind", "claim") == "check":
             continue
+        state = states[r["id"]]
         runs = runs_of(r)
+        if state["superseded"]:
+            runs = {ss: None for ss in runs}
         names = [p["name"] for p in r.get("protocols") or []]
         for run in runs.values():
             names += [p["name"] for p in (run or {}).get("protocols", []) if p["name"] not in names]
         per = {ss: {p["name"]: p["verdict"] for p in run["protocols"]} if run else {} for ss, run in runs.items()}
         label = r["id"] + (" (hypothesis)" if r.get("kind") == "hypothesis" else "")
-        rows.append({"id": r["id"], "label": label, "headline_protocols": list(r.get("headline_protocols") or []),
+        if state["state"] != CONFIRMED:
+            label += " (awaiting: superseded JSON)" if state["superseded"] else " (awaiting)"
+        rows.append({"id": r["id"], "label": label, "state": state["state"],
+                     "headline_protocols": list(r.get("headline_protocols") or []),
                      "headline": {ss: run["verdict"] if run else None for ss, run in runs.items()},
                      "protocols": [(n, {ss: per[ss].get(n) for ss in SEED_SETS}) for n in names]})
     return rows
 
 
-def draw_overview(records: list[dict], path: Path) -> Path | None:
+def draw_overview(records: list[dict], path: Path, entries: dict[str, dict] | None = None) -> Path | None:
     """The picture at the top of the gallery: claims x protocols, each cell coloured by the verdict, its upper half
-    on the confirmatory seeds and its lower half on the exploratory seeds (white: not run); the first column is the
-    headline verdict (:data:`figures.framework.HEADLINE_POLICY`). Drawn from the JSONs alone; None when there is no
+    on the confirmatory seeds and its lower half on the exploratory seeds (white: not run, or a verdict reached under a
+    superseded declaration); the first column is the headline verdict (:data:`figures.framework.HEADLINE_POLICY`). Drawn from the JSONs alone; None when there is no
     claim to draw."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    rows = overview_rows(records)
+    rows = overview_rows(records, entries)
     if not rows:
         return None
     ncols = 1 + max(len(r["protocols"]) for r in rows)
@@ -441,7 +598,8 @@ def draw_overview(records: list[dict], path: Path) -> Path | None:
 
     for i, row in enumerate(rows):
         y = len(rows) - 1 - i
-        cell(0, y, row["headline"], "headline", bold=True)
+        cell(0, y, row["headline"], "headline" if row["state"] == CONFIRMED else "awaiting\nconfirmation",
+             bold=True)
         for j, (name, verdicts) in enumerate(row["protocols"], 1):
             text = name if len(name) <= 18 else name[:17] + "…"
             cell(j, y, verdicts, text + (" *" if name in row["headline_protocols"] else ""))
@@ -460,7 +618,9 @@ def draw_overview(records: list[dict], path: Path) -> Path | None:
                loc="outside lower center", ncol=5, fontsize=6.5, frameon=False)
     ax.set_title("Verdict per claim and protocol: upper half of a cell on the confirmatory seeds, lower half on the "
                  "exploratory seeds; * the protocols the headline verdict is taken from\n(hypotheses: reproduced = "
-                 "supported, partially = inconclusive, not = not supported; checks are not drawn)", fontsize=7.5)
+                 "supported, partially = inconclusive, not = not supported; checks are not drawn)\nawaiting "
+                 "confirmation: no confirmatory run under the frozen criteria yet (a superseded JSON's old verdicts "
+                 "are left white)", fontsize=7.5)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=DPI, format="png")
     os.replace(tmp, path)
@@ -478,8 +638,8 @@ def _commits_text(records: list[dict], key: str) -> str:
     return "; ".join(f"`{c}` ({n} figure{'s' if n != 1 else ''})" for c, n in counts.items()) or "none"
 
 
-def _preregistration(records: list[dict]) -> list[str]:
-    confirmed = [r for r in records if "confirmation" in r]
+def _preregistration(records: list[dict], states: dict[str, dict]) -> list[str]:
+    confirmed = [r for r in records if states[r["id"]]["state"] == CONFIRMED]
     lines = ["", "### Pre-registration: exploratory and confirmatory seeds (issue 16 item 7)", "",
              f"Exploratory seeds ({seed_text(EXPLORATORY_SEEDS)}): the seeds the criteria were written, and for the "
              "figures of the first gallery revised, on, after their numbers had been seen; their verdicts are "
@@ -490,11 +650,31 @@ def _preregistration(records: list[dict]) -> list[str]:
              "committed on its own. The headline verdict of each figure is its confirmatory verdict; the exploratory "
              "one stands beside it. Each JSON's `confirmation` records the seeds, the hash of the declaration the run "
              "used (a test checks it equals the registry's), the registry's commit and the commit of the run. A "
-             "criterion changed after the freeze needs a new confirmation on seeds never used, logged here."]
+             "criterion changed after the freeze needs a new confirmation on seeds never used, logged here.",
+             "",
+             "A figure counts only once *confirmed*: its JSON holds a confirmatory run whose hash is the frozen one and "
+             "whose declaration (claim, kind, criterion, protocols, headline protocols) equals the frozen declaration. "
+             "Every other figure is *awaiting confirmation* and counts nowhere: a JSON that predates the frozen "
+             "criteria shows verdicts reached under rules the freeze superseded (marked superseded, kept only as the "
+             "record of what was run); an exploratory-only JSON was judged by the frozen rules but only on the seeds "
+             "they were written on."]
+    waiting = [r for r in records if states[r["id"]]["state"] != CONFIRMED]
     if not confirmed:
-        return lines + ["", "No confirmatory run in these JSONs yet: every verdict above is exploratory."]
-    lines += ["", f"Confirmed {len(confirmed)} of {len(records)} figures. Registry commit(s): "
-              f"{_commits_text(confirmed, 'registry_commit')}. Run at commit(s): {_commits_text(confirmed, 'commit')}."]
+        lines += ["", "No confirmatory run under the frozen criteria in these JSONs yet: every figure awaits "
+                  "confirmation."]
+    else:
+        lines += ["", f"Confirmed {len(confirmed)} of {len(records)} figures. Registry commit(s): "
+                  f"{_commits_text(confirmed, 'registry_commit')}. Run at commit(s): "
+                  f"{_commits_text(confirmed, 'commit')}."]
+    if waiting:
+        by: dict[str, list[str]] = {}
+        for r in waiting:
+            by.setdefault(states[r["id"]]["state"], []).append(f"[{r['id']}](#{r['id']})")
+        lines += ["", f"Awaiting confirmation ({len(waiting)} figure{'s' if len(waiting) != 1 else ''}): "
+                  + "; ".join(f"{AWAITING[k].removeprefix('awaiting confirmation: ')}: {', '.join(v)}"
+                              for k, v in by.items()) + "."]
+    if not confirmed:
+        return lines
     moved = [(r["id"], runs_of(r)) for r in confirmed]
     moved = [(i, rs) for i, rs in moved if rs["exploratory"] and rs["exploratory"]["verdict"] != rs["confirmatory"][
         "verdict"]]
@@ -527,6 +707,8 @@ def write_gallery(out: Path) -> Path:
     declaration), "holds in k of n protocols" and the claim x protocol map, and Methods (the headline policy, the
     confidence level, the pre-registration, every recalibrated rule, the statistics fixes)."""
     records = _load_records(out)
+    entries = frozen_entries(out)
+    states = _states(records, entries)
     lines = [
         "# Figure gallery",
         "",
@@ -540,9 +722,9 @@ def write_gallery(out: Path) -> Path:
         "are decided: see [Methods](#methods).",
         "",
     ]
-    lines += _tally(records) + [""]
+    lines += _tally(records, entries) + [""]
     out.mkdir(parents=True, exist_ok=True)
-    if draw_overview(records, out / OVERVIEW_PNG) is not None:
+    if draw_overview(records, out / OVERVIEW_PNG, entries) is not None:
         lines += [f"![verdict per claim and protocol]({OVERVIEW_PNG})", ""]
     lines += [
         "### Claims and hypotheses",
@@ -555,16 +737,21 @@ def write_gallery(out: Path) -> Path:
     checks = [r for r in records if r.get("kind", "claim") == "check"]
 
     def verdicts(r):
-        runs = runs_of(r)
+        """(confirmatory cell, exploratory cell, robustness cell) of the tables."""
+        runs, state = runs_of(r), states[r["id"]]
         conf, explo = runs["confirmatory"], runs["exploratory"]
-        return (f"**{conf['stated_verdict']}**" if conf else "not run",
-                explo["stated_verdict"] if explo else "not run", runs)
+        if state["state"] == CONFIRMED:
+            return (f"**{conf['stated_verdict']}**", explo["stated_verdict"] if explo else "not run",
+                    _robustness_cell(conf, r.get("criterion")))
+        old = ", ".join(f"{_strike(run['stated_verdict'])} ({ss})" for ss, run in runs.items() if run)
+        return (_cell(state["text"]), f"{old} superseded" if state["superseded"] else
+                explo["stated_verdict"] if explo else "not run", "superseded" if state["superseded"] else "not run")
 
     for r in table:
-        conf, explo, runs = verdicts(r)
+        conf, explo, robust = verdicts(r)
         lines.append(f"| [{r['id']}](#{r['id']}) | {r.get('kind', 'claim')} | {r.get('claim_id', r['id'])} | "
-                     f"{r['paper']} | {conf} | {explo} | {_robustness_cell(runs['confirmatory'], r.get('criterion'))} "
-                     f"| {len(r['seeds'])} | {r['fidelity']} | {r['runtime_s']} |")
+                     f"{r['paper']} | {conf} | {explo} | {robust} | {len(r['seeds'])} | {r['fidelity']} | "
+                     f"{r['runtime_s']} |")
     lines += ["", "### Checks (cannot fail for a correct implementation: not evidence, never in the tally)", "",
               "| figure | paper | result (confirmatory) | exploratory | seeds | runtime (s) |",
               "|---|---|---|---|---|---|"]
@@ -573,33 +760,56 @@ def write_gallery(out: Path) -> Path:
         lines.append(f"| [{r['id']}](#{r['id']}) | {r['paper']} | {conf} | {explo} | {len(r['seeds'])} | "
                      f"{r['runtime_s']} |")
     for r in records:
-        runs = runs_of(r)
+        runs, state = runs_of(r), states[r["id"]]
         conf, explo = runs["confirmatory"], runs["exploratory"]
-        text = (f"**Verdict (confirmatory, seeds {seed_text(conf['seeds'])}): {conf['stated_verdict']}.** "
-                f"{conf['summary']}" if conf else f"**Verdict (exploratory; no confirmatory run yet): {_stated(r)}.** "
-                f"{r['summary']}")
+        if state["state"] == CONFIRMED:
+            text = (f"**Verdict (confirmatory, seeds {seed_text(conf['seeds'])}): {conf['stated_verdict']}.** "
+                    f"{conf['summary']}")
+        elif state["superseded"]:
+            why = f" (differs in: {', '.join(state['differences'])})" if state["differences"] else ""
+            text = (f"**{state['text'][0].upper()}{state['text'][1:]}**{why}. Its old verdict (seeds "
+                    f"{seed_text(r.get('seeds') or [])}, under criteria the freeze superseded; not counted): "
+                    f"{_strike(_stated(r))} (superseded). {r['summary']}")
+        else:
+            text = (f"**{state['text'][0].upper()}{state['text'][1:]}.** Exploratory verdict (seeds "
+                    f"{seed_text(r.get('seeds') or [])}; not counted): {_stated(r)}. {r['summary']}")
         lines += ["", f"## {r['id']}", "", f"**{r['paper']}.** Claim: {r['claim']}", "",
                   f"**Kind: {r.get('kind', 'claim')}** (claim id {r.get('claim_id', r['id'])}). {text}", ""]
         if conf and explo:
-            lines += [f"**Exploratory (seeds {seed_text(explo['seeds'])}): {explo['stated_verdict']}.** "
+            lines += [f"**Exploratory (seeds {seed_text(explo['seeds'])}): "
+                      f"{_strike(explo['stated_verdict']) if state['superseded'] else explo['stated_verdict']}.** "
                       f"{explo['summary']}", ""]
         crit = r.get("criterion")
         if crit:
-            lines += ["**Criterion.** " + crit["description"].replace("\n", "  \n"), ""]
+            head = ("**Criterion in this JSON (superseded by the frozen declaration in "
+                    "[`FROZEN.json`](FROZEN.json)).** " if state["superseded"] else "**Criterion.** ")
+            lines += [head + crit["description"].replace("\n", "  \n"), ""]
             h = r["holds"]
+            where = (" on the confirmatory seeds" if conf and not state["superseded"] else
+                     " under the superseded criteria (not counted)" if state["superseded"] else "")
             lines += [f"**Holds in {h['reproduced']} of {h['n']} protocol{'s' if h['n'] != 1 else ''}** "
                       f"(partially in {h['partially reproduced']}, not in {h['not reproduced']}, unavailable in "
-                      f"{h['unavailable']}){' on the confirmatory seeds' if conf else ''}.", ""]
-            lines += _protocol_map(r) + [""]
+                      f"{h['unavailable']}){where}.", ""]
+            lines += _protocol_map(r, state["superseded"]) + [""]
         if r.get("image"):
             lines += [f"![{r['id']}]({r['image']})", ""]
+            if state["superseded"]:
+                lines += ["(The picture of the JSON awaiting confirmation: any verdict in its title is superseded.)",
+                          ""]
         lines.append(f"Data: {', '.join(r['datasets']) or 'none (closed form / synthetic)'}; seeds "
                      f"{r['seeds']}; fidelity {r['fidelity']}; {r['runtime_s']} s on {r['device']}.")
     lines += ["", *_METHODS_INTRO, HEADLINE_POLICY, "",
               "**Confidence level.** " + CONFIDENCE_STATEMENT, "", *_KINDS_TEXT]
-    lines += _preregistration(records)
+    lines += _preregistration(records, states)
     lines += ["", "### Recalibrated rules", ""]
-    recal = [(r["id"], c) for r in records for c in ((r.get("criterion") or {}).get("recalibrations") or [])]
+
+    def logged(r: dict) -> list[dict]:  # the JSON's log, then the frozen declaration's entries it lacks (a JSON
+        # that predates the freeze misses the recalibrations made up to the freeze)
+        mine = list((r.get("criterion") or {}).get("recalibrations") or [])
+        decl = ((entries.get(r["id"]) or {}).get("declaration") or {}).get("criterion") or {}
+        return mine + [c for c in decl.get("recalibrations") or [] if c not in mine]
+
+    recal = [(r["id"], c) for r in records for c in logged(r)]
     if recal:
         lines += ["| figure | old rule | new rule | why |", "|---|---|---|---|"]
         lines += [f"| [{fid}](#{fid}) | {_cell(c['old'])} | {_cell(c['new'])} | {_cell(c['why'])} |"
@@ -635,61 +845,66 @@ def _under(run: dict, names: list[str]) -> str:
     return "; ".join(parts)
 
 
-def findings(records: list[dict], gallery_link: str = "figures/README.md") -> str:
-    """The README's findings, from the JSONs alone (no hand-typed number): the tally of paper claims (confirmatory,
-    the exploratory beside it), then per paper its claims grouped by verdict, each linked to its gallery section;
-    a claim whose headline combines several protocols that disagree says under which it holds."""
-    conf, explo = claim_tally(records, "confirmatory"), claim_tally(records, "exploratory")
+def findings(records: list[dict], gallery_link: str = "figures/README.md",
+             entries: dict[str, dict] | None = None) -> str:
+    """The README's findings, from the JSONs alone (no hand-typed number): how many paper claims are confirmed so
+    far and their tally (confirmatory, the exploratory beside it), then per paper its confirmed claims grouped by
+    verdict, each linked to its gallery section (a claim whose headline combines several protocols that disagree says
+    under which it holds), and the claims awaiting confirmation, named without a verdict: a verdict reached under
+    superseded criteria, or on the exploratory seeds alone, is not a finding. ``entries``: the frozen registry
+    (default :func:`frozen_entries`)."""
+    entries = frozen_entries() if entries is None else entries
+    conf, explo = claim_tally(records, "confirmatory", entries), claim_tally(records, "exploratory", entries)
+    waiting = awaiting_claims(records, entries)
     n_checks = sum(r.get("kind", "claim") == "check" for r in records)
-    if conf:
-        lines = [f"**{len(conf)} paper claims** (each counted once; {_checks(n_checks)} that cannot fail listed "
-                 f"apart), judged on fresh confirmatory seeds ({_set_seeds(records, 'confirmatory')}) under criteria "
-                 f"frozen before those seeds were run: {_counts_text(conf)}. On the exploratory seeds "
-                 f"({_set_seeds(records, 'exploratory')}), on which the criteria were written: {_counts_text(explo)}."]
-        seed_set = "confirmatory"
-    else:
-        lines = [f"**{len(explo)} paper claims** (each counted once; {_checks(n_checks)} that cannot fail listed "
-                 f"apart), exploratory verdicts (seeds {_set_seeds(records, 'exploratory')}, on which the criteria "
-                 f"were written; the confirmation on fresh seeds is not in the JSONs yet): {_counts_text(explo)}."]
-        seed_set = "exploratory"
-    tally = conf or explo
+    n = len(_claim_groups(records))
+    lines = [f"**{len(conf)} of {n} paper claims confirmed so far; {len(waiting)} awaiting confirmation** (each "
+             f"claim counted once; {_checks(n_checks)} that cannot fail listed apart). "
+             + (f"Confirmed claims, {_confirmed_text(records, conf, explo)}." if conf else
+                "No claim is confirmed yet: no JSON holds a confirmatory run under the frozen criteria.")
+             + (" The claims awaiting confirmation have no verdict here: their JSONs predate the frozen criteria "
+                "(or hold only an exploratory run), so what they show is not a finding." if waiting else "")]
     by_id = {r["id"]: r for r in records}
-    papers: dict[str, list[str]] = {}
-    for cid, c in tally.items():
-        papers.setdefault(by_id[c["figures"][0]]["paper"].split()[0], []).append(cid)
+    papers: dict[str, dict[str, list[str]]] = {}
+    for rs in _claim_groups(records).values():  # every paper with a claim, in gallery order
+        papers.setdefault(rs[0]["paper"].split()[0], {})
+    for cid, c in conf.items():
+        notes = []
+        for fid in c["figures"]:
+            run = runs_of(by_id[fid])["confirmatory"]
+            names = list(by_id[fid].get("headline_protocols") or [])
+            verdicts = {p["name"]: p["verdict"] for p in run["protocols"]} if run else {}
+            if len(names) > 1 and len({verdicts.get(n) for n in names}) > 1:
+                notes.append((f"{fid}: " if len(c["figures"]) > 1 else "") + _under(run, names))
+        link = f"[{cid}]({gallery_link}#{c['figures'][0]})"
+        paper = by_id[c["figures"][0]]["paper"].split()[0]
+        papers[paper].setdefault(c["stated_verdict"], []).append(link + (f" ({'; '.join(notes)})" if notes else ""))
+    for cid, c in waiting.items():
+        paper = by_id[c["figures"][0]]["paper"].split()[0]
+        papers[paper].setdefault("awaiting confirmation", []).append(
+            f"[{cid}]({gallery_link}#{next(iter(c['awaiting']))})")
     lines.append("")
-    for paper, cids in papers.items():
-        groups: dict[str, list[str]] = {}
-        for cid in cids:
-            c = tally[cid]
-            notes = []
-            for fid in c["figures"]:
-                run = runs_of(by_id[fid])[seed_set]
-                names = list(by_id[fid].get("headline_protocols") or [])
-                verdicts = {p["name"]: p["verdict"] for p in run["protocols"]} if run else {}
-                if len(names) > 1 and len({verdicts.get(n) for n in names}) > 1:
-                    notes.append((f"{fid}: " if len(c["figures"]) > 1 else "") + _under(run, names))
-            link = f"[{cid}]({gallery_link}#{c['figures'][0]})"
-            groups.setdefault(c["stated_verdict"], []).append(link + (f" ({'; '.join(notes)})" if notes else ""))
-        order = [v for v in _STATED_ORDER if v in groups]
+    for paper, groups in papers.items():
+        order = [v for v in (*_STATED_ORDER, "awaiting confirmation") if v in groups]
         lines.append(f"- **{paper}**: " + "; ".join(f"{v}: {', '.join(groups[v])}" for v in order) + ".")
     return "\n".join(lines)
 
 
-def findings_block(records: list[dict]) -> str:
+def findings_block(records: list[dict], entries: dict[str, dict] | None = None) -> str:
     """:func:`findings` between the README's markers."""
-    return f"{FINDINGS_BEGIN}\n{findings(records)}\n{FINDINGS_END}"
+    return f"{FINDINGS_BEGIN}\n{findings(records, entries=entries)}\n{FINDINGS_END}"
 
 
 def write_findings(out: Path = DEFAULT_OUT, readme: Path | None = None) -> Path:
     """Replace the block between the markers of ``readme`` (default: the repository's README.md) by the findings of
-    the JSONs in ``out``. ValueError when the markers are missing."""
+    the JSONs in ``out`` (judged against :func:`frozen_entries` of ``out``). ValueError when the markers are
+    missing."""
     readme = readme if readme is not None else README
     text = readme.read_text()
     i, j = text.find(FINDINGS_BEGIN), text.find(FINDINGS_END)
     if i < 0 or j < i:
         raise ValueError(f"readme: {readme} lacks the findings markers {FINDINGS_BEGIN!r} ... {FINDINGS_END!r}")
-    new = text[:i] + findings_block(_load_records(out)) + text[j + len(FINDINGS_END):]
+    new = text[:i] + findings_block(_load_records(out), frozen_entries(out)) + text[j + len(FINDINGS_END):]
     if new != text:
         atomic_write_bytes(readme, new.encode())
     return readme

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import subprocess
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -108,26 +109,76 @@ def _git(*args: str) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
-# Until the gallery is regenerated after the freeze no committed JSON has a confirmation; once one has, every one must.
-@pytest.mark.skipif(not any("confirmation" in r for r in _committed().values()), reason="no committed JSON has a confirmation yet: the regeneration after the freeze writes them")  # noqa: E501
+def check_confirmation(fig_id: str, rec: dict, frozen_hashes: dict[str, str]) -> list[str]:
+    """What is wrong with a JSON's ``confirmation`` (empty: nothing): its hash is the frozen registry's, its
+    declaration the frozen one, its seeds disjoint from the exploratory seeds, its verdicts those of the JSON, and
+    (in a clone with the run's history) its registry commit the one that froze the hash, an ancestor of the run's
+    commit and older than the run."""
+    conf, bad = rec["confirmation"], []
+    if conf["criteria_sha256"] != frozen_hashes.get(fig_id):
+        bad.append("confirmed under a criterion that is not the frozen one (a changed rule needs new seeds)")
+    state = gallery.confirmation_state(rec, gallery.frozen_entries())
+    if state["state"] != gallery.CONFIRMED:
+        bad.append(f"the JSON's declaration is not the frozen one: {state['differences']}")
+    if set(conf["seeds"]) & set(EXPLORATORY_SEEDS) or set(conf["seeds"]) & set(rec["exploratory"]["seeds"]):
+        bad.append("confirmatory seeds overlap the exploratory ones")
+    if (rec["verdict"], rec["seeds"]) != (conf["verdict"], conf["seeds"]):
+        bad.append("verdict / seeds differ from the JSON's top level")
+    if conf["protocols"] != {p["name"]: p["verdict"] for p in rec["protocols"]}:
+        bad.append("per-protocol verdicts differ from the JSON's protocols")
+    reg, run = conf["registry_commit"], conf["commit"]
+    if reg in ("unknown", "uncommitted"):
+        return bad + ["confirmed against a registry never committed"]
+    if _git("cat-file", "-e", f"{run}^{{commit}}") is not None:  # a clone with the history of the run
+        if reg != frozen.freeze_commit(conf["criteria_sha256"]):
+            bad.append("registry_commit is not the commit that froze its hash (`lora-theory figures --redraw`)")
+        if _git("merge-base", "--is-ancestor", reg, run) is None:
+            bad.append("frozen after its run's commit")
+        started = dt.datetime.fromisoformat(rec["generated"]) - dt.timedelta(seconds=rec["runtime_s"])
+        froze = frozen.commit_time(reg)
+        if froze is None or dt.datetime.fromisoformat(froze) > started:
+            bad.append("run started before the freeze (or its registry commit is unknown to git)")
+    return bad
+
+
 def test_the_committed_confirmations_match_the_frozen_registry_on_fresh_seeds():
+    """Every committed JSON that has a confirmation matches the frozen registry on fresh seeds; the others (JSONs
+    from before the freeze, while the regeneration is under way) await confirmation: the gallery counts them nowhere
+    (tests/figures/test_gallery.py), and this test says how many there are."""
     frozen_hashes = frozen.hashes()
-    for fig_id, rec in _committed().items():
-        conf = rec.get("confirmation")
-        assert conf, f"{fig_id}.json has no confirmation"
-        assert conf["criteria_sha256"] == frozen_hashes[fig_id], \
-            f"{fig_id}: confirmed under a criterion that is not the frozen one (a changed rule needs new seeds)"
-        assert not set(conf["seeds"]) & set(EXPLORATORY_SEEDS), f"{fig_id}: confirmatory seeds overlap 0-9"
-        assert not set(conf["seeds"]) & set(rec["exploratory"]["seeds"]), fig_id
-        assert (rec["verdict"], rec["seeds"]) == (conf["verdict"], conf["seeds"]), fig_id
-        assert conf["protocols"] == {p["name"]: p["verdict"] for p in rec["protocols"]}, fig_id
-        reg, run = conf["registry_commit"], conf["commit"]
-        assert reg not in ("unknown", "uncommitted"), f"{fig_id}: confirmed against a registry never committed"
-        if _git("cat-file", "-e", f"{run}^{{commit}}") is not None:  # a clone with the history of the run
-            assert reg == frozen.freeze_commit(conf["criteria_sha256"]), f"{fig_id}: not the commit that froze it"
-            assert _git("merge-base", "--is-ancestor", reg, run) is not None, f"{fig_id}: frozen after its run's commit"
-            started = dt.datetime.fromisoformat(rec["generated"]) - dt.timedelta(seconds=rec["runtime_s"])
-            assert dt.datetime.fromisoformat(frozen.commit_time(reg)) <= started, f"{fig_id}: run before the freeze"
+    committed = _committed()
+    bad = {fig_id: why for fig_id, rec in committed.items() if "confirmation" in rec
+           for why in [check_confirmation(fig_id, rec, frozen_hashes)] if why}
+    assert not bad, "\n".join(f"{fig_id}: {'; '.join(why)}" for fig_id, why in bad.items())
+    awaiting = sorted(i for i, rec in committed.items() if "confirmation" not in rec)
+    if awaiting:
+        warnings.warn(f"{len(awaiting)} of {len(committed)} committed figure JSONs await confirmation (no confirmatory "
+                      f"run under the frozen criteria yet): {', '.join(awaiting)}", stacklevel=1)
+
+
+def test_a_confirmation_that_does_not_match_is_caught():
+    """:func:`check_confirmation` on a JSON confirmed under the frozen declaration, then with each defect."""
+    entries = gallery.frozen_entries()
+    fig_id = "allora-fig3-norms"
+    decl, sha = entries[fig_id]["declaration"], entries[fig_id]["sha256"]
+    protocols = [{"name": p["name"], "protocol": p["settings"], "primary": p["primary"], "paper": p["paper"],
+                  "plausible": p["plausible"], "note": p["note"], "verdict": "reproduced"} for p in decl["protocols"]]
+    rec = {"id": fig_id, "claim": decl["claim"], "kind": decl["kind"], "claim_id": decl["claim_id"],
+           "criterion": {**decl["criterion"], "description": "d"}, "protocols": protocols,
+           "headline_protocols": decl["headline"]["protocols"], "verdict": "reproduced",
+           "seeds": list(CONFIRMATORY_SEEDS), "exploratory": {"seeds": list(EXPLORATORY_SEEDS)},
+           "confirmation": {"seeds": list(CONFIRMATORY_SEEDS), "criteria_sha256": sha, "verdict": "reproduced",
+                            "protocols": {p["name"]: "reproduced" for p in protocols},
+                            "registry_commit": "f" * 40, "commit": "e" * 40}}  # commits git does not know
+    hashes = {fig_id: sha}
+    assert check_confirmation(fig_id, rec, hashes) == []
+    assert "not the frozen one" in check_confirmation(fig_id, rec, {fig_id: "0" * 64})[0]
+    changed = {**rec, "criterion": {**rec["criterion"], "alpha": 0.1}}
+    assert "declaration is not the frozen one: ['criterion']" in check_confirmation(fig_id, changed, hashes)[0]
+    overlap = {**rec, "confirmation": {**rec["confirmation"], "seeds": [9, 100]}, "seeds": [9, 100]}
+    assert check_confirmation(fig_id, overlap, hashes) == ["confirmatory seeds overlap the exploratory ones"]
+    never = {**rec, "confirmation": {**rec["confirmation"], "registry_commit": "uncommitted"}}
+    assert check_confirmation(fig_id, never, hashes) == ["confirmed against a registry never committed"]
 
 
 def test_freeze_commit_names_the_commit_that_froze_a_declaration():
