@@ -617,8 +617,8 @@ def draw_overview(records: list[dict], path: Path, entries: dict[str, dict] | No
                                                                       linewidth=0.5, label="not run")],
                loc="outside lower center", ncol=5, fontsize=6.5, frameon=False)
     ax.set_title("Verdict per claim and protocol: upper half of a cell on the confirmatory seeds, lower half on the "
-                 "exploratory seeds; * the protocols the headline verdict is taken from\n(hypotheses: reproduced = "
-                 "supported, partially = inconclusive, not = not supported; checks are not drawn)\nawaiting "
+                 "exploratory seeds;\n* the headline verdict's protocols; hypotheses: reproduced = supported, "
+                 "partially = inconclusive, not = not supported; checks not drawn\nawaiting "
                  "confirmation: no confirmatory run under the frozen criteria yet (a superseded JSON's old verdicts "
                  "are left white)", fontsize=7.5)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -291,6 +291,11 @@ def test_the_committed_gallery_with_some_figures_confirmed(tmp_path):
     out = tmp_path / "figures"
     entries = gallery.frozen_entries(out)
     assert set(entries) == set(registry.FIGURE_IDS)
+    for path in out.glob("*.json"):  # whatever is committed: no confirmation (then every figure awaits) ...
+        rec = json.loads(path.read_text())
+        if rec.pop("confirmation", None) is not None:
+            path.write_text(json.dumps(rec))
+    # ... but these two
     for fig_id in ("allora-fig3-norms", "allora-tab5-best-epoch"):
         (out / f"{fig_id}.json").write_text(json.dumps(_confirmed_from_registry(fig_id, "reproduced", entries)))
     records = gallery._load_records(out)
