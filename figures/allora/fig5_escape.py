@@ -19,7 +19,7 @@ from figures.criteria import (
     fmt_ci,
     mean_ci,
 )
-from figures.framework import Measurement, Protocol
+from figures.framework import Measurement, Protocol, diverged
 from figures.style import colors, new_figure
 from toymodels.protocol import base_config
 
@@ -120,6 +120,11 @@ def measure(ctx, runs) -> Measurement:
     steps, opt, lr = base.steps, ctx.settings["optimizer"], float(ctx.settings["l_b"])
     t_cross, slope, final, first = ({n: [] for n in METHODS} for _ in range(4))
     for i in range(len(ctx.seeds)):
+        if any(diverged(runs[name][i]) for name in METHODS):  # a diverged seed is missing (NaN, counted as excluded)
+            for vals in (t_cross, slope, final, first):
+                for name in METHODS:
+                    vals[name].append(math.nan)
+            continue
         tau = TAU_FRAC * row_norm_curve(runs[METHODS[0]][i])[1][-1]
         for name in METHODS:
             s, v = row_norm_curve(runs[name][i])
@@ -133,13 +138,14 @@ def measure(ctx, runs) -> Measurement:
     f_a, f_hi, f_lo = (np.asarray(first[n]) for n in METHODS)
     step1_ref = f_hi if opt == "sgd" else f_lo
     samples = {"escape_as_fast": np.log(ac / hic), "lora_lb_slower": np.log(loc / ac), "tapers_off": sa - shi,
-               "step1_closed_form": float(np.max(np.abs(np.log(f_a / step1_ref))))}
+               "step1_closed_form": float(np.nanmax(np.abs(np.log(f_a / step1_ref))))}
     measured = {
         "optimizer": opt, "l_b": lr, "eta2": ETA2, "steps": steps,
         "threshold": f"{TAU_FRAC} x ALLoRA's final mean row norm (per seed)",
         "late_phase": f"steps >= {LATE_FROM} x {steps}",
         "escape_step": {n: paired(t_cross[n]) for n in METHODS},
-        "censored_runs": {n: int(np.sum(~np.isfinite(np.asarray(t_cross[n])))) for n in METHODS},
+        "censored_runs": {n: int(np.sum(np.isinf(np.asarray(t_cross[n])))) for n in METHODS},
+        "diverged_seeds": int(np.sum(np.isnan(np.asarray(t_cross[METHODS[0]])))),
         "escape_ratio_allora_over_lora_eta_lb": ci_dict(ac / hic),
         "escape_ratio_lora_lb_over_allora": ci_dict(loc / ac),
         "late_loglog_slope": {n: ci_dict(slope[n]) for n in METHODS},
@@ -165,11 +171,12 @@ def measure(ctx, runs) -> Measurement:
                        "method=lora, scaling=1.0, lr=eta*l_b", "LoRA (l_b)": "method=lora, scaling=1.0, lr=l_b"},
               "dropout": 0.0, "threshold_fraction": TAU_FRAC, "late_phase_from": LATE_FROM}
     curves = {}
-    for name in METHODS:  # geometric mean over seeds and its CI (in log space), from step 1
-        vals = np.stack([row_norm_curve(h)[1] for h in runs[name]])
+    ok = [i for i in range(len(ctx.seeds)) if not any(diverged(runs[n][i]) for n in METHODS)]
+    for name in METHODS:  # geometric mean over the seeds without a diverged run and its CI (log space), from step 1
+        vals = np.stack([row_norm_curve(runs[name][i])[1] for i in ok])
         curves[name] = [np.exp(v) for v in mean_ci(np.log(vals[:, 1:]))]
-    numbers = {"step": row_norm_curve(runs[METHODS[0]][0])[0][1:], "curves": curves, "optimizer": opt, "l_b": lr,
-               "threshold": float(np.mean([TAU_FRAC * row_norm_curve(h)[1][-1] for h in runs[METHODS[0]]])),
+    numbers = {"step": row_norm_curve(runs[METHODS[0]][ok[0]])[0][1:], "curves": curves, "optimizer": opt, "l_b": lr,
+               "threshold": float(np.mean([TAU_FRAC * row_norm_curve(runs[METHODS[0]][i])[1][-1] for i in ok])),
                "late_from": LATE_FROM * steps, "escape": {n: mean_ci(t) for n, t in zip(METHODS, (ac, hic, loc), strict=True)}}
     return Measurement(samples=samples, measured=measured, summary=summary, key=key, datasets=["mnist"],
                        config=config, draw=numbers)

@@ -50,3 +50,26 @@ def test_lora_at_lb_barely_slower_passed_the_old_rule_and_fails_the_new():
     assert t_stat(good["lora_lb_slower"], 0.0) > 5  # old: pass
     out = CRITERION.evaluate(good)
     assert not out.passed["lora_lb_slower"] and out.verdict == "partially reproduced"
+
+
+def test_a_diverged_seed_is_missing_not_a_crash():
+    """A run that diverged comes back truncated (framework.sweep); fig5's measure once crashed stacking the curves
+    (different lengths). The seed is now missing from every per-seed value (NaN, excluded by the tests) and counted."""
+    from figures.allora import fig5_escape as fig
+    from figures.framework import Context, Protocol
+
+    ctx = Context(fidelity="quick", seeds=(0, 1, 2)).with_protocol(
+        Protocol("sgd", {"optimizer": "sgd", "l_b": 0.03}, primary=True))
+    steps = fig._base(ctx).steps
+    s = np.arange(steps + 1)
+
+    def hist(scale, n=steps + 1):
+        curve = scale * (1 - np.exp(-(s[:n] + 1) / 20.0))
+        return {"step": s[:n], "row_norm_BA": np.stack([curve, curve], axis=1)}
+
+    runs = {name: [hist(1.0 + 0.1 * k + 0.01 * i) for i in range(3)] for k, name in enumerate(fig.METHODS)}
+    runs[fig.METHODS[1]][2] = {**hist(1.0, n=10), "diverged_step": 9}
+    meas = fig.measure(ctx, runs)
+    assert meas.measured["diverged_seeds"] == 1
+    assert np.isnan(meas.samples["escape_as_fast"][2]) and np.isfinite(meas.samples["escape_as_fast"][:2]).all()
+    assert len(meas.draw["curves"][fig.METHODS[0]][0]) == steps
