@@ -136,6 +136,8 @@ def test_stats_reproduces_the_figure_at_quick_fidelity(module, make, spec, tmp_p
 @pytest.mark.parametrize("module, make, spec", CASES, ids=["allora-tab-variants", "allora-tab5-dropout-epochs"])
 def test_stats_reproduces_the_committed_gallery_verdict(module, make, spec, tmp_path):
     record = json.loads((GALLERY / f"{module.ID}.json").read_text())
+    if "confirmation" not in record:  # an old JSON, judged by superseded criteria (the gallery: awaiting confirmation)
+        pytest.skip(f"the committed {module.ID}.json predates the frozen criteria (awaiting confirmation)")
     prot = next(p for p in module.PROTOCOLS if p.primary)
     ctx = framework.Context(fidelity=record["fidelity"], seeds=tuple(record["seeds"]), workers=1).with_protocol(prot)
     if not all_cached(module, ctx):
