@@ -105,7 +105,10 @@ class AdapterSpectrum(CacheNamed, Callback):
         out = np.full((len(state.layers), r), math.nan)
         with torch.no_grad():
             for i, m in enumerate(state.layers):
-                sv = torch.linalg.svdvals((m.scaling * (m.lora_B @ m.lora_A)).double()).cpu().numpy()
+                ba = (m.scaling * (m.lora_B @ m.lora_A)).double()
+                if not torch.isfinite(ba).all():  # a diverged run: no spectrum (NaN row; the run was never cached)
+                    continue
+                sv = torch.linalg.svdvals(ba).cpu().numpy()
                 out[i, : min(m.r, sv.size)] = sv[: m.r]
         self._sv = out
 
@@ -129,7 +132,10 @@ def measure(ctx, runs) -> Measurement:
     ranks, (changes, lowr) = _ranks(ctx), split_settings(ctx.settings)
     sv = {(name, r): np.stack([h["ba_sv"] for h in runs[(r, name)]]) for r in ranks for name in ("lora", "lowr")}
     n_layers = sv["lora", ranks[0]].shape[1]
-    vals = {(k, name, r): np.array([[f(sv[name, r][s, i], r) for i in range(n_layers)]
+    def metric(f, v, r):  # a diverged run has no spectrum (an all-NaN row): its value is missing
+        return f(v, r) if np.isfinite(v).any() else math.nan
+
+    vals = {(k, name, r): np.array([[metric(f, sv[name, r][s, i], r) for i in range(n_layers)]
                                     for s in range(len(ctx.seeds))])
             for k, f in METRICS.items() for name in ("lora", "lowr") for r in ranks}  # (seeds, layers)
     samples, measured = {}, {"ranks": list(ranks), "lowr": list(lowr), "protocol": ctx.settings, "rank": {}}
@@ -147,7 +153,7 @@ def measure(ctx, runs) -> Measurement:
             samples.setdefault(f"{k}_r{r}", samples[f"{k}_r{ranks[-1]}"])
 
     def hid(k, name, r):
-        return vals[k, name, r][:, HIDDEN].mean()
+        return np.nanmean(vals[k, name, r][:, HIDDEN])  # over the seeds that did not diverge
 
     parts = [f"r={r}: effective rank {hid('effective_rank', 'lora', r):.3g} -> {hid('effective_rank', 'lowr', r):.3g} "
              f"(gain {fmt_ci(measured['rank'][str(r)]['effective_rank']['lowr_minus_lora_hidden_layers'], '.2g')}), "

@@ -71,3 +71,22 @@ def test_erank_criterion_needs_a_channel_at_every_rank():
     # the old rule credited a gain at a single rank: now not
     one_rank = {n: (v if n == "erank_gain_r8" else seeds(0.0, 0.3, shift=8)) for n, v in up.items()}
     assert crit.evaluate(one_rank).verdict == "not reproduced"
+
+
+def test_a_diverged_run_has_no_spectrum_instead_of_crashing():
+    """A diverging run reaches on_train_end with non-finite weights (the loop stops at the first non-finite loss);
+    svdvals used to raise there, failing the protocol. Its row is now NaN, and measure reads it as missing."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from figures.lowr.effective_rank import AdapterSpectrum
+
+    good = SimpleNamespace(r=2, scaling=1.0, lora_A=torch.eye(2, 3), lora_B=torch.ones(4, 2))
+    bad = SimpleNamespace(r=2, scaling=1.0, lora_A=torch.full((2, 3), math.nan), lora_B=torch.ones(4, 2))
+    cb = AdapterSpectrum()
+    cb.reset()
+    cb.on_train_end(SimpleNamespace(layers=[good, bad]))
+    sv = cb.result()["ba_sv"]
+    assert np.isfinite(sv[0]).all() and np.isnan(sv[1]).all()
