@@ -481,6 +481,14 @@ def _confirmed_text(records: list[dict], conf: dict, explo: dict) -> str:
             f"{_counts_text(explo)}")
 
 
+def _confirmed_count(confirmed: int, claims: int, waiting: int) -> str:
+    """'N of M paper claims confirmed so far; K awaiting confirmation', or 'all M paper claims confirmed' when none
+    awaits."""
+    if waiting == 0 and confirmed == claims:
+        return f"all {claims} paper claims confirmed"
+    return f"{confirmed} of {claims} paper claims confirmed so far; {waiting} awaiting confirmation"
+
+
 def _tally(records: list[dict], entries: dict[str, dict] | None = None) -> list[str]:
     """The gallery's top line: how many paper claims are confirmed so far and their verdicts (confirmatory, the
     exploratory beside); the claims awaiting confirmation are named and never counted (their JSONs' verdicts were
@@ -491,7 +499,7 @@ def _tally(records: list[dict], entries: dict[str, dict] | None = None) -> list[
     explo = claim_tally(records, "exploratory", entries)
     waiting = awaiting_claims(records, entries)
     n = len(_claim_groups(records))
-    head = (f"**Tally: {len(conf)} of {n} paper claims confirmed so far; {len(waiting)} awaiting confirmation** "
+    head = (f"**Tally: {_confirmed_count(len(conf), n, len(waiting))}** "
             "(claims and hypotheses, once per claim id; a claim tested by several figures is confirmed when every "
             "one of its figures is, and gets the weakest of their verdicts: reproduced > partially reproduced > not "
             "reproduced). ")
@@ -858,7 +866,8 @@ def findings(records: list[dict], gallery_link: str = "figures/README.md",
     waiting = awaiting_claims(records, entries)
     n_checks = sum(r.get("kind", "claim") == "check" for r in records)
     n = len(_claim_groups(records))
-    lines = [f"**{len(conf)} of {n} paper claims confirmed so far; {len(waiting)} awaiting confirmation** (each "
+    count = _confirmed_count(len(conf), n, len(waiting))
+    lines = [f"**{count[0].upper()}{count[1:]}** (each "
              f"claim counted once; {_checks(n_checks)} that cannot fail listed apart). "
              + (f"Confirmed claims, {_confirmed_text(records, conf, explo)}." if conf else
                 "No claim is confirmed yet: no JSON holds a confirmatory run under the frozen criteria.")

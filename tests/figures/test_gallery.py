@@ -126,7 +126,7 @@ def test_tally_counts_claims_once_from_the_confirmatory_verdicts_exploratory_bes
     assert conf["hyp"]["stated_verdict"] == "supported"
     assert gallery.awaiting_claims(RECORDS, ENTRIES) == {}
     text = gallery._tally(RECORDS, ENTRIES)[0]
-    assert text.startswith("**Tally: 3 of 3 paper claims confirmed so far; 0 awaiting confirmation**")
+    assert text.startswith("**Tally: all 3 paper claims confirmed**")
     assert "confirmatory seeds (100-109" in text and "reproduced 1, partially reproduced 1, supported 1" in text
     assert "exploratory seeds (0-9" in text and "reproduced 1, not reproduced 1, supported 1" in text
     with pytest.raises(ValueError, match="seed_set"):
@@ -195,7 +195,7 @@ def test_gallery_page_picture_and_methods(tmp_path, monkeypatch):
     assert (tmp_path / gallery.OVERVIEW_PNG).stat().st_size > 10_000
     top = text.split("### Claims and hypotheses")[0]
     assert f"![verdict per claim and protocol]({gallery.OVERVIEW_PNG})" in top
-    assert "**Tally: 3 of 3 paper claims confirmed so far; 0 awaiting confirmation**" in top
+    assert "**Tally: all 3 paper claims confirmed**" in top
     row = next(line for line in text.splitlines() if line.startswith("| [x-one]"))
     assert "| **partially reproduced** | reproduced |" in row
     methods = text.split("## Methods")[1]
@@ -231,7 +231,7 @@ def test_gallery_page_of_a_mix_marks_old_verdicts_superseded(tmp_path, monkeypat
 
 def test_findings_say_the_tally_and_where_plausible_protocols_disagree():
     text = gallery.findings(RECORDS, entries=ENTRIES)
-    assert text.startswith("**3 of 3 paper claims confirmed so far; 0 awaiting confirmation** (each claim counted "
+    assert text.startswith("**All 3 paper claims confirmed** (each claim counted "
                            "once; 1 check that cannot fail listed apart)")
     assert "confirmatory seeds (100-109" in text and "reproduced 1, partially reproduced 1, supported 1" in text
     assert "partially reproduced: [one](figures/README.md#x-one) (holds under sgd; not under adam)" in text

@@ -68,6 +68,6 @@ def test_committed_jsons_carry_the_kind_and_the_gallery_tally(tmp_path):
         (tmp_path / f"{fid}.json").write_text(json.dumps(rec))
     text = write_gallery(tmp_path).read_text()  # judged against the package's figures/FROZEN.json
     n_claims = len({s.claim_id for s in specs.values() if s.kind != "check"})
-    assert f" of {n_claims} paper claims confirmed so far; " in text.split("\n\n")[2]
+    assert f"{n_claims} paper claims confirmed" in text.split("\n\n")[2]
     top = text.split("### Checks")[0]
     assert not any(f"[{c}]" in top for c in CHECKS)
