@@ -14,4 +14,8 @@ def run_all(quick: bool = False) -> int:
     status = bench_sweep.main(["--quick", "--skip-ray"] if quick else []) or status
     status = bench_sweep_small.main(["--quick"] if quick else []) or status
     status = bench_redraw.main(["--quick"] if quick else []) or status
+    if quick:  # the whole gallery takes hours: `python -m benchmarks.bench_gallery` on its own (BENCHMARKS.md)
+        from benchmarks import bench_gallery
+
+        status = bench_gallery.main(["--quick"]) or status
     return __import__("benchmarks.bench_diagnose").bench_diagnose.main(quick=quick) or status

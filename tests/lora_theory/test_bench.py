@@ -15,4 +15,6 @@ def test_bench_quick_runs_every_benchmark(tmp_path, monkeypatch, capfd):
     assert "sample_loss benchmark" in out and "ratio" in out
     assert "sweep benchmark: 4 runs (QUICK" in out
     assert "small-sweep benchmark: 12 runs (QUICK" in out and "(bits equal: True" in out
+    assert "gallery benchmark: lora-theory allora-prop1-ripple lowr-fig3-with-without --quick" in out
+    assert "2 figures," in out and "projection (model:" in out and "32 workers" in out
     assert "bit for bit: " in out and "False" not in out.split("bit for bit: ")[1].splitlines()[0]
