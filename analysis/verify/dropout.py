@@ -13,6 +13,7 @@ import torch
 
 from analysis import dropout as dr
 from analysis._masks import enumerate_masks
+from analysis.streams import stream_seed
 from analysis.verify import check, row
 
 TOPIC = "dropout"
@@ -65,7 +66,7 @@ def enumeration(seed: int):
     for placement in ("bottleneck", "input"):
         errs = {"E[L]": 0.0, "Var[L]": 0.0, "grad E[L] (closed form)": 0.0, "Var[grad]": 0.0}
         for k, p in enumerate((0.1, 0.5, 0.9)):
-            X, Y, W, A, B = random_problem(seed + k, N=2, d_in=3, d_out=2, r=3)
+            X, Y, W, A, B = random_problem(stream_seed(seed, "verify-dropout-enumeration", k), N=2, d_in=3, d_out=2, r=3)
             (mL, vL), (mA, vA), (mB, vB) = enumerate_oracle(X, Y, W, A, B, p, placement, 0.7)
             kw = dict(placement=placement, scaling=0.7)
             gA, gB = dr.expected_loss_grad(X, Y, W, A, B, p, **kw)
@@ -82,7 +83,7 @@ def enumeration(seed: int):
 
 @check(TOPIC)
 def finite_differences(seed: int):
-    X, Y, W, A, B = random_problem(seed, N=6, d_in=5, d_out=4, r=3)
+    X, Y, W, A, B = random_problem(stream_seed(seed, "verify-dropout-fd"), N=6, d_in=5, d_out=4, r=3)
     h, p = 1e-6, 0.3
     for placement in ("bottleneck", "input"):
         gA, _ = dr.expected_loss_grad(X, Y, W, A, B, p, placement=placement, scaling=1.3)
@@ -100,10 +101,11 @@ def finite_differences(seed: int):
 
 @check(TOPIC)
 def monte_carlo(seed: int):
-    X, Y, W, A, B = random_problem(seed, N=64, d_in=32, d_out=8, r=4)
+    X, Y, W, A, B = random_problem(stream_seed(seed, "verify-dropout-mc"), N=64, d_in=32, d_out=8, r=4)
     n, p = 100_000, 0.2
     for placement in ("bottleneck", "input"):
-        L = dr.sample_loss(X, Y, W, A, B, p, n, placement=placement, seed=seed)
+        L = dr.sample_loss(X, Y, W, A, B, p, n, placement=placement,
+                          seed=stream_seed(seed, "verify-dropout-mc-masks", placement))
         mu = dr.expected_loss(X, Y, W, A, B, p, placement=placement)
         var = dr.loss_variance(X, Y, W, A, B, p, placement=placement)
         z = (L.mean() - mu) / math.sqrt(var / n)
@@ -116,12 +118,13 @@ def monte_carlo(seed: int):
 
 @check(TOPIC)
 def deviation_bound(seed: int):
-    X, Y, W, A, B = random_problem(seed + 1, N=16, d_in=8, d_out=4, r=3)
+    X, Y, W, A, B = random_problem(stream_seed(seed, "verify-dropout-deviation"), N=16, d_in=8, d_out=4, r=3)
     p, groups = 0.3, 4000
     mu = dr.expected_loss(X, Y, W, A, B, p)
     std = math.sqrt(dr.loss_variance(X, Y, W, A, B, p))
     for n in (1, 256):
-        L = dr.sample_loss(X, Y, W, A, B, p, n * groups, seed=seed + n).reshape(groups, n)
+        L = dr.sample_loss(X, Y, W, A, B, p, n * groups,
+                           seed=stream_seed(seed, "verify-dropout-deviation-masks", n)).reshape(groups, n)
         dev = np.abs(L.mean(axis=1) - mu)
         se = dev.std() / math.sqrt(groups)
         ratio = dev.mean() / float(dr.deviation_bound(std, n))
@@ -134,7 +137,7 @@ def deviation_bound(seed: int):
 
 @check(TOPIC)
 def paper_discrepancies(seed: int):
-    X, Y, W, A, B = random_problem(seed + 2, N=6, d_in=4, d_out=3, r=2)
+    X, Y, W, A, B = random_problem(stream_seed(seed, "verify-dropout-printed-grad-b"), N=6, d_in=4, d_out=3, r=2)
     p = 0.2
     _, gB = dr.expected_loss_grad(X, Y, W, A, B, p)
     Ap, Bp, R = A.T, B.T, Y - X @ W.T  # the paper's A (D x R) and B (R x C)
@@ -146,7 +149,7 @@ def paper_discrepancies(seed: int):
     yield row(TOPIC, "sec 3.2 printed grad_B E[L] (rows of XA, no factor 2): |true|/|printed|", ratio,
               "!= 1: erratum shown", abs(ratio - 1) > 1e-3)
     # linear dropout: equivalence with Tikhonov only for whitened inputs
-    rng = np.random.default_rng(seed + 3)
+    rng = np.random.default_rng(stream_seed(seed, "verify-dropout-linear"))
     Xl, Yl = rng.normal(size=(50, 5)), rng.normal(size=(50, 2))
     Q, _ = np.linalg.qr(Xl)
     Xw = 2.0 * Q
@@ -162,7 +165,7 @@ def paper_discrepancies(seed: int):
     torch_rate = 1 / (1 + lam_r)
     n_draws = 200_000
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(stream_seed(seed, "verify-dropout-d2-torch"))
         V = torch.nn.Dropout(torch_rate).train()(torch.ones(n_draws, dtype=torch.float64)).numpy()
     coef = float((V**2).mean() - 1)
     se = float((V**2).std() / math.sqrt(n_draws))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.ripple import chain_terms, tight_instance
+from analysis.streams import stream_seed
 from analysis.verify import check, row
 
 TOPIC = "ripple"
@@ -21,7 +22,7 @@ def _random_chain(rng, L=4, d=6, r=2):
 @check(TOPIC)
 def bounds_hold(seed: int):
     """Each step of the corrected chain holds on 200 random rectangular chains."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(stream_seed(seed, "verify-ripple-bounds"))
     worst = -np.inf
     for _ in range(200):
         L = int(rng.integers(1, 6))
@@ -40,7 +41,7 @@ def bounds_hold(seed: int):
 @check(TOPIC)
 def tight_equalities(seed: int):
     """tight_instance: every inequality is an equality."""
-    Ws, As, Bs, x = tight_instance(6, 8, 3, 0.7, 1.3, seed=seed)
+    Ws, As, Bs, x = tight_instance(6, 8, 3, 0.7, 1.3, seed=stream_seed(seed, "verify-ripple-tight"))
     t = chain_terms(Ws, As, Bs, 0.7, x)
     gap = max(abs(t[k] / t["output"] - 1) for k in ORDER[1:])
     yield row(TOPIC, "tight_instance(L=6,d=8,r=3,eta=.7,m=1.3): all steps equal", float(gap),
@@ -53,7 +54,7 @@ def tight_equalities(seed: int):
 @check(TOPIC)
 def errata(seed: int):
     """The printed chain's errata, with their sizes."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(stream_seed(seed, "verify-ripple-errata"))
     Ws, As, Bs, x = _random_chain(rng)
     t = chain_terms(Ws, As, Bs, 0.5, x)
     ratio = t["output"] / t["operator"]
@@ -66,7 +67,7 @@ def errata(seed: int):
     yield row(TOPIC, "erratum 'all tight': AM-GM bound/||f_L||, random", float(total),
               "> 1", total > 1 + 1e-6)
     # Theta((1 + eta)^L) vs (1 + eta m_bar)^L on the tight instance with m = 2, eta = 0.5, L = 8
-    Ws, As, Bs, x = tight_instance(8, 5, 2, 0.5, 2.0, seed=seed)
+    Ws, As, Bs, x = tight_instance(8, 5, 2, 0.5, 2.0, seed=stream_seed(seed, "verify-ripple-errata-tight"))
     t = chain_terms(Ws, As, Bs, 0.5, x)
     ratio = t["output"] / t["paper_theta"]
     expected = (2.0 / 1.5) ** 8
@@ -74,7 +75,7 @@ def errata(seed: int):
               f"((1+2eta)/(1+eta))^8={expected:.3g}", abs(ratio / expected - 1) <= 1e-12)
     # Cauchy-Schwarz (Frobenius) vs induced norm on a random chain
     P = np.eye(6)
-    Wr, Ar, Br, xr = _random_chain(np.random.default_rng(seed + 1))
+    Wr, Ar, Br, xr = _random_chain(np.random.default_rng(stream_seed(seed, "verify-ripple-errata-cs")))
     for W, A, B in zip(Wr, Ar, Br, strict=True):
         P = (W + 0.5 * B @ A) @ P
     fro = float(np.linalg.norm(P, "fro") / np.linalg.norm(P, 2))

@@ -83,3 +83,31 @@ def test_bad_seed(seed):
 def test_bad_key(key):
     with pytest.raises(ValueError, match="key"):
         stream_seed(0, *key)
+
+
+
+def test_the_verify_checks_draw_their_problems_from_stream_seed(monkeypatch):
+    """The verify checks take one seed (``LORA_THEORY_SEED``) and used to derive their problems as ``seed + k``, so
+    seed s's second problem was seed s + 1's first. Now the seeds every problem of the dropout checks is drawn
+    from differ across the check's seeds 0..3 (the old code repeats them), and neither module adds to a seed."""
+    import inspect
+
+    from analysis.verify import dropout, ripple
+
+    drawn: dict[int, set] = {}
+    real = dropout.random_problem
+
+    def recording(seed, **kw):
+        drawn.setdefault(current, set()).add(seed)
+        return real(seed, **kw)
+
+    monkeypatch.setattr(dropout, "random_problem", recording)
+    for current in range(4):
+        for check in (dropout.enumeration, dropout.finite_differences, dropout.paper_discrepancies):
+            list(check(current))
+    assert all(len(drawn[s]) == 5 for s in drawn)  # 3 enumeration problems, 1 finite differences, 1 printed grad B
+    for a in drawn:
+        for b in drawn:
+            assert a == b or not drawn[a] & drawn[b], (a, b, drawn[a] & drawn[b])
+    for module in (dropout, ripple):
+        assert "seed +" not in inspect.getsource(module), module.__name__
