@@ -127,7 +127,7 @@ def project(log: list[dict], workers: int, t_pre: float) -> float:
 
 
 def run(ids: list[str] | None = None, quick: bool = False, workers: int | None = None,
-        out: Path | None = None) -> dict:
+        out: Path | None = None, executor: str = "local") -> dict:
     from benchmarks.bench_finetune import machine
     from lora_theory import cli
 
@@ -140,6 +140,7 @@ def run(ids: list[str] | None = None, quick: bool = False, workers: int | None =
             ids = list(QUICK_IDS)
         argv = ["figures", *(ids or [])] + (["--quick"] if quick else []) + (["--out", str(out)] if out else [])
         argv += ["--workers", str(workers)] if workers else []
+        argv += ["--executor", executor] if executor != "local" else []
         res: dict = {"machine": machine(), "argv": argv, "load_before": os.getloadavg()[0]}
         start = time.perf_counter()
         with _timed_sweeps(log):
@@ -193,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small figures at the quick fidelity (smoke run)")
     parser.add_argument("--workers", type=int, default=None, help="as lora-theory figures --workers")
     parser.add_argument("--out", type=Path, default=None, help="as lora-theory figures --out (default: figures/)")
+    parser.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
+                        help="as lora-theory figures --executor (ray: a local cluster on every core unless $RAY_ADDRESS)")
     parser.add_argument("--log", type=Path, default=None, help="write the per-sweep log as JSON here")
     args = parser.parse_args(argv)
-    res = run(args.ids or None, quick=args.quick, workers=args.workers, out=args.out)
+    res = run(args.ids or None, quick=args.quick, workers=args.workers, out=args.out, executor=args.executor)
     if args.log:
         args.log.write_text(json.dumps(res, indent=1, default=str))
     print(report(res), flush=True)
