@@ -127,7 +127,7 @@ def project(log: list[dict], workers: int, t_pre: float) -> float:
 
 
 def run(ids: list[str] | None = None, quick: bool = False, workers: int | None = None,
-        out: Path | None = None, executor: str = "local") -> dict:
+        out: Path | None = None, executor: str = "local", primary: bool = False) -> dict:
     from benchmarks.bench_finetune import machine
     from lora_theory import cli
 
@@ -141,6 +141,7 @@ def run(ids: list[str] | None = None, quick: bool = False, workers: int | None =
         argv = ["figures", *(ids or [])] + (["--quick"] if quick else []) + (["--out", str(out)] if out else [])
         argv += ["--workers", str(workers)] if workers else []
         argv += ["--executor", executor] if executor != "local" else []
+        argv += ["--primary"] if primary else []
         res: dict = {"machine": machine(), "argv": argv, "load_before": os.getloadavg()[0]}
         start = time.perf_counter()
         with _timed_sweeps(log):
@@ -196,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="as lora-theory figures --out (default: figures/)")
     parser.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
                         help="as lora-theory figures --executor (ray: a local cluster on every core unless $RAY_ADDRESS)")
+    parser.add_argument("--primary", action="store_true", help="as lora-theory figures --primary (the first look)")
     parser.add_argument("--log", type=Path, default=None, help="write the per-sweep log as JSON here")
     args = parser.parse_args(argv)
-    res = run(args.ids or None, quick=args.quick, workers=args.workers, out=args.out, executor=args.executor)
+    res = run(args.ids or None, quick=args.quick, workers=args.workers, out=args.out, executor=args.executor,
+              primary=args.primary)
     if args.log:
         args.log.write_text(json.dumps(res, indent=1, default=str))
     print(report(res), flush=True)
