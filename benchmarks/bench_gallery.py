@@ -2,11 +2,11 @@
 and per sweep, with a projection to more workers.
 
 It runs the command in-process (``lora_theory.cli.main(["figures", ...])``, what ``make figures`` runs after
-``verify``) with two timing hooks that change nothing the command computes: each sweep of a figure
+``verify``) with timing hooks that change nothing the command computes: each sweep of a figure
 (``toymodels.run_sweep``, one per figure x seed set x protocol) is timed, and the tasks it had to compute (not
 cached) are counted by route (batched engine, training loop, pretraining: ``toymodels.sweep.pretrain_tasks``
-sees them, so the counts need 2 or more workers). Use an empty run cache (``LORA_THEORY_CACHE=<empty dir>``) for a cold measurement; ``--out``
-keeps the JSONs, to compare with the committed gallery.
+sees them, so the counts need 2 or more workers). ``--cold`` (or ``LORA_THEORY_CACHE=<empty dir>``, which keeps
+the runs) measures from an empty run cache; ``--out`` keeps the JSONs, to compare with the committed gallery.
 
 Projection to W workers (a model, not a measurement; the same for local processes, Ray or SLURM once their
 workers are started): the figures and their sweeps run one after another (a figure's protocols are separate
@@ -127,16 +127,17 @@ def project(log: list[dict], workers: int, t_pre: float) -> float:
 
 
 def run(ids: list[str] | None = None, quick: bool = False, workers: int | None = None,
-        out: Path | None = None, executor: str = "local", primary: bool = False) -> dict:
+        out: Path | None = None, executor: str = "local", primary: bool = False, cold: bool = False) -> dict:
     from benchmarks.bench_finetune import machine
+    from benchmarks.bench_sweep import fresh_cache
     from lora_theory import cli
 
     log: list[dict] = []
     with contextlib.ExitStack() as stack:
+        if quick or cold:
+            stack.enter_context(fresh_cache())
         if quick:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            stack.enter_context(_env("LORA_THEORY_CACHE", str(tmp / "cache")))
-            out = tmp / "out"
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "out"
             ids = list(QUICK_IDS)
         argv = ["figures", *(ids or [])] + (["--quick"] if quick else []) + (["--out", str(out)] if out else [])
         argv += ["--workers", str(workers)] if workers else []
@@ -152,19 +153,6 @@ def run(ids: list[str] | None = None, quick: bool = False, workers: int | None =
     res["log"] = log
     res["projection_s"] = {w: project(log, w, res["t_pretrain_s"]) for w in PROJECT_WORKERS}
     return res
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def report(res: dict) -> str:
@@ -197,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="as lora-theory figures --out (default: figures/)")
     parser.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
                         help="as lora-theory figures --executor (ray: a local cluster on every core unless $RAY_ADDRESS)")
+    parser.add_argument("--cold", action="store_true",
+                        help="an empty run cache in a temporary folder (deleted afterwards): every run is computed")
     parser.add_argument("--primary", action="store_true", help="as lora-theory figures --primary (the first look)")
     parser.add_argument("--log", type=Path, default=None, help="write the per-sweep log as JSON here")
     args = parser.parse_args(argv)
     res = run(args.ids or None, quick=args.quick, workers=args.workers, out=args.out, executor=args.executor,
-              primary=args.primary)
+              primary=args.primary, cold=args.cold)
     if args.log:
         args.log.write_text(json.dumps(res, indent=1, default=str))
     print(report(res), flush=True)
